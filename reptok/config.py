@@ -1,0 +1,236 @@
+"""Configuration dataclasses: everything needed to rebuild the models of a run.
+
+A run directory's ``config.json`` is ``PipelineConfig.to_dict()``; ``PipelineConfig.from_dict``
+reads it back. Unknown keys are an error (a typo in a ``--config`` file must not pass silently).
+
+Time convention (the one used everywhere inside reptok): **t = 0 is noise, t = 1 is data**,
+x_t = t * x1 + (1 - t) * x0 and the velocity target is x1 - x0. The official decoder uses the
+opposite convention; ``FlowDecoder`` converts at its boundary (see models/decoder.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built (unknown key, bad value)."""
+
+
+@dataclass
+class EncoderConfig:
+    """The self-supervised ViT whose final-norm ``[cls]`` output is the latent token."""
+
+    model: str = "vit_base_patch14_reg4_dinov2"  # timm architecture name
+    # "hub": timm pretrained weights (downloaded or from the HF cache); "random": random init
+    # (tests, offline demos); otherwise a path to a local weights file (timm or original DINOv2
+    # naming) or to a timm/HF model directory.
+    weights: str = "hub"
+    img_size: int = 224  # the encoder's input resolution (images are resized to it)
+    dim: int = 768  # width of the token (= the ViT embed dim)
+    # Extra keyword arguments for ``timm.create_model`` (embed_dim, depth, num_heads, patch_size,
+    # init_values, ...). Lets tiny presets reuse the same architecture class.
+    overrides: dict = field(default_factory=dict)
+    # Normalisation; None means the timm pretrained config's mean/std (ImageNet for DINOv2).
+    mean: Optional[list] = None
+    std: Optional[list] = None
+    seed: int = 0  # random-init seed (weights == "random")
+
+
+@dataclass
+class VAEConfig:
+    """Latent space for the decoder: a diffusers AutoencoderKL, or ``none`` for pixel space."""
+
+    source: str = "stabilityai/sd-vae-ft-mse"  # hub id, local directory (relative to the run dir allowed) or "none"
+    subfolder: Optional[str] = None
+    scale: float = 0.18215
+    shift: float = 0.0
+    latent_channels: int = 4
+    downsample: int = 8  # image size / latent size
+
+    @property
+    def is_pixel(self) -> bool:
+        return self.source in ("none", "", None)
+
+
+@dataclass
+class DecoderConfig:
+    """FlowDecoder sizes. Defaults are the released XL decoder (official spec section 3)."""
+
+    in_channels: int = 4  # VAE latent channels, or 3 in pixel space
+    input_size: int = 32  # spatial size of the decoder's input (latent or pixels)
+    patch_size: int = 2
+    width: int = 1152
+    depth: int = 28
+    head_dim: int = 72
+    ff_expand: int = 3
+    mapping_width: int = 1024
+    mapping_depth: int = 2
+    mapping_ff_expand: int = 3
+    token_dim: int = 768  # the encoder's token width
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+@dataclass
+class GeneratorConfig:
+    """TokenGenerator (MLP-Mixer) sizes. Defaults are the best-guess XL generator (spec 6.2)."""
+
+    token_dim: int = 768
+    n_tokens: int = 1
+    dim: int = 1536
+    depth: int = 28
+    token_expand: float = 3.0  # token-mixing expansion (official expansion_factor)
+    channel_expand: float = 4.0  # channel-mixing expansion (official expansion_factor_token)
+    dropout: float = 0.0
+    num_classes: int = 1000  # 0 means unconditional
+    class_dropout: float = 0.1
+    # Text conditioning (text-to-image variant); None for class-conditional generators.
+    text_encoder: Optional[str] = None
+    text_tokens: int = 4
+    text_dim: int = 0  # hidden size of the text encoder (filled in when built)
+
+
+@dataclass
+class SamplingConfig:
+    """Default sampler settings (official: 50 Euler steps, CFG 1.5 in [0.3, 0.9], decoder 50)."""
+
+    steps: int = 50
+    solver: str = "euler"
+    cfg: float = 1.5
+    cfg_interval: tuple = (0.3, 0.9)
+    decoder_steps: int = 50
+    decoder_solver: str = "euler"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by both training stages."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup: int = 0
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    cos_weight: float = 1.0  # lambda of the cosine anchor (stage a)
+    time_sampler: str = "logit_normal"  # "logit_normal" | "uniform"
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 500
+    seed: int = 0
+    grad_accum: int = 1
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a run directory needs to rebuild its models."""
+
+    image_size: int = 256
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    generator: Optional[GeneratorConfig] = field(default_factory=GeneratorConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    class_names: Optional[list] = None
+    preset: Optional[str] = None
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        return _from_dict(cls, d, "config")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PipelineConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **overrides: Any) -> "PipelineConfig":
+        """Deep override with dotted keys: ``cfg.replace(**{"decoder.depth": 4})``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            apply_override(d, key, value)
+        return PipelineConfig.from_dict(d)
+
+    def validate(self) -> "PipelineConfig":
+        v, dc = self.vae, self.decoder
+        expect = self.image_size if v.is_pixel else self.image_size // v.downsample
+        if dc.input_size != expect:
+            raise ConfigError(f"decoder.input_size={dc.input_size} but the {'image' if v.is_pixel else 'latent'} size is {expect}")
+        chans = 3 if v.is_pixel else v.latent_channels
+        if dc.in_channels != chans:
+            raise ConfigError(f"decoder.in_channels={dc.in_channels} but the decoder input has {chans} channels")
+        if dc.input_size % dc.patch_size:
+            raise ConfigError(f"decoder.input_size={dc.input_size} is not divisible by patch_size={dc.patch_size}")
+        if dc.width % dc.head_dim:
+            raise ConfigError(f"decoder.width={dc.width} is not divisible by head_dim={dc.head_dim}")
+        if dc.token_dim != self.encoder.dim:
+            raise ConfigError(f"decoder.token_dim={dc.token_dim} != encoder.dim={self.encoder.dim}")
+        if self.generator is not None and self.generator.token_dim != self.encoder.dim:
+            raise ConfigError(f"generator.token_dim={self.generator.token_dim} != encoder.dim={self.encoder.dim}")
+        return self
+
+
+def apply_override(d: dict, dotted: str, value: Any) -> None:
+    """Set ``d['a']['b'] = value`` for ``dotted == 'a.b'``; unknown keys raise ConfigError."""
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        if not isinstance(cur.get(p), dict):
+            raise ConfigError(f"unknown config key {dotted!r}")
+        cur = cur[p]
+    if parts[-1] not in cur:
+        raise ConfigError(f"unknown config key {dotted!r}")
+    cur[parts[-1]] = value
+
+
+def _to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    return x
+
+
+def _from_dict(cls, d: Any, where: str):
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _NESTED.get((cls.__name__, name))
+        if sub is not None:
+            kwargs[name] = _from_dict(sub, value, f"{where}.{name}")
+        elif isinstance(fields[name].default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    ("PipelineConfig", "encoder"): EncoderConfig,
+    ("PipelineConfig", "vae"): VAEConfig,
+    ("PipelineConfig", "decoder"): DecoderConfig,
+    ("PipelineConfig", "generator"): GeneratorConfig,
+    ("PipelineConfig", "sampling"): SamplingConfig,
+    ("PipelineConfig", "train"): TrainConfig,
+}

@@ -1,0 +1,1 @@
+"""The four networks of a RepTok pipeline (one concept per file)."""
