@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-class ConfigError(ValueError):
+from .errors import InputError
+
+
+class ConfigError(InputError):
     """A configuration that cannot be built (unknown key, bad value)."""
 
 

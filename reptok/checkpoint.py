@@ -1,0 +1,196 @@
+"""The run-directory format and the one loader every command uses.
+
+A run directory holds::
+
+    config.json        {"format": "reptok-run/1", "kind": ..., "pipeline": PipelineConfig,
+                        "tokenizer_run": path or null, ...}
+    model.safetensors  raw weights, keys prefixed by component: encoder. decoder. generator.
+    ema.safetensors    EMA weights, same keys (what inference uses)
+    train_state.pt     optimizer, scheduler, step, RNG (resume only)
+    vae/               a diffusers AutoencoderKL directory, when the VAE is not a hub id
+
+``kind`` is "tokenizer" (stage a: encoder + decoder), "generator" (stage b: generator only,
+``tokenizer_run`` points at the stage-a run) or "pipeline" (all components, e.g. converted
+official weights). Every file is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import PipelineConfig
+from .errors import InputError
+
+FORMAT = "reptok-run/1"
+CONFIG = "config.json"
+MODEL = "model.safetensors"
+EMA = "ema.safetensors"
+TRAIN_STATE = "train_state.pt"
+COMPONENTS = ("encoder", "decoder", "generator")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save(path: Path, writer) -> None:
+    """``writer(tmp_path)`` writes a file; it is renamed onto ``path`` only if it succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_save(path, lambda tmp: save_file(flat, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+# ----------------------------------------------------------------------------- run config
+def write_run_config(run: Path, cfg: PipelineConfig, kind: str, **extra) -> None:
+    doc = {"format": FORMAT, "kind": kind, "pipeline": cfg.to_dict(), **extra}
+    atomic_write_text(Path(run) / CONFIG, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def read_run_config(run: Path) -> dict:
+    run = Path(run)
+    path = run / CONFIG if run.is_dir() else run
+    if not path.exists():
+        raise InputError(f"{run}: not a reptok run directory (no {CONFIG}); pass the folder written by 'reptok train' or 'reptok convert'")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: corrupt config ({e.msg} at line {e.lineno})") from None
+    if doc.get("format") != FORMAT:
+        raise InputError(f"{path}: unknown run format {doc.get('format')!r} (expected {FORMAT})")
+    doc["config"] = PipelineConfig.from_dict(doc["pipeline"])
+    return doc
+
+
+def state_dict_of(modules: Dict[str, torch.nn.Module]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, mod in modules.items():
+        for k, v in mod.state_dict().items():
+            out[f"{name}.{k}"] = v
+    return out
+
+
+def save_weights(run: Path, modules: Dict[str, torch.nn.Module], ema: Optional[Dict[str, torch.nn.Module]] = None) -> None:
+    save_tensors(Path(run) / MODEL, state_dict_of(modules))
+    if ema is not None:
+        save_tensors(Path(run) / EMA, state_dict_of(ema))
+
+
+# ----------------------------------------------------------------------------- strict loading
+def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
+    """Strict load that fails with one line naming the first bad key."""
+    own = module.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise InputError(f"{where}: checkpoint does not match the config: missing key {k!r}")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise InputError(
+                f"{where}: checkpoint does not match the config: {k!r} has shape {tuple(state[k].shape)}, "
+                f"the model expects {tuple(v.shape)}"
+            )
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise InputError(f"{where}: checkpoint does not match the config: unexpected key {extra[0]!r}")
+    module.load_state_dict(state, strict=True)
+
+
+def read_weights(run: Path, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    run = Path(run)
+    path = run / EMA if use_ema and (run / EMA).exists() else run / MODEL
+    if not path.exists():
+        raise InputError(f"{run}: no weights ({MODEL}) in the run directory")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise InputError(f"{path}: unreadable weights file ({e})") from None
+
+
+def split_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+def resolve_tokenizer_run(run: Path, doc: dict) -> Optional[Path]:
+    ref = doc.get("tokenizer_run")
+    if not ref:
+        return None
+    for cand in (Path(run) / ref, Path(ref)):
+        if (cand / CONFIG).exists():
+            return cand.resolve()
+    raise InputError(f"{run}: its tokenizer run {ref!r} is missing; move it back or edit tokenizer_run in {CONFIG}")
+
+
+def load_pipeline(
+    path, device="cpu", use_ema: bool = True, components: Optional[Iterable[str]] = None,
+):
+    """Rebuild a :class:`~reptok.pipeline.Pipeline` from a run directory.
+
+    A generator run brings its tokenizer run's encoder, decoder and VAE. ``components`` limits
+    what is built (e.g. ``("generator",)`` for token-only work).
+    """
+    from .pipeline import Pipeline
+
+    run = Path(path)
+    doc = read_run_config(run)
+    cfg: PipelineConfig = doc["config"]
+    wanted = set(components) if components is not None else {"encoder", "decoder", "generator", "vae"}
+    sources = {}
+    tok_run = resolve_tokenizer_run(run, doc)
+    if tok_run is not None:
+        tok_state = read_weights(tok_run, use_ema)
+        for c in ("encoder", "decoder"):
+            sources[c] = (tok_run, split_prefix(tok_state, c))
+        vae_root = tok_run
+    else:
+        vae_root = run
+    state = read_weights(run, use_ema)
+    for c in COMPONENTS:
+        part = split_prefix(state, c)
+        if part:
+            sources[c] = (run, part)
+    if cfg.generator is None or "generator" not in sources:
+        wanted.discard("generator")
+    pipe = Pipeline.build(cfg, components=wanted, vae_root=vae_root)
+    for c in COMPONENTS:
+        if c in wanted and getattr(pipe, c, None) is not None:
+            if c not in sources:
+                raise InputError(f"{run}: the run has no {c} weights")
+            src, part = sources[c]
+            load_into(getattr(pipe, c), part, f"{src}")
+    pipe.run_dir = run
+    pipe.run_doc = doc
+    return pipe.to(device).eval()

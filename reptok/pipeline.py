@@ -1,0 +1,161 @@
+"""Pipeline: encode / decode / generate / sample, written once for every backend.
+
+The three networks are called through their torch signatures only::
+
+    decoder(x (B,C,S,S), t (B,), token (B,D)) -> velocity (B,C,S,S)     reptok time convention
+    generator(x (B,n,D), t (B,), y (B,)) -> velocity (B,n,D)
+    latent.decode(latents) -> images in [-1, 1]
+
+so ONNX Runtime / TensorRT sessions with the same call signature (``export/runtime.py``) can
+replace the torch modules and the sampling loop below stays the only one.
+
+Noise is a function of (seed, global image index) only: ``index_noise``. Sharded jobs
+(``--start/--count``, torchrun ranks) therefore reproduce exactly the images of one big run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import flow
+from .config import PipelineConfig
+
+
+# ----------------------------------------------------------------------------- noise
+def index_generator(seed: int, index: int, stream: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, index, stream) through numpy's SeedSequence."""
+    s = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index), int(stream)]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(s[0] >> np.uint64(1)))
+
+
+STREAM_GENERATOR, STREAM_DECODER = 0, 1
+
+
+def index_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream: int) -> torch.Tensor:
+    """(len(indices), *shape) float32 noise; row i depends only on (seed, indices[i], stream)."""
+    return torch.stack([torch.randn(*shape, generator=index_generator(seed, i, stream)) for i in indices])
+
+
+# ----------------------------------------------------------------------------- the pipeline
+class Pipeline(nn.Module):
+    """The models of a run plus the one sampling loop. Components may be None when unused."""
+
+    def __init__(self, cfg: PipelineConfig, encoder=None, decoder=None, latent=None, generator=None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent = latent
+        self.generator = generator
+        self.run_dir = None
+        self.run_doc = None
+        self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 on CUDA
+
+    @classmethod
+    def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),
+              vae_root=None) -> "Pipeline":
+        from .models.decoder import FlowDecoder
+        from .models.encoder import SSLEncoder
+        from .models.generator import TokenGenerator
+        from .models.vae import build_latent_space
+
+        comps = set(components)
+        return cls(
+            cfg,
+            encoder=SSLEncoder(cfg.encoder) if "encoder" in comps else None,
+            decoder=FlowDecoder(cfg.decoder) if "decoder" in comps else None,
+            latent=build_latent_space(cfg.vae, vae_root) if "vae" in comps else None,
+            generator=TokenGenerator(cfg.generator) if "generator" in comps and cfg.generator is not None else None,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        for m in (self.decoder, self.generator, self.encoder):
+            if isinstance(m, nn.Module):
+                for p in m.parameters():
+                    return p.device
+        return torch.device("cpu")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def latent_shape(self) -> tuple:
+        d = self.cfg.decoder
+        return (d.in_channels, d.input_size, d.input_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.generator.num_classes if self.cfg.generator is not None else 0
+
+    # ------------------------------------------------------------------ stage (a)
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B,3,H,W) in [-1,1] -> tokens (B,D) float32."""
+        with self._autocast():
+            return self.encoder(images.to(self.device)).float()
+
+    @torch.no_grad()
+    def decode_latents(self, tokens: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
+                       solver: Optional[str] = None) -> torch.Tensor:
+        """tokens (B,D), noise (B,C,S,S) -> decoder-space sample (latents or pixels)."""
+        s = self.cfg.sampling
+        tokens = tokens.to(self.device)
+
+        def velocity(x, t):
+            with self._autocast():
+                return self.decoder(x, t, tokens)
+
+        return flow.solve(velocity, noise.to(self.device), steps or s.decoder_steps, solver or s.decoder_solver)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
+               solver: Optional[str] = None) -> torch.Tensor:
+        """tokens (B,D) -> images (B,3,H,W), roughly in [-1,1] (not clamped)."""
+        lat = self.decode_latents(tokens, noise, steps, solver)
+        with self._autocast():
+            return self.latent.decode(lat).float()
+
+    # ------------------------------------------------------------------ stage (b)
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
+                 cfg: Optional[float] = None, cfg_interval: Optional[Sequence[float]] = "default",
+                 solver: Optional[str] = None) -> torch.Tensor:
+        """labels (B,), noise (B,n,D) in normalised token space -> tokens (B,D) (denormalised)."""
+        s = self.cfg.sampling
+        scale = s.cfg if cfg is None else cfg
+        interval = tuple(s.cfg_interval) if cfg_interval == "default" else cfg_interval
+        y = labels.to(self.device).long()
+        null = torch.full_like(y, self.generator.null_class)
+
+        def model_fn(x, t, c):
+            with self._autocast():
+                return self.generator(x, t, c)
+
+        v = flow.guided_velocity(model_fn, y, null, scale, interval)
+        x = flow.solve(v, noise.to(self.device), steps or s.steps, solver or s.solver)
+        return self.generator.denormalize(x)
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, indices: Sequence[int], seed: int = 0, **kw) -> torch.Tensor:
+        """Class labels -> images, noise from (seed, index). kw: steps, cfg, cfg_interval, solver,
+        decoder_steps, decoder_solver."""
+        gen_shape = (self.cfg.generator.n_tokens, self.cfg.generator.token_dim)
+        z = self.generate(labels, index_noise(seed, indices, gen_shape, STREAM_GENERATOR),
+                          kw.get("steps"), kw.get("cfg"), kw.get("cfg_interval", "default"), kw.get("solver"))
+        noise = index_noise(seed, indices, self.latent_shape, STREAM_DECODER)
+        return self.decode(z, noise, kw.get("decoder_steps"), kw.get("decoder_solver"))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, indices: Sequence[int], seed: int = 0,
+                    steps: Optional[int] = None, solver: Optional[str] = None) -> torch.Tensor:
+        tokens = self.encode(images)
+        return self.decode(tokens, index_noise(seed, indices, self.latent_shape, STREAM_DECODER), steps, solver)

@@ -1,0 +1,1 @@
+"""The ``reptok`` command line (Typer). Thin: parse, call the ``reptok`` package, print."""

@@ -1,0 +1,23 @@
+"""The ``reptok`` Typer app. Each command module registers itself on ``common.app``."""
+
+from __future__ import annotations
+
+import importlib
+
+from .common import app
+
+# One module per command group; importing a module registers its commands.
+COMMAND_MODULES = [
+    "info",
+]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"reptok_cli.{_name}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Shared CLI plumbing: the Typer app, error handling (exit codes), JSON output, consoles.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage or input (``reptok.errors.InputError``).
+Progress and messages go to stderr; ``--json`` summaries are one line on stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from reptok.errors import InputError
+
+app = typer.Typer(
+    name="reptok",
+    help="Single-token latent image generation (RepTok): data, training, sampling, evaluation, export.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Map exceptions to exit codes with a one-line message (REPTOK_DEBUG=1 re-raises)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except InputError as e:
+            if os.environ.get("REPTOK_DEBUG"):
+                raise
+            raise fail(str(e), 2) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+            if os.environ.get("REPTOK_DEBUG"):
+                raise
+            raise fail(f"{type(e).__name__}: {e} (set REPTOK_DEBUG=1 for the traceback)", 1) from None
+
+    return wrapper
+
+
+def emit_json(obj) -> None:
+    """One JSON object on one stdout line (what scripts parse)."""
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def parse_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device

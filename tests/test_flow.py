@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from reptok import flow
+
+
+def test_interpolate_and_target():
+    x0, x1 = torch.zeros(2, 3), torch.ones(2, 3)
+    t = torch.tensor([0.0, 0.25])
+    xt = flow.interpolate(x0, x1, t)
+    assert torch.allclose(xt[0], torch.zeros(3)) and torch.allclose(xt[1], torch.full((3,), 0.25))
+    assert torch.equal(flow.velocity_target(x0, x1), x1 - x0)
+
+
+@pytest.mark.parametrize("kind", flow.TIME_SAMPLERS)
+def test_time_samplers_in_unit_interval(kind):
+    t = flow.sample_time(4096, kind, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (4096,) and (t > 0).all() and (t < 1).all()
+    assert abs(t.mean().item() - 0.5) < 0.02
+
+
+def test_unknown_sampler_and_solver():
+    with pytest.raises(ValueError):
+        flow.sample_time(3, "cosine")
+    with pytest.raises(ValueError):
+        flow.solve(lambda x, t: x, torch.zeros(1), 2, "rk4")
+
+
+def test_exact_for_straight_paths():
+    # Constant velocity: Euler is exact in one step.
+    v = torch.tensor([[1.0, -2.0]])
+    out = flow.solve(lambda x, t: v.expand_as(x), torch.zeros(1, 2), 1)
+    assert torch.allclose(out, v)
+
+
+def test_solvers_converge_on_analytic_field():
+    # dx/dt = x  ->  x(1) = x(0) * e. Heun is second order: much closer at equal steps.
+    f = lambda x, t: x  # noqa: E731
+    x0 = torch.ones(1, 1)
+    exact = math.e
+    err = {s: abs(flow.solve(f, x0, 10, s).item() - exact) for s in flow.SOLVERS}
+    assert err["euler"] < 0.15
+    assert err["heun"] < err["euler"] / 10
+    # and a time-dependent field: dx/dt = 2t  ->  x(1) = x(0) + 1
+    g = lambda x, t: (2 * t).view(-1, 1).expand_as(x)  # noqa: E731
+    assert abs(flow.solve(g, torch.zeros(1, 1), 8, "heun").item() - 1.0) < 1e-6
+    assert abs(flow.solve(g, torch.zeros(1, 1), 8, "euler").item() - 1.0) > 1e-3
+
+
+def test_time_grid_matches_official_float32():
+    ts = flow.time_grid(50)
+    assert ts.dtype == torch.float32 and len(ts) == 51
+    assert ts[15].item() < 0.3  # float32 rounding: 0.29999998, so unguided officially
+    guided = [i for i in range(50) if flow.in_interval(ts[i:i + 1], (0.3, 0.9))]
+    assert guided == list(range(16, 46))  # 30 guided steps, 80 NFE with CFG
+
+
+def test_cfg_applied_only_inside_interval():
+    calls = []
+
+    def model(x, t, c):
+        calls.append((float(t[0]), x.shape[0]))
+        # conditional velocity 1, unconditional 0 -> guided = scale
+        return c.float().view(-1, 1).expand_as(x)
+
+    cond, null = torch.ones(2), torch.zeros(2)
+    fn = flow.guided_velocity(model, cond, null, scale=3.0, interval=(0.3, 0.9))
+    out = flow.solve(fn, torch.zeros(2, 1), 10)
+    ts = flow.time_grid(10)
+    inside = sum(1 for t in ts[:-1] if 0.3 <= t.item() <= 0.9)
+    # Each step adds 0.1 * velocity: 3 inside the interval, 1 outside.
+    expected = 0.1 * (3 * inside + (10 - inside))
+    assert torch.allclose(out, torch.full((2, 1), expected), atol=1e-5)
+    assert [b for _, b in calls] == [4 if 0.3 <= t <= 0.9 else 2 for t, _ in calls]
+
+
+def test_flow_matching_loss_zero_for_perfect_model():
+    x0, x1 = torch.randn(3, 4), torch.randn(3, 4)
+    loss = flow.flow_matching_loss(lambda xt, t: x1 - x0, x1, x0, torch.rand(3))
+    assert loss.shape == (3,) and torch.allclose(loss, torch.zeros(3))
