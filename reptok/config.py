@@ -237,3 +237,42 @@ _NESTED = {
     ("PipelineConfig", "sampling"): SamplingConfig,
     ("PipelineConfig", "train"): TrainConfig,
 }
+
+
+# ----------------------------------------------------------------------------- swaps
+def with_encoder(cfg: PipelineConfig, model: Optional[str] = None, weights: Optional[str] = None) -> PipelineConfig:
+    """Swap the SSL encoder (a timm ViT name) and/or its weights; token widths follow."""
+    cfg = PipelineConfig.from_dict(cfg.to_dict())
+    if weights is not None:
+        cfg.encoder.weights = weights
+    if model is not None and model != cfg.encoder.model:
+        import timm
+        import torch
+
+        try:
+            with torch.device("meta"):
+                vit = timm.create_model(model, pretrained=False, num_classes=0, img_size=224)
+        except Exception as e:  # timm raises RuntimeError for unknown names
+            raise ConfigError(f"--encoder {model!r}: not a timm model ({e})") from None
+        cfg.encoder.model, cfg.encoder.overrides, cfg.encoder.img_size = model, {}, 224
+        cfg.encoder.dim = int(vit.embed_dim)
+        if weights is None and cfg.encoder.weights == "random":
+            cfg.encoder.weights = "hub"
+    cfg.decoder.token_dim = cfg.encoder.dim
+    if cfg.generator is not None:
+        cfg.generator.token_dim = cfg.encoder.dim
+    return cfg
+
+
+def with_vae(cfg: PipelineConfig, source: Optional[str]) -> PipelineConfig:
+    """Swap the latent space: a diffusers VAE (hub id / dir) or "none" (pixel space)."""
+    if source is None:
+        return cfg
+    cfg = PipelineConfig.from_dict(cfg.to_dict())
+    cfg.vae.source = source
+    if cfg.vae.is_pixel:
+        cfg.decoder.in_channels, cfg.decoder.input_size = 3, cfg.image_size
+    else:
+        cfg.decoder.in_channels = cfg.vae.latent_channels
+        cfg.decoder.input_size = cfg.image_size // cfg.vae.downsample
+    return cfg

@@ -159,3 +159,14 @@ class Pipeline(nn.Module):
                     steps: Optional[int] = None, solver: Optional[str] = None) -> torch.Tensor:
         tokens = self.encode(images)
         return self.decode(tokens, index_noise(seed, indices, self.latent_shape, STREAM_DECODER), steps, solver)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between two tokens (D,), falling back to lerp when parallel."""
+    a32, b32 = a.float(), b.float()
+    cos = torch.dot(a32, b32) / (a32.norm() * b32.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+    if omega.abs() < 1e-4:
+        return (1 - t) * a32 + t * b32
+    so = torch.sin(omega)
+    return torch.sin((1 - t) * omega) / so * a32 + torch.sin(t * omega) / so * b32

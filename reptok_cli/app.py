@@ -9,6 +9,9 @@ from .common import app
 # One module per command group; importing a module registers its commands.
 COMMAND_MODULES = [
     "info",
+    "train",
+    "tokens",
+    "sample",
 ]
 
 for _name in COMMAND_MODULES:

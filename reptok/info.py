@@ -1,0 +1,80 @@
+"""Parameter counts and forward FLOPs per component, computed on the meta device (no memory,
+no downloads), for ``reptok info`` and ``benchmarks/models.py``."""
+
+from __future__ import annotations
+
+import copy
+from typing import List
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import PipelineConfig
+
+# diffusers config of stabilityai/sd-vae-ft-mse (public), to size the VAE without downloading it.
+SD_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=[128, 256, 512, 512], act_fn="silu", sample_size=256, scaling_factor=0.18215,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+
+
+def _count(m: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable_only)
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def build_meta(cfg: PipelineConfig):
+    """All components of ``cfg`` on the meta device (random-init encoder, SD-VAE-sized VAE)."""
+    from diffusers import AutoencoderKL
+
+    from .models.decoder import FlowDecoder
+    from .models.encoder import SSLEncoder
+    from .models.generator import TokenGenerator
+
+    ecfg = copy.deepcopy(cfg.encoder)
+    ecfg.weights = "random"  # sizes only: never download for a report
+    with torch.device("meta"):
+        out = {"encoder": SSLEncoder(ecfg), "decoder": FlowDecoder(cfg.decoder)}
+        if cfg.generator is not None:
+            out["generator"] = TokenGenerator(cfg.generator)
+        if not cfg.vae.is_pixel:
+            out["vae"] = AutoencoderKL(**SD_VAE_CONFIG)
+    return out
+
+
+def model_report(cfg: PipelineConfig) -> List[dict]:
+    """Rows of {component, params, trainable, gflops (per image per network call), note}."""
+    m = build_meta(cfg)
+    b = 1
+    rows = []
+    img = torch.empty(b, 3, cfg.image_size, cfg.image_size, device="meta")
+    enc = m["encoder"]
+    rows.append(dict(component="encoder", params=_count(enc), trainable=_count(enc, True),
+                     gflops=_flops(lambda: enc(img)) / 1e9, note=f"{cfg.encoder.model}, once per image"))
+    dec = m["decoder"]
+    d = cfg.decoder
+    x = torch.empty(b, d.in_channels, d.input_size, d.input_size, device="meta")
+    t = torch.empty(b, device="meta")
+    z = torch.empty(b, d.token_dim, device="meta")
+    rows.append(dict(component="decoder", params=_count(dec), trainable=_count(dec, True),
+                     gflops=_flops(lambda: dec(x, t, z)) / 1e9,
+                     note=f"per step; x{cfg.sampling.decoder_steps} steps per image"))
+    if "generator" in m:
+        g = m["generator"]
+        gc = cfg.generator
+        xg = torch.empty(b, gc.n_tokens, gc.token_dim, device="meta")
+        y = torch.zeros(b, dtype=torch.long, device="meta")
+        rows.append(dict(component="generator", params=_count(g), trainable=_count(g, True),
+                         gflops=_flops(lambda: g(xg, t, y)) / 1e9, note=f"per NFE; {cfg.sampling.steps} steps (+CFG)"))
+    if "vae" in m:
+        v = m["vae"]
+        lat = torch.empty(b, cfg.vae.latent_channels, d.input_size, d.input_size, device="meta")
+        rows.append(dict(component="vae", params=_count(v), trainable=0,
+                         gflops=_flops(lambda: v.decode(lat)) / 1e9, note="decode, once per image"))
+    return rows

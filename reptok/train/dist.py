@@ -1,0 +1,77 @@
+"""torch.distributed plumbing for torchrun: init from the environment, rank helpers.
+
+``torchrun --nproc-per-node N -m reptok_cli train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK;
+without them everything runs as a single process (world size 1) and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not tdist.is_initialized():
+        use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        tdist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def current() -> DistInfo:
+    if tdist.is_available() and tdist.is_initialized():
+        return DistInfo(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
+def barrier() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_range(n: int, info: DistInfo) -> range:
+    """Contiguous slice of [0, n) for this rank (sampling / extraction split by index)."""
+    per = (n + info.world_size - 1) // info.world_size
+    return range(min(n, info.rank * per), min(n, (info.rank + 1) * per))
+
+
+def gather_objects(obj, info: DistInfo):
+    """All ranks' objects, in rank order, on every rank (a list of one item without torchrun)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    tdist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,129 @@
+"""``reptok train recon`` (stage a) and ``reptok train gen`` (stage b)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import app, emit_json, err, handle_errors, parse_device
+from .options import parse_set, resolve_config
+
+train_app = typer.Typer(help="Train the tokenizer (recon) or the generator (gen).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+OPT = "Optimisation"
+MODEL = "Model"
+RUN = "Run"
+
+
+def _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema) -> dict:
+    return {"train.steps": steps, "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed,
+            "train.grad_accum": grad_accum, "train.ckpt_every": ckpt_every, "train.sample_every": sample_every,
+            "train.ema": ema}
+
+
+@train_app.command("recon", epilog=(
+    "Examples:\n\n  reptok train recon --data data/shapes --out runs/tok --preset small\n\n"
+    "  torchrun --nproc-per-node 8 -m reptok_cli train recon --data data/in1k --out runs/tok-xl --preset xl\n\n"
+    "  reptok train recon --data data/shapes --out runs/tok --resume --steps 3000"))
+@handle_errors
+def recon(
+    data: Path = typer.Option(..., "--data", help="A prepared dataset (reptok data prep).", rich_help_panel=RUN),
+    out: Path = typer.Option(..., "--out", help="The run directory to create (or resume).", rich_help_panel=RUN),
+    preset: str = typer.Option("small", "--preset", "-p", help="tiny | small | base | large | xl", rich_help_panel=MODEL),
+    config: Optional[Path] = typer.Option(None, "--config", help="A config JSON (overrides --preset).", rich_help_panel=MODEL),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="timm ViT name (DINOv2, MAE, CLIP).", rich_help_panel=MODEL),
+    encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="hub | random | PATH to a weights file.", rich_help_panel=MODEL),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Hub id or local dir of a diffusers AutoencoderKL, or 'none' (pixel space).", rich_help_panel=MODEL),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (e.g. decoder.depth=4).", rich_help_panel=MODEL),
+    steps: Optional[int] = typer.Option(None, "--steps", rich_help_panel=OPT),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Global batch (split across ranks).", rich_help_panel=OPT),
+    lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=OPT),
+    cos_weight: Optional[float] = typer.Option(None, "--cos-weight", help="lambda of the cosine anchor.", rich_help_panel=OPT),
+    ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay.", rich_help_panel=OPT),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", rich_help_panel=OPT),
+    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
+    freeze_token: bool = typer.Option(False, "--freeze-token", help="Baseline: keep the SSL cls token frozen.", rich_help_panel=OPT),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
+    sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Reconstruction grid every K steps.", rich_help_panel=RUN),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.", rich_help_panel=RUN),
+    device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16", rich_help_panel=RUN),
+    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=RUN),
+):
+    """Stage (a): train the encoder's [cls] token and the flow decoder jointly."""
+    from reptok.train.dist import init_distributed
+    from reptok.train.recon import train_recon
+
+    dev = parse_device(device)
+    info = init_distributed(dev)
+    if info.enabled and dev.startswith("cuda"):
+        dev = f"cuda:{info.local_rank}"
+    over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema)
+    over["train.cos_weight"] = cos_weight
+    over.update(parse_set(set_))
+    if resume and (out / "config.json").exists():
+        cfg = resolve_config(ckpt=str(out), overrides=over)
+    else:
+        from reptok.config import with_encoder, with_vae
+
+        cfg = resolve_config(preset=preset, config=config)
+        cfg = with_vae(with_encoder(cfg, encoder, encoder_weights), vae)
+        cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
+    summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
+                          progress=not json_out, precision=precision)
+    if info.is_main:
+        if json_out:
+            emit_json(summary)
+        else:
+            err.print(f"[green]done[/] {summary['run']}: loss {summary['last_loss']:.4f}, {summary['images_per_s']} img/s")
+
+
+@train_app.command("gen", epilog=(
+    "Examples:\n\n  reptok train gen --tokens tokens.npy --out runs/gen --preset small\n\n"
+    "  torchrun --nproc-per-node 8 -m reptok_cli train gen --tokens in1k.npy --out runs/gen-xl --preset xl"))
+@handle_errors
+def gen(
+    tokens: Path = typer.Option(..., "--tokens", help="tokens.npy written by 'reptok extract'.", rich_help_panel=RUN),
+    out: Path = typer.Option(..., "--out", help="The run directory to create (or resume).", rich_help_panel=RUN),
+    preset: str = typer.Option("small", "--preset", "-p", help="Generator size: tiny | small | base | large | xl", rich_help_panel=MODEL),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (e.g. generator.depth=4).", rich_help_panel=MODEL),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Default: from the tokens' dataset; 0 = unconditional.", rich_help_panel=MODEL),
+    class_dropout: Optional[float] = typer.Option(None, "--class-dropout", help="Label dropout for CFG (0.1).", rich_help_panel=OPT),
+    steps: Optional[int] = typer.Option(None, "--steps", rich_help_panel=OPT),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", rich_help_panel=OPT),
+    lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=OPT),
+    ema: Optional[float] = typer.Option(None, "--ema", rich_help_panel=OPT),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", rich_help_panel=OPT),
+    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=RUN),
+    device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
+    precision: str = typer.Option("auto", "--precision", rich_help_panel=RUN),
+    json_out: bool = typer.Option(False, "--json", rich_help_panel=RUN),
+):
+    """Stage (b): train the MLP-Mixer generator on extracted tokens."""
+    from reptok.train.dist import init_distributed
+    from reptok.train.gen import gen_config, train_gen
+
+    dev = parse_device(device)
+    info = init_distributed(dev)
+    if info.enabled and dev.startswith("cuda"):
+        dev = f"cuda:{info.local_rank}"
+    over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, None, ema)
+    over["generator.class_dropout"] = class_dropout
+    over["generator.num_classes"] = num_classes
+    over.update(parse_set(set_))
+    if resume and (out / "config.json").exists():
+        cfg = resolve_config(ckpt=str(out), overrides=over)
+    else:
+        cfg = gen_config(tokens, resolve_config(preset=preset), over)
+    summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not json_out,
+                        precision=precision)
+    if info.is_main:
+        if json_out:
+            emit_json(summary)
+        else:
+            err.print(f"[green]done[/] {summary['run']}: loss {summary['last_loss']:.4f}, {summary['images_per_s']} tokens/s")
