@@ -184,7 +184,7 @@ def load_pipeline(
             sources[c] = (run, part)
     if cfg.generator is None or "generator" not in sources:
         wanted.discard("generator")
-    pipe = Pipeline.build(cfg, components=wanted, vae_root=vae_root)
+    pipe = Pipeline.build(cfg, components=wanted, vae_root=vae_root, load_weights=False)
     for c in COMPONENTS:
         if c in wanted and getattr(pipe, c, None) is not None:
             if c not in sources:

@@ -244,7 +244,9 @@ def with_encoder(cfg: PipelineConfig, model: Optional[str] = None, weights: Opti
     """Swap the SSL encoder (a timm ViT name) and/or its weights; token widths follow."""
     cfg = PipelineConfig.from_dict(cfg.to_dict())
     if weights is not None:
-        cfg.encoder.weights = weights
+        from pathlib import Path
+
+        cfg.encoder.weights = str(Path(weights).resolve()) if Path(weights).exists() else weights
     if model is not None and model != cfg.encoder.model:
         import timm
         import torch
@@ -268,8 +270,11 @@ def with_vae(cfg: PipelineConfig, source: Optional[str]) -> PipelineConfig:
     """Swap the latent space: a diffusers VAE (hub id / dir) or "none" (pixel space)."""
     if source is None:
         return cfg
+    from pathlib import Path
+
     cfg = PipelineConfig.from_dict(cfg.to_dict())
-    cfg.vae.source = source
+    # A local VAE directory is recorded absolute so the run loads from any working directory.
+    cfg.vae.source = str(Path(source).resolve()) if Path(source).exists() else source
     if cfg.vae.is_pixel:
         cfg.decoder.in_channels, cfg.decoder.input_size = 3, cfg.image_size
     else:

@@ -58,7 +58,9 @@ class Pipeline(nn.Module):
 
     @classmethod
     def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),
-              vae_root=None) -> "Pipeline":
+              vae_root=None, load_weights: bool = True) -> "Pipeline":
+        """Build the components of ``cfg``. ``load_weights=False`` skips the encoder's hub/file
+        weights (a run's own safetensors will overwrite every tensor anyway)."""
         from .models.decoder import FlowDecoder
         from .models.encoder import SSLEncoder
         from .models.generator import TokenGenerator
@@ -67,7 +69,7 @@ class Pipeline(nn.Module):
         comps = set(components)
         return cls(
             cfg,
-            encoder=SSLEncoder(cfg.encoder) if "encoder" in comps else None,
+            encoder=SSLEncoder(cfg.encoder, load_weights=load_weights) if "encoder" in comps else None,
             decoder=FlowDecoder(cfg.decoder) if "decoder" in comps else None,
             latent=build_latent_space(cfg.vae, vae_root) if "vae" in comps else None,
             generator=TokenGenerator(cfg.generator) if "generator" in comps and cfg.generator is not None else None,

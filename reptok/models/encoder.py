@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import EncoderConfig
+from ..errors import InputError
 
 # Files looked for (in this order) when ``weights`` is a directory: a timm / HF hub snapshot,
 # then an open_clip snapshot.
@@ -81,7 +82,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+        raise InputError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return sd
 
 
@@ -90,14 +91,14 @@ def _resolve_weights_path(weights: str, root: Optional[Path]) -> Path:
     if not p.is_absolute() and root is not None and (Path(root) / p).exists():
         p = Path(root) / p
     if not p.exists():
-        raise FileNotFoundError(
+        raise InputError(
             f"encoder weights not found: {weights!r} (expected 'hub', 'random', or a weights file / directory)"
         )
     if p.is_dir():
         for name in WEIGHT_FILES:
             if (p / name).is_file():
                 return p / name
-        raise FileNotFoundError(f"no encoder weights in directory {p} (looked for {', '.join(WEIGHT_FILES)})")
+        raise InputError(f"no encoder weights in directory {p} (looked for {', '.join(WEIGHT_FILES)})")
     return p
 
 
@@ -124,26 +125,32 @@ def _filter_for_model(sd: Dict[str, torch.Tensor], vit: nn.Module) -> Dict[str, 
 
 
 def _load_strict(vit: nn.Module, sd: Dict[str, torch.Tensor], source: Path) -> None:
-    """Strict load with a one-line ValueError naming the first offending key."""
+    """Strict load with a one-line InputError (a ValueError) naming the first offending key."""
     own = vit.state_dict()
     missing = [k for k in own if k not in sd]
     if missing:
-        raise ValueError(f"{source}: missing encoder key {missing[0]!r} ({len(missing)} missing) for {type(vit).__name__}")
+        raise InputError(
+            f"{source}: missing encoder key {missing[0]!r} ({len(missing)} missing) for {type(vit).__name__}"
+        )
     unexpected = [k for k in sd if k not in own]
     if unexpected:
-        raise ValueError(f"{source}: unexpected encoder key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise InputError(f"{source}: unexpected encoder key {unexpected[0]!r} ({len(unexpected)} unexpected)")
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: shape mismatch for {k!r}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}")
+            raise InputError(f"{source}: shape mismatch for {k!r}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}")
     vit.load_state_dict(sd, strict=True)
 
 
-def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None) -> nn.Module:
-    """Create the timm ViT of ``cfg`` headless (num_classes=0) at ``cfg.img_size`` with its weights."""
+def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_weights: bool = True) -> nn.Module:
+    """Create the timm ViT of ``cfg`` headless (num_classes=0) at ``cfg.img_size`` with its weights.
+
+    ``load_weights=False``: architecture only (seeded random init), for callers that load a
+    full state dict next (a run directory) and must not touch the hub or the original file.
+    """
     import timm
 
     kwargs = dict(num_classes=0, img_size=cfg.img_size, **cfg.overrides)
-    if cfg.weights == "hub":
+    if cfg.weights == "hub" and load_weights:
         # timm downloads (or reads the HF cache) and runs checkpoint_filter_fn itself, which
         # resamples pos_embed to img_size (e.g. DINOv2's 37x37 grid to 16x16 at 224).
         return timm.create_model(cfg.model, pretrained=True, **kwargs)
@@ -151,7 +158,7 @@ def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None) -> nn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         vit = timm.create_model(cfg.model, pretrained=False, **kwargs)
-    if cfg.weights == "random":
+    if cfg.weights == "random" or not load_weights:
         return vit
     path = _resolve_weights_path(cfg.weights, Path(root) if root is not None else None)
     _load_strict(vit, _filter_for_model(_read_state_dict(path), vit), path)
@@ -163,25 +170,27 @@ class SSLEncoder(nn.Module):
     """Frozen SSL ViT with a trainable ``[cls]`` token; images (B, 3, H, W) in [-1, 1] -> (B, D).
 
     Trainable parameters: ``vit.cls_token`` only. Buffer ``cls_token_frozen`` (persistent) holds
-    the original token, so a run's state dict carries both. The backbone stays in eval mode
+    the original token, so a run's state dict carries both. ``load_weights=False`` builds the
+    architecture only (no hub access, no file read) for loading a run's state dict afterwards;
+    ``root`` resolves a relative weights path (the run directory). The backbone stays in eval mode
     (``train()`` does not switch it) because it is frozen: no dropout / drop-path may differ
     between the two runs of the cosine anchor.
     """
 
-    def __init__(self, cfg: EncoderConfig, root: Optional[Union[str, Path]] = None):
+    def __init__(self, cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_weights: bool = True):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
         self.cfg = cfg
-        vit = build_vit(cfg, root)
+        vit = build_vit(cfg, root, load_weights)
         if not isinstance(vit, VisionTransformer):
-            raise ValueError(f"encoder {cfg.model!r} is a {type(vit).__name__}; reptok needs a timm VisionTransformer")
+            raise InputError(f"encoder {cfg.model!r} is a {type(vit).__name__}; reptok needs a timm VisionTransformer")
         if getattr(vit, "cls_token", None) is None:
-            raise ValueError(f"encoder {cfg.model!r} has no [cls] token (class_token=False)")
+            raise InputError(f"encoder {cfg.model!r} has no [cls] token (class_token=False)")
         if vit.embed_dim != cfg.dim:
-            raise ValueError(f"encoder.dim={cfg.dim} but {cfg.model!r} has embed_dim {vit.embed_dim}")
+            raise InputError(f"encoder.dim={cfg.dim} but {cfg.model!r} has embed_dim {vit.embed_dim}")
         if getattr(vit, "attn_pool", None) is not None:
-            raise ValueError(f"encoder {cfg.model!r} pools with attention; reptok needs a cls-token ViT")
+            raise InputError(f"encoder {cfg.model!r} pools with attention; reptok needs a cls-token ViT")
         self.vit = vit
         self.vit.requires_grad_(False)
         self.vit.cls_token.requires_grad_(True)
@@ -213,7 +222,7 @@ class SSLEncoder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 3, img_size, img_size) normalised, float32."""
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"encoder expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+            raise InputError(f"encoder expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = better_resize(images.float(), self.cfg.img_size)
         x = (x + 1.0) / 2.0
         return (x - self.mean) / self.std
