@@ -72,8 +72,7 @@ def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: Dist
         tokens = np.concatenate([np.load(p) for p in shards])
     else:
         tokens = local
-    labels = np.asarray(ds.get_batch(list(range(n)))["label"] if n else np.zeros(0), dtype=np.int64) \
-        if not hasattr(ds, "labels") else np.asarray(ds.labels[:n], dtype=np.int64)
+    labels = np.asarray(ds.labels[:n], dtype=np.int64)
     meta = {
         "format": "reptok-tokens/1",
         "count": int(n),

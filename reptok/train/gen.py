@@ -28,7 +28,7 @@ class GenTask(nn.Module):
                  time_sampler: str, class_dropout: float):
         super().__init__()
         self.generator = generator
-        self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32))
+        self.tokens = torch.from_numpy(np.array(tokens, dtype=np.float32))  # a copy: tokens may be a read-only memmap
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.time_sampler = time_sampler
         self.class_dropout = class_dropout if generator.null_class is not None else 0.0
