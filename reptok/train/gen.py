@@ -79,6 +79,7 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
     cfg.class_names = meta.get("class_names")
     cfg = prepare_run_dir(out, cfg, "generator", resume, info,
                           extra={"tokenizer_run": tokenizer_run, "tokens": str(Path(tokens_path).resolve())})
+    torch.manual_seed(cfg.train.seed)
     gen = TokenGenerator(cfg.generator)
     std = np.maximum(np.asarray(meta["std"], np.float64), 1e-6)
     gen.set_token_stats(torch.tensor(meta["mean"]), torch.tensor(std))

@@ -231,7 +231,7 @@ def fit(
             seen += cfg.batch_size
             done = step + 1
             summary["last_loss"] = totals["loss"]
-            if info.is_main and (done % cfg.log_every == 0 or done == cfg.steps or done == start + 1):
+            if info.is_main and (done % cfg.log_every == 0 or done == 1 or done == cfg.steps):
                 rate = seen / max(time.perf_counter() - t_start, 1e-9)
                 rec = {"step": done, **{k: round(v, 6) for k, v in totals.items()},
                        "grad_norm": round(float(gnorm), 6), "lr": _lr_at(cfg, step), "images_per_s": round(rate, 2)}

@@ -97,6 +97,7 @@ def train_recon(
                          f"re-run 'reptok data prep --resolution {cfg.image_size}' or pick a matching preset")
     cfg.class_names = dataset.class_names
     cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra={"freeze_token": freeze_token, "data": str(Path(data).resolve())})
+    torch.manual_seed(cfg.train.seed)  # the decoder's random init is part of the run's identity
     pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"))
     task = ReconTask(pipe, dataset, cfg.train.cos_weight, cfg.train.time_sampler, freeze_token)
     grid_src = torch.as_tensor(dataset.get_batch(list(range(min(grid_images, len(dataset)))))["image"])
