@@ -48,8 +48,9 @@ def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float (B,3,H,W) in [-1,1] -> uint8 (B,H,W,3), rounded like ADM's sampler."""
-    x = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """float (B,3,H,W) in [-1,1] -> uint8 (B,H,W,3), rounded to the nearest level
+    (``(x + 1) * 127.5 + 0.5``, clamped: torchvision's ``save_image`` convention)."""
+    x = ((images.detach().float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 

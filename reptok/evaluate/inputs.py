@@ -292,19 +292,36 @@ def load_images(path: str, limit: Optional[int] = None, batch_size: int = 100) -
             f"{path}: unsupported file; expected an ADM .npz (arr_0), a folder of images, "
             "or a dataset directory saved with save_to_disk"
         )
+    if os.path.isfile(os.path.join(path, "reptok_data.json")):
+        return _load_prepared(path, limit, batch_size)
     if any(os.path.isfile(os.path.join(path, m)) for m in _HF_MARKERS):
         return _load_dataset(path, limit, batch_size)
     return _load_folder(path, limit, batch_size)
 
 
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """reptok images, float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy.
+def _load_prepared(path: str, limit: Optional[int], batch_size: int) -> "ImageSet":
+    """A ``reptok data prep`` dataset (stored channels-first), read through PreparedDataset."""
+    from ..data.dataset import PreparedDataset
 
-    Rounds to the nearest level (``(x + 1) * 127.5 + 0.5``, clamped), torchvision's
-    ``save_image`` convention, so PNGs written from the result give the same numbers.
-    """
-    x = ((images.detach().float() + 1.0) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    ds = PreparedDataset(path)
+    n = len(ds) if limit is None else min(len(ds), limit)
+    if n == 0:
+        raise EvalInputError(f"{path}: the prepared dataset holds no images")
+    r = ds.resolution
+
+    def batches(bs: int):
+        for i in range(0, n, bs):
+            yield ds.get_uint8(np.arange(i, min(i + bs, n)))
+
+    return ImageSet(str(path), "prepared", n, r, r, batch_size, batches)
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """reptok images, float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy
+    (:func:`reptok.images.tensor_to_uint8`)."""
+    from ..images import tensor_to_uint8
+
+    return tensor_to_uint8(images)
 
 
 def compute_stats(

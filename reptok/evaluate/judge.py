@@ -69,7 +69,8 @@ class JudgeNet(nn.Module):
 def _to_float_images(images: ArrayLike) -> torch.Tensor:
     """float (B,3,H,W) in [-1,1] as is; uint8 (B,H,W,3) (numpy or tensor) converted."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        # a copy when read-only (npz / memmap batches): torch refuses to wrap those
+        images = torch.from_numpy(np.array(images) if not images.flags.writeable else np.ascontiguousarray(images))
     if images.dtype == torch.uint8:
         if images.dim() == 3:
             images = images[None]

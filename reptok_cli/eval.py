@@ -1,0 +1,149 @@
+"""``reptok eval recon`` and ``reptok eval gen``: PSNR / SSIM / rFID, FID / IS / precision / recall."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import app, emit_json, err, handle_errors, parse_device
+
+eval_app = typer.Typer(
+    name="eval",
+    help="Evaluate reconstructions (PSNR, SSIM, rFID) or samples (FID, IS, precision/recall).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(eval_app, name="eval")
+
+F = "Features"
+J = "Job"
+
+_FEATURES_HELP = "inception (standard FID Inception; needs its weights) | judge (builtin-shapes classifier, offline)."
+_WEIGHTS_HELP = "pt_inception-2015-12-05-6726825d.pth (default: torch.hub cache, else download)."
+
+
+@contextlib.contextmanager
+def _progress():
+    """A ``progress(description, total) -> advance(k)`` factory drawing rich bars on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, transient=True)
+
+    def factory(description: str, total: Optional[int]):
+        task = bars.add_task(description, total=total)
+        return lambda k: bars.advance(task, k)
+
+    with bars:
+        yield factory
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _report(title: str, rows, results: dict, written: Optional[Path]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", min_width=60, show_header=True, header_style="bold")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for label, key, digits in rows:
+        t.add_row(label, _fmt(results.get(key), digits))
+    err.print(t)
+    feats = results["features"]
+    err.print(f"[bold]features:[/] {feats['name']}: {feats['description']}", highlight=False, soft_wrap=True)
+    for note in results.get("notes", []):
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    if written is not None:
+        err.print(f"[green]wrote[/] {written}", highlight=False)
+
+
+def _save(path: Path, results: dict) -> Optional[Path]:
+    from reptok.evaluate.run import write_results
+
+    try:
+        return write_results(path, results)
+    except OSError as e:  # the numbers are still printed; a read-only sample folder is no failure
+        err.print(f"[yellow]warning:[/] could not write {path} ({e})", highlight=False)
+        return None
+
+
+@eval_app.command("recon", epilog=(
+    "Examples:\n\n  reptok data prep imagenet/val --out data/in1k-val --resolution 256\n\n"
+    "  reptok eval recon --ckpt runs/tok --data data/in1k-val --decoder-steps 50\n\n"
+    "  reptok eval recon --ckpt qs/tokenizer --data shapes-val --limit 500 --features judge --json"))
+@handle_errors
+def recon(
+    ckpt: Path = typer.Option(..., "--ckpt", help="A tokenizer run (or a pipeline/generator run with one).", rich_help_panel=J),
+    data: Path = typer.Option(..., "--data", help="A prepared dataset (reptok data prep) of HELD-OUT images, e.g. ImageNet val.", rich_help_panel=J),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (dataset order).", rich_help_panel=J),
+    decoder_steps: Optional[int] = typer.Option(None, "--decoder-steps", help="Decoder steps (default from the run, official 50).", rich_help_panel=J),
+    solver: Optional[str] = typer.Option(None, "--solver", help="euler | heun (default from the run).", rich_help_panel=J),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", rich_help_panel=J),
+    seed: int = typer.Option(0, "--seed", help="Decoder noise seed (noise depends on seed and image index).", rich_help_panel=J),
+    features: str = typer.Option("inception", "--features", help=_FEATURES_HELP, rich_help_panel=F),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP, rich_help_panel=F),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: RUN/eval_recon.json).", rich_help_panel=J),
+    device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
+):
+    """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
+    from reptok.evaluate.run import eval_recon, recon_results_path
+
+    dev = parse_device(device)
+    with _progress() as bar:
+        results = eval_recon(ckpt, data, limit=limit, decoder_steps=decoder_steps, solver=solver,
+                             batch_size=batch_size, seed=seed, features=features,
+                             inception_weights=inception_weights, device=dev, progress=bar)
+    written = _save(out or recon_results_path(ckpt), results)
+    results["results_file"] = str(written) if written else None
+    _report(f"reconstruction: {results['n']} images, {results['decoder_steps']} decoder steps ({results['solver']})",
+            [("PSNR (dB)", "psnr", 3), ("SSIM", "ssim", 4), ("rFID", "rfid", 3),
+             ("IS (reconstructions)", "inception_score", 3), ("precision", "precision", 4),
+             ("recall", "recall", 4), ("images", "n", 0)], results, written)
+    if json_out:
+        emit_json(results)
+
+
+@eval_app.command("gen", epilog=(
+    "Examples:\n\n  reptok sample --ckpt runs/gen --class all -n 50 --out samples.npz\n\n"
+    "  reptok eval gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz "
+    "--inception-weights pt_inception-2015-12-05-6726825d.pth\n\n"
+    "  reptok eval gen --samples qs/samples_eval.npz --ref qs/data --features judge --json"))
+@handle_errors
+def gen(
+    samples: Path = typer.Option(..., "--samples", help="PNG folder, ADM .npz (arr_0) or prepared dataset.", rich_help_panel=J),
+    ref: Path = typer.Option(..., "--ref", help="Same kinds, or an ADM reference batch .npz with mu/sigma.", rich_help_panel=J),
+    features: str = typer.Option("inception", "--features", help=_FEATURES_HELP, rich_help_panel=F),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP, rich_help_panel=F),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", rich_help_panel=J),
+    k: int = typer.Option(3, "--k", help="Nearest neighbour for precision/recall (Kynkaanniemi et al.: 3).", rich_help_panel=F),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of each set.", rich_help_panel=J),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
+    device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
+):
+    """FID, Inception Score and precision/recall of samples against a reference set."""
+    from reptok.evaluate.run import eval_gen, results_path_for_samples
+
+    dev = parse_device(device)
+    with _progress() as bar:
+        results = eval_gen(samples, ref, features=features, inception_weights=inception_weights,
+                           batch_size=batch_size, k=k, limit=limit, device=dev, progress=bar)
+    written = _save(out or results_path_for_samples(samples), results)
+    results["results_file"] = str(written) if written else None
+    n_ref = results["n_ref"] if results["n_ref"] is not None else "precomputed mu/sigma"
+    _report(f"{results['n_samples']} samples vs reference: {n_ref}",
+            [("FID", "fid", 3), ("Inception Score", "inception_score", 3), ("IS std", "inception_score_std", 3),
+             (f"precision (k={k})", "precision", 4), (f"recall (k={k})", "recall", 4),
+             ("samples", "n_samples", 0), ("reference images", "n_ref", 0)], results, written)
+    if json_out:
+        emit_json(results)
