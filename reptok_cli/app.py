@@ -9,9 +9,15 @@ from .common import app
 # One module per command group; importing a module registers its commands.
 COMMAND_MODULES = [
     "info",
+    "data",
     "train",
     "tokens",
     "sample",
+    "quickstart",
+    "convert",
+    "export",
+    "bench",
+    "eval",
 ]
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# One prepared GPU check for fast inference (issue 6). Run from the repository root:
+#
+#   OUT=/path/to/results bash benchmarks/gpu_export_check.sh
+#
+# 1. a run directory with random weights from the `xl` preset (decoder 1152 x 28, generator
+#    1536 x 28, a random SD-VAE-shaped VAE): timing does not depend on the weights;
+# 2. `reptok export onnx` (fp32 graphs, self-verified with ONNX Runtime on the CPU);
+# 3. `reptok export trt` twice: fp16 and bf16 engines (batch profile 1 / 8 / 64);
+# 4. `reptok bench` at batch 1/8/64: torch eager bf16, CUDA graphs, ONNX Runtime CUDA (fp32
+#    graphs: ORT has no bf16) and TensorRT bf16; torch.compile bf16; TensorRT fp16. Each NFE row
+#    carries the max abs error against torch eager fp32 on the same inputs;
+# 5. whole samples: torch fp32 vs TensorRT fp16 / bf16 (same seeds) -> max abs pixel error, PSNR;
+# 6. summary.md: every bench row in one table.
+#
+# Results (JSON + logs) land in $OUT. A failed step is recorded in $OUT/steps.tsv and the script
+# goes on, so a partial run still returns what it measured. Knobs (environment):
+#   PRESET=xl BATCHES=1,8,64 STEPS=10 (end-to-end steps, both stages; the run default is 50+50)
+#   WARMUP=2 ITERS=5 STEP_TIMEOUT=900 (seconds per step) WORK=/tmp/reptok-gpu-check PY=python
+#   DEVICE=cuda (DEVICE=cpu PRESET=tiny BATCHES=1,2 is a plumbing dry run on a CPU machine)
+set -uo pipefail
+
+OUT=${OUT:-$PWD/gpu_check_out}
+PRESET=${PRESET:-xl}
+BATCHES=${BATCHES:-1,8,64}
+MAXB=${BATCHES##*,}
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-2}
+ITERS=${ITERS:-5}
+STEP_TIMEOUT=${STEP_TIMEOUT:-900}
+WORK=${WORK:-/tmp/reptok-gpu-check}
+PY=${PY:-python}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PRESET=tiny: a plumbing dry run without a GPU
+[ -x .venv/bin/python ] && [ "$PY" = python ] && PY=.venv/bin/python
+
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+printf 'step\trc\tseconds\n' > "$OUT/steps.tsv"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+REPTOK=("$PY" -m reptok_cli)
+
+step() {  # step NAME CMD... : run with a timeout, log rc and time, never abort the script
+  local name=$1; shift
+  echo "=== $name: $*" >&2   # stderr: a step's stdout is often a result file
+  local t0=$SECONDS
+  timeout "$STEP_TIMEOUT" "$@"
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$OUT/steps.tsv"
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" >&2
+  return $rc
+}
+
+# ---------------------------------------------------------------- environment
+step env "$PY" - <<'EOF' > "$OUT/env.json"
+import json, importlib
+info = {}
+for mod in ("torch", "onnx", "onnxruntime", "tensorrt", "diffusers", "timm"):
+    try:
+        info[mod] = importlib.import_module(mod).__version__
+    except Exception as e:  # noqa: BLE001
+        info[mod] = f"missing ({type(e).__name__})"
+import torch
+info["cuda"] = torch.cuda.is_available()
+if info["cuda"]:
+    info["gpu"] = torch.cuda.get_device_name(0)
+    info["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+try:
+    import onnxruntime as ort
+    info["ort_providers"] = ort.get_available_providers()
+except Exception:
+    pass
+print(json.dumps(info, indent=2))
+EOF
+cat "$OUT/env.json"
+HAS_TRT=$("$PY" -c "import tensorrt" 2>/dev/null && echo 1 || echo 0)
+HAS_ORT_CUDA=$("$PY" -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 1)" 2>/dev/null && echo 1 || echo 0)
+
+# ---------------------------------------------------------------- 1. random-weight run
+RUN=$WORK/run
+if [ ! -f "$RUN/config.json" ]; then
+  step make_run "$PY" -c "from reptok.bench import make_random_run; make_random_run('$PRESET', '$RUN')"
+fi
+
+# ---------------------------------------------------------------- 2. ONNX
+step export_onnx "${REPTOK[@]}" export onnx --ckpt "$RUN" --out "$WORK/onnx" --overwrite --json \
+  > "$OUT/export_onnx.json"
+
+# ---------------------------------------------------------------- 3. TensorRT engines
+if [ "$HAS_TRT" = 1 ]; then
+  for prec in fp16 bf16; do
+    step "trt_$prec" "${REPTOK[@]}" export trt --onnx "$WORK/onnx" --out "$WORK/trt-$prec" --precision "$prec" \
+      --min-batch 1 --opt-batch 8 --max-batch "$MAXB" --timing-cache "$WORK/trt.cache" --overwrite --json \
+      > "$OUT/trt_$prec.json"
+  done
+else
+  echo "tensorrt is not installed: TensorRT steps skipped" | tee "$OUT/trt_skipped.txt"
+fi
+
+# ---------------------------------------------------------------- 4. bench
+BENCH=(--ckpt "$RUN" --batch-sizes "$BATCHES" --steps "$STEPS" --warmup "$WARMUP" --iters "$ITERS" --device "$DEVICE" --json)
+BACKENDS=torch,onnx
+if [ "$HAS_ORT_CUDA" != 1 ] && [ "$DEVICE" = cuda ]; then
+  BACKENDS=torch  # an xl model on ORT's CPU provider would eat the whole time budget
+  echo "onnxruntime has no CUDA provider (install onnxruntime-gpu): ORT rows skipped" | tee "$OUT/ort_skipped.txt"
+fi
+EXTRA=()
+if [ "$HAS_TRT" = 1 ] && [ -f "$WORK/trt-bf16/engines.json" ]; then
+  BACKENDS=torch,onnx,trt
+  EXTRA=(--trt-dir "$WORK/trt-bf16")
+fi
+# Separate invocations, so a slow or failing variant (torch.compile of a 28-layer model per
+# batch shape) cannot take the other results down with it.
+step bench_bf16 "${REPTOK[@]}" bench "${BENCH[@]}" --backend "$BACKENDS" --precision bf16 --cuda-graphs \
+  --onnx-dir "$WORK/onnx" ${EXTRA[@]+"${EXTRA[@]}"} > "$OUT/bench_bf16.json"
+step bench_compile "${REPTOK[@]}" bench "${BENCH[@]}" --backend torch --precision bf16 --compile \
+  > "$OUT/bench_compile_bf16.json"
+if [ "$HAS_TRT" = 1 ] && [ -f "$WORK/trt-fp16/engines.json" ]; then
+  step bench_trt_fp16 "${REPTOK[@]}" bench "${BENCH[@]}" --backend trt --precision fp16 --trt-dir "$WORK/trt-fp16" \
+    > "$OUT/bench_trt_fp16.json"
+fi
+
+# ---------------------------------------------------------------- 5. whole samples vs torch
+SAMPLE=(sample --ckpt "$RUN" --class 0-7 -n 1 --seed 3 --steps "$STEPS" --decoder-steps "$STEPS" --batch-size 8 --device "$DEVICE" --json)
+step sample_torch "${REPTOK[@]}" "${SAMPLE[@]}" --out "$WORK/torch.npz" > "$OUT/sample_torch.json"
+for prec in fp16 bf16; do
+  if [ -f "$WORK/trt-$prec/engines.json" ]; then
+    step "sample_trt_$prec" "${REPTOK[@]}" "${SAMPLE[@]}" --backend trt --engine "$WORK/trt-$prec" \
+      --out "$WORK/trt_$prec.npz" > "$OUT/sample_trt_$prec.json"
+  fi
+done
+step sample_compare "$PY" - "$WORK" <<'EOF' > "$OUT/sample_compare.json"
+import json, sys, numpy as np
+from pathlib import Path
+work = Path(sys.argv[1])
+ref = np.load(work / "torch.npz")["arr_0"].astype(np.float64)
+out = {}
+for prec in ("fp16", "bf16"):
+    f = work / f"trt_{prec}.npz"
+    if f.exists():
+        x = np.load(f)["arr_0"].astype(np.float64)
+        mse = ((x - ref) ** 2).mean()
+        out[f"trt_{prec}"] = {"max_abs_uint8": float(np.abs(x - ref).max()), "mean_abs_uint8": float(np.abs(x - ref).mean()),
+                              "psnr_db": float(10 * np.log10(255 ** 2 / mse)) if mse > 0 else float("inf")}
+print(json.dumps(out, indent=2))
+EOF
+
+# ---------------------------------------------------------------- 6. summary
+"$PY" benchmarks/bench_backends.py --summarize "$OUT"/bench_*.json > "$OUT/summary.md" 2>/dev/null
+{ echo; echo "## whole samples vs torch fp32 ($STEPS+$STEPS steps)"; cat "$OUT/sample_compare.json"; \
+  echo; echo "## steps"; cat "$OUT/steps.tsv"; } >> "$OUT/summary.md"
+cat "$OUT/summary.md"

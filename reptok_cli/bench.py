@@ -1,0 +1,76 @@
+"""``reptok bench``: latency and images/s per stage for torch / ONNX Runtime / TensorRT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import app, emit_json, err, handle_errors, parse_device
+
+W = "What to run"
+H = "How"
+
+
+@app.command("bench", epilog=(
+    "Examples:\n\n  reptok bench --preset small --backend torch,onnx --batch-sizes 1,8\n\n"
+    "  reptok bench --ckpt runs/gen --backend torch,onnx,trt --batch-sizes 1,8,64 --precision bf16 --compile --cuda-graphs\n\n"
+    "  reptok bench --preset tiny --backend torch,onnx --batch-sizes 1,2 --iters 2 --json\n\n"
+    "Stages: generator / decoder = one network call (NFE), vae = one decode, end_to_end = sampling B images. "
+    "max_abs_err: vs torch eager fp32 on the same inputs; vs_torch: throughput / torch eager."))
+@handle_errors
+def bench(
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A run directory.", rich_help_panel=W),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A preset with random weights (tiny, small, ..., xl).", rich_help_panel=W),
+    backend: str = typer.Option("torch", "--backend", help="Comma list of torch, onnx, trt.", rich_help_panel=W),
+    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma list, e.g. 1,8,64.", rich_help_panel=W),
+    stages: str = typer.Option("generator,decoder,vae,end_to_end", "--stages", help="Subset of the stages.", rich_help_panel=W),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="End-to-end steps for both stages (default: the run's).", rich_help_panel=W),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed calls first (compile, autotune).", rich_help_panel=H),
+    iters: int = typer.Option(5, "--iters", min=1, help="Timed calls (the median is reported).", rich_help_panel=H),
+    compile_: bool = typer.Option(False, "--compile", help="Add torch.compile rows.", rich_help_panel=H),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Add CUDA-graph rows (torch, CUDA only).", rich_help_panel=H),
+    device: str = typer.Option("auto", "--device", rich_help_panel=H),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16: torch autocast, ONNX dtype, TensorRT flags.", rich_help_panel=H),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="Reuse an ONNX export of --ckpt.", rich_help_panel=H),
+    trt_dir: Optional[Path] = typer.Option(None, "--trt-dir", help="Reuse TensorRT engines of --ckpt.", rich_help_panel=H),
+    json_out: bool = typer.Option(False, "--json", help="One JSON report on stdout.", rich_help_panel=W),
+):
+    """Time each stage per backend and batch size (warm-up excluded) and print a table."""
+    from reptok.bench import STAGES, run_bench
+    from reptok.errors import InputError
+
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()]
+    bad = [s for s in stage_list if s not in STAGES]
+    if bad:
+        raise InputError(f"--stages {bad[0]!r}: choose from {', '.join(STAGES)}")
+    log = (lambda m: None) if json_out else (lambda m: err.print(m, highlight=False))
+    report = run_bench(ckpt=ckpt, preset=preset, backends=backend, batch_sizes=batch_sizes, steps=steps,
+                       warmup=warmup, iters=iters, compile=compile_, cuda_graphs=cuda_graphs,
+                       device=parse_device(device), precision=precision, onnx_dir=onnx_dir, trt_dir=trt_dir,
+                       stages=stage_list, log=log)
+    if json_out:
+        emit_json(report)
+        return
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    what = report.get("preset") or report.get("ckpt")
+    t = Table(title=f"reptok bench: {what} on {report['device']} ({report['threads']} threads)")
+    for col in ("backend", "prec", "stage", "batch", "ms", "img/s", "vs torch", "max err", "note"):
+        t.add_column(col, justify="right" if col in ("batch", "ms", "img/s", "vs torch", "max err") else "left",
+                     no_wrap=col in ("backend", "stage"))
+    short = {"CPUExecutionProvider": "ort-cpu", "CUDAExecutionProvider": "ort-cuda", "TensorRT": "trt"}
+    for r in report["rows"]:
+        name = short.get(r["provider"], r["backend"]) if r["backend"] in ("onnx", "trt") else r["backend"]
+        t.add_row(name, r["precision"], r["stage"], str(r["batch"]), f"{r['latency_ms']:.2f}",
+                  f"{r['images_per_s']:.1f}", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
+                  f"{r['max_abs_err']:.1e}" if r["max_abs_err"] is not None else "", r["note"])
+    Console().print(t)
+    for n in report["notes"]:
+        err.print(f"[yellow]note:[/] {n}", highlight=False)
