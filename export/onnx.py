@@ -36,7 +36,6 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -239,29 +238,14 @@ def _graph_specs(pipe, components: Sequence[str]) -> Tuple[List[GraphSpec], Dict
             def enc_inputs(b, rng, s=s):
                 return (torch.rand(b, 3, s, s, generator=rng) * 2 - 1,)
 
-            specs.append(GraphSpec(comp, GraphModule(pipe.encoder, partial(_encoder_call, size=s)),
+            specs.append(GraphSpec(comp, GraphModule(pipe.encoder, _encoder_call),
                                    ["images"], "token", enc_inputs))
     return specs, skipped
 
 
-def _encoder_call(enc, images: torch.Tensor, size: int) -> torch.Tensor:
-    """``SSLEncoder.forward`` for square images of a fixed ``size``: (B, 3, size, size) -> (B, D).
-
-    ``better_resize`` computes its crop with Python ``round`` on the image shape, which the ONNX
-    tracer hands over as tensors (TypeError). For the graph's fixed square input the crop is the
-    identity, so the same steps are spelled with static ints here; ``_verify`` compares the
-    graph against the real ``enc(images)``, so any drift from the model fails the export.
-    """
-    import torch.nn.functional as F
-
-    x = images
-    factor = size // enc.cfg.img_size
-    if factor > 1:
-        x = F.avg_pool2d(x, kernel_size=factor, stride=factor)
-    x = F.interpolate(x, size=(enc.cfg.img_size,) * 2, mode="bilinear", align_corners=False, antialias=False)
-    x = ((x + 1.0) / 2.0 - enc.mean) / enc.std
-    x = enc.vit.patch_embed(_as(x, enc.vit.cls_token.dtype))
-    return _as(enc._cls_features(x, enc.vit.cls_token), torch.float32)
+def _encoder_call(enc, images: torch.Tensor) -> torch.Tensor:
+    """``SSLEncoder.forward``: (B, 3, S, S) in [-1, 1] -> (B, D) float32 (the graph's S is fixed)."""
+    return enc(images)
 
 
 def parse_components(components: Union[str, Iterable[str], None]) -> List[str]:

@@ -32,6 +32,9 @@ def read_meta(path: Union[str, Path]) -> dict:
     fmt = meta.get("format")
     if fmt != FORMAT:
         raise InputError(f"{meta_path}: unknown dataset format {fmt!r} (expected {FORMAT}); re-run 'reptok data prep'")
+    if meta.get("image_layout") != "CHW":
+        raise InputError(f"{meta_path}: written by an older reptok (image layout {meta.get('image_layout', 'HWC')!r}); "
+                         f"re-run 'reptok data prep'")
     return meta
 
 

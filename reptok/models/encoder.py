@@ -59,7 +59,7 @@ def better_resize(images: torch.Tensor, size: int) -> torch.Tensor:
        anti-aliasing for large inputs);
     3. bilinear ``F.interpolate`` to size x size, align_corners False, no antialias.
     """
-    h, w = images.shape[-2:]
+    h, w = (int(s) for s in images.shape[-2:])  # plain ints: ONNX tracing records fixed sizes
     side = min(h, w)
     # torchvision.transforms.functional.center_crop: int(round((H - side) / 2.0)) (banker's
     # rounding of Python's round(), kept for bit-parity).
