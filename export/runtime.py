@@ -223,15 +223,14 @@ class RuntimeGenerator:
         return self.net(x, t, y)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Encoder tokens (B, D) or (B, n, D) -> generator space (B, n, D)."""
-        if z.dim() == 2:
-            z = z.unsqueeze(1)
-        return (z - self.token_mean) / self.token_std
+        from reptok.models.generator import normalize_tokens
+
+        return normalize_tokens(z, self.token_mean, self.token_std)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Generator space (B, n, D) -> tokens: (B, D) when n_tokens == 1 (as TokenGenerator)."""
-        z = x * self.token_std + self.token_mean
-        return z.squeeze(1) if self.n_tokens == 1 and z.dim() == 3 else z
+        from reptok.models.generator import denormalize_tokens
+
+        return denormalize_tokens(x, self.token_mean, self.token_std, self.n_tokens)
 
 
 class RuntimeLatent:

@@ -5,7 +5,8 @@ A run directory holds::
     config.json        {"format": "reptok-run/1", "kind": ..., "pipeline": PipelineConfig,
                         "tokenizer_run": path or null, ...}
     model.safetensors  raw weights, keys prefixed by component: encoder. decoder. generator.
-    ema.safetensors    EMA weights, same keys (what inference uses)
+    ema.safetensors    EMA weights, same keys (what inference uses); a text-to-image generator
+                       run with a random ``tiny`` text tower also holds ``text_encoder.*``
     train_state.pt     optimizer, scheduler, step, RNG (resume only)
     vae/               a diffusers AutoencoderKL directory, when the VAE is not a hub id
 
@@ -191,6 +192,33 @@ def load_pipeline(
                 raise InputError(f"{run}: the run has no {c} weights")
             src, part = sources[c]
             load_into(getattr(pipe, c), part, f"{src}")
+    te = getattr(pipe, "text_encoder", None)
+    if te is not None and te.stores_weights:
+        _load_text_weights(te, state, run)
     pipe.run_dir = run
     pipe.run_doc = doc
     return pipe.to(device).eval()
+
+
+def _load_text_weights(te, state: Dict[str, torch.Tensor], run: Path) -> None:
+    # A random text tower (``tiny``) travels in the generator run; hub encoders load by spec.
+    part = split_prefix(state, "text_encoder")
+    if not part:
+        raise InputError(f"{run}: the run has no text_encoder weights (its text encoder {te.spec!r} is random)")
+    load_into(te, part, f"{run}")
+
+
+def load_text_encoder(path, device="cpu", use_ema: bool = True):
+    """The frozen text encoder of a text-to-image generator run (None for class runs): built from
+    its spec, with the run's ``text_encoder.*`` tensors when it stores them (``tiny``). For
+    runtimes (ONNX / TensorRT) that replace the generator but still encode prompts in torch."""
+    from .models.text import build_text_encoder
+
+    run = Path(path)
+    g = read_run_config(run)["config"].generator
+    if g is None or g.text_encoder is None:
+        return None
+    te = build_text_encoder(g.text_encoder, max_len=g.text_len or None)
+    if te.stores_weights:
+        _load_text_weights(te, read_weights(run, use_ema), run)
+    return te.to(device).eval()

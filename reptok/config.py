@@ -41,6 +41,11 @@ class EncoderConfig:
     mean: Optional[list] = None
     std: Optional[list] = None
     seed: int = 0  # random-init seed (weights == "random")
+    # The method trains only the cls token of a *pre-trained* SSL ViT. Offline there is no SSL
+    # checkpoint, and a frozen random ViT's cls output carries almost no class or layout
+    # information (linear probe ~25% on builtin:shapes), so the CPU presets train the whole
+    # encoder: the paper's "no SSL prior" ablation. Keep False with real SSL weights.
+    train_backbone: bool = False
 
 
 @dataclass
@@ -94,9 +99,13 @@ class GeneratorConfig:
     num_classes: int = 1000  # 0 means unconditional
     class_dropout: float = 0.1
     # Text conditioning (text-to-image variant); None for class-conditional generators.
+    # A spec of reptok.models.text.build_text_encoder: tiny[:...], open_clip:NAME:PRETRAINED, hf:NAME.
     text_encoder: Optional[str] = None
-    text_tokens: int = 4
+    text_tokens: int = 4  # learnable tokens concatenated to the noisy token (paper: 4)
     text_dim: int = 0  # hidden size of the text encoder (filled in when built)
+    text_len: int = 0  # the text encoder's max tokens L (filled in when built)
+    cross_heads: int = 4  # heads of the cross-attention to the text states
+    caption_dropout: float = 0.1  # captions replaced by "" (the CFG null prompt) in training
 
 
 @dataclass
@@ -184,6 +193,14 @@ class PipelineConfig:
             raise ConfigError(f"decoder.token_dim={dc.token_dim} != encoder.dim={self.encoder.dim}")
         if self.generator is not None and self.generator.token_dim != self.encoder.dim:
             raise ConfigError(f"generator.token_dim={self.generator.token_dim} != encoder.dim={self.encoder.dim}")
+        g = self.generator
+        if g is not None and g.text_encoder is not None:
+            if g.num_classes:
+                raise ConfigError(f"generator.num_classes={g.num_classes}: a text-conditioned generator has no classes (use 0)")
+            if g.cross_heads < 1 or g.dim % g.cross_heads:
+                raise ConfigError(f"generator.dim={g.dim} is not divisible by generator.cross_heads={g.cross_heads}")
+            if not 0.0 <= g.caption_dropout < 1.0:
+                raise ConfigError(f"generator.caption_dropout={g.caption_dropout}: must be in [0, 1)")
         return self
 
 

@@ -35,14 +35,14 @@ def build_meta(cfg: PipelineConfig):
 
     from .models.decoder import FlowDecoder
     from .models.encoder import SSLEncoder
-    from .models.generator import TokenGenerator
+    from .models.generator import build_generator
 
     ecfg = copy.deepcopy(cfg.encoder)
     ecfg.weights = "random"  # sizes only: never download for a report
     with torch.device("meta"):
         out = {"encoder": SSLEncoder(ecfg), "decoder": FlowDecoder(cfg.decoder)}
         if cfg.generator is not None:
-            out["generator"] = TokenGenerator(cfg.generator)
+            out["generator"] = build_generator(cfg.generator)
         if not cfg.vae.is_pixel:
             out["vae"] = AutoencoderKL(**SD_VAE_CONFIG)
     return out
@@ -69,9 +69,12 @@ def model_report(cfg: PipelineConfig) -> List[dict]:
         g = m["generator"]
         gc = cfg.generator
         xg = torch.empty(b, gc.n_tokens, gc.token_dim, device="meta")
-        y = torch.zeros(b, dtype=torch.long, device="meta")
+        if getattr(g, "text_conditioned", False):  # text hidden states stand in for the label
+            cond = (torch.empty(b, max(gc.text_len, 1), max(gc.text_dim, 1), device="meta"),)
+        else:
+            cond = (torch.zeros(b, dtype=torch.long, device="meta"),)
         rows.append(dict(component="generator", params=_count(g), trainable=_count(g, True),
-                         gflops=_flops(lambda: g(xg, t, y)) / 1e9, note=f"per NFE; {cfg.sampling.steps} steps (+CFG)"))
+                         gflops=_flops(lambda: g(xg, t, *cond)) / 1e9, note=f"per NFE; {cfg.sampling.steps} steps (+CFG)"))
     if "vae" in m:
         v = m["vae"]
         lat = torch.empty(b, cfg.vae.latent_channels, d.input_size, d.input_size, device="meta")

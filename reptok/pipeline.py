@@ -4,10 +4,13 @@ The three networks are called through their torch signatures only::
 
     decoder(x (B,C,S,S), t (B,), token (B,D)) -> velocity (B,C,S,S)     reptok time convention
     generator(x (B,n,D), t (B,), y (B,)) -> velocity (B,n,D)
+    generator(x (B,n,D), t (B,), text (B,L,E), text_mask (B,L)) -> velocity   text-conditioned
     latent.decode(latents) -> images in [-1, 1]
 
 so ONNX Runtime / TensorRT sessions with the same call signature (``export/runtime.py``) can
-replace the torch modules and the sampling loop below stays the only one.
+replace the torch modules and the sampling loop below stays the only one. A text-conditioned
+generator also has a (torch) ``text_encoder``; its condition is an index into a table of encoded
+prompts, with the empty prompt "" as the CFG null condition (``Pipeline._condition``).
 
 Noise is a function of (seed, global image index) only: ``index_noise``. Sharded jobs
 (``--start/--count``, torchrun ranks) therefore reproduce exactly the images of one big run.
@@ -45,13 +48,15 @@ def index_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream:
 class Pipeline(nn.Module):
     """The models of a run plus the one sampling loop. Components may be None when unused."""
 
-    def __init__(self, cfg: PipelineConfig, encoder=None, decoder=None, latent=None, generator=None):
+    def __init__(self, cfg: PipelineConfig, encoder=None, decoder=None, latent=None, generator=None,
+                 text_encoder=None):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
         self.decoder = decoder
         self.latent = latent
         self.generator = generator
+        self.text_encoder = text_encoder
         self.run_dir = None
         self.run_doc = None
         self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 on CUDA
@@ -60,19 +65,28 @@ class Pipeline(nn.Module):
     def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),
               vae_root=None, load_weights: bool = True) -> "Pipeline":
         """Build the components of ``cfg``. ``load_weights=False`` skips the encoder's hub/file
-        weights (a run's own safetensors will overwrite every tensor anyway)."""
+        weights (a run's own safetensors will overwrite every tensor anyway). A text-conditioned
+        generator brings its frozen text encoder (hub / local weights loaded here; a random
+        ``tiny`` tower is overwritten by the run's ``text_encoder.*`` tensors)."""
         from .models.decoder import FlowDecoder
         from .models.encoder import SSLEncoder
-        from .models.generator import TokenGenerator
+        from .models.generator import build_generator
         from .models.vae import build_latent_space
 
         comps = set(components)
+        with_gen = "generator" in comps and cfg.generator is not None
+        text_encoder = None
+        if with_gen and cfg.generator.text_encoder is not None:
+            from .models.text import build_text_encoder
+
+            text_encoder = build_text_encoder(cfg.generator.text_encoder, max_len=cfg.generator.text_len or None)
         return cls(
             cfg,
             encoder=SSLEncoder(cfg.encoder, load_weights=load_weights) if "encoder" in comps else None,
             decoder=FlowDecoder(cfg.decoder) if "decoder" in comps else None,
             latent=build_latent_space(cfg.vae, vae_root) if "vae" in comps else None,
-            generator=TokenGenerator(cfg.generator) if "generator" in comps and cfg.generator is not None else None,
+            generator=build_generator(cfg.generator) if with_gen else None,
+            text_encoder=text_encoder,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -97,6 +111,11 @@ class Pipeline(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.cfg.generator.num_classes if self.cfg.generator is not None else 0
+
+    @property
+    def is_text(self) -> bool:
+        """True when the generator is caption-conditioned (sample with prompts, not labels)."""
+        return self.cfg.generator is not None and self.cfg.generator.text_encoder is not None
 
     # ------------------------------------------------------------------ stage (a)
     @torch.no_grad()
@@ -127,32 +146,74 @@ class Pipeline(nn.Module):
             return self.latent.decode(lat).float()
 
     # ------------------------------------------------------------------ stage (b)
-    @torch.no_grad()
-    def generate(self, labels: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
-                 cfg: Optional[float] = None, cfg_interval: Optional[Sequence[float]] = "default",
-                 solver: Optional[str] = None) -> torch.Tensor:
-        """labels (B,), noise (B,n,D) in normalised token space -> tokens (B,D) (denormalised)."""
-        s = self.cfg.sampling
-        scale = s.cfg if cfg is None else cfg
-        interval = tuple(s.cfg_interval) if cfg_interval == "default" else cfg_interval
+    def _condition(self, labels: Optional[torch.Tensor], prompts: Optional[Sequence[str]], scale: float):
+        """-> (cond (B,), null_cond (B,), model_fn(x, t, cond)) for ``flow.guided_velocity``.
+
+        Class generators: cond = labels, null = the null class. Text generators: the prompts and
+        "" are encoded once into a table; cond / null are row indices into it (null = "")."""
+        if self.is_text:
+            if prompts is None:
+                from .errors import InputError
+
+                raise InputError("this generator is text-conditioned: pass prompts, not class labels")
+            table = list(dict.fromkeys([""] + [str(p) for p in prompts]))
+            row = {p: i for i, p in enumerate(table)}
+            hidden, mask = self.text_encoder.encode(table)
+            hidden, mask = hidden.to(self.device), mask.to(self.device)
+            cond = torch.tensor([row[str(p)] for p in prompts], dtype=torch.long, device=self.device)
+
+            def model_fn(x, t, c):
+                with self._autocast():
+                    return self.generator(x, t, hidden[c], mask[c])
+
+            return cond, torch.zeros_like(cond), model_fn
+        if prompts is not None:
+            from .errors import InputError
+
+            raise InputError("this generator is class-conditional: pass class labels, not prompts")
         y = labels.to(self.device).long()
-        null = torch.full_like(y, self.generator.null_class)
+        null_class = self.generator.null_class
+        if null_class is None and scale != 1.0 and self.num_classes > 0:
+            from .errors import InputError
+
+            raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable, use cfg 1.0")
+        # Unconditional generators ignore y, so any null condition gives v_u == v_c (CFG is a no-op).
+        null = torch.full_like(y, null_class) if null_class is not None else y
 
         def model_fn(x, t, c):
             with self._autocast():
                 return self.generator(x, t, c)
 
-        v = flow.guided_velocity(model_fn, y, null, scale, interval)
+        return y, null, model_fn
+
+    @torch.no_grad()
+    def generate(self, labels: Optional[torch.Tensor], noise: torch.Tensor, steps: Optional[int] = None,
+                 cfg: Optional[float] = None, cfg_interval: Optional[Sequence[float]] = "default",
+                 solver: Optional[str] = None, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """labels (B,) or prompts (B strings, text generators), noise (B,n,D) in normalised token
+        space -> tokens (B,D) (denormalised). CFG's null condition: the null class / the prompt ""."""
+        s = self.cfg.sampling
+        scale = s.cfg if cfg is None else cfg
+        interval = tuple(s.cfg_interval) if cfg_interval == "default" else cfg_interval
+        cond, null, model_fn = self._condition(labels, prompts, scale)
+        v = flow.guided_velocity(model_fn, cond, null, scale, interval)
         x = flow.solve(v, noise.to(self.device), steps or s.steps, solver or s.solver)
         return self.generator.denormalize(x)
 
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, indices: Sequence[int], seed: int = 0, **kw) -> torch.Tensor:
-        """Class labels -> images, noise from (seed, index). kw: steps, cfg, cfg_interval, solver,
-        decoder_steps, decoder_solver."""
+    def generate_text(self, prompts: Sequence[str], noise: torch.Tensor, **kw) -> torch.Tensor:
+        """Prompts (B strings) -> tokens (B,D); kw as :meth:`generate`."""
+        return self.generate(None, noise, prompts=prompts, **kw)
+
+    @torch.no_grad()
+    def sample(self, labels: Optional[torch.Tensor], indices: Sequence[int], seed: int = 0,
+               prompts: Optional[Sequence[str]] = None, **kw) -> torch.Tensor:
+        """Class labels (or, for a text generator, ``prompts``: one string per image) -> images,
+        noise from (seed, index). kw: steps, cfg, cfg_interval, solver, decoder_steps, decoder_solver."""
         gen_shape = (self.cfg.generator.n_tokens, self.cfg.generator.token_dim)
         z = self.generate(labels, index_noise(seed, indices, gen_shape, STREAM_GENERATOR),
-                          kw.get("steps"), kw.get("cfg"), kw.get("cfg_interval", "default"), kw.get("solver"))
+                          kw.get("steps"), kw.get("cfg"), kw.get("cfg_interval", "default"), kw.get("solver"),
+                          prompts=prompts)
         noise = index_noise(seed, indices, self.latent_shape, STREAM_DECODER)
         return self.decode(z, noise, kw.get("decoder_steps"), kw.get("decoder_solver"))
 

@@ -2,12 +2,16 @@
 
 Global image index i (0 <= i < len(classes) * n) has label ``classes[i // n]`` and noise from
 (seed, i) only, so ``--start/--count`` shards and torchrun ranks reproduce one big run exactly.
+Text-to-image runs take prompts instead of classes: image i has prompt ``prompts[i // n]`` and its
+"label" is the prompt index ``i // n``.
 
 Output kinds, by OUT:
 - ``*.npz``: ADM format, ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels (the standard
-  evaluator's input; ``--class all -n 50`` on ImageNet is the 50K class-balanced protocol);
-- ``*.png``: one grid, a row per class;
-- anything else: a folder of PNGs named ``{index:06d}_class{label:04d}.png``; existing files are
+  evaluator's input; ``--class all -n 50`` on ImageNet is the 50K class-balanced protocol) or
+  prompt indices, plus ``prompts`` (the prompt strings) for text runs;
+- ``*.png``: one grid, a row per class (prompt);
+- anything else: a folder of PNGs named ``{index:06d}_class{label:04d}.png`` (text runs:
+  ``{index:06d}_prompt{p:04d}.png`` and a ``prompts.txt``, one prompt a line); existing files are
   kept and skipped, so a killed job resumes where it stopped.
 """
 
@@ -24,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import InputError
 from .images import make_grid, save_png, tensor_to_uint8
-from .train.dist import DistInfo, barrier, shard_range
+from .train.dist import DistInfo, barrier, gather_objects, shard_range
 
 
 # ----------------------------------------------------------------------------- specs
@@ -77,19 +81,45 @@ def check_output(out: Path) -> str:
     return kind
 
 
-def png_name(index: int, label: int) -> str:
-    return f"{index:06d}_class{label:04d}.png" if label >= 0 else f"{index:06d}.png"
+def png_name(index: int, label: int, kind: str = "class") -> str:
+    return f"{index:06d}_{kind}{label:04d}.png" if label >= 0 else f"{index:06d}.png"
+
+
+def read_prompts(prompts: Optional[Sequence[str]] = None, prompts_file: Optional[Path] = None) -> List[str]:
+    """``--prompt`` values then the lines of ``--prompts FILE`` (blank lines skipped)."""
+    out = [str(p) for p in (prompts or [])]
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise InputError(f"--prompts {path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise InputError(f"--prompts {path}: not a UTF-8 text file (one prompt a line)") from None
+        lines = [ln.strip() for ln in lines if ln.strip()]
+        if not lines:
+            raise InputError(f"--prompts {path}: the file has no prompts (one a line)")
+        out.extend(lines)
+    return out
 
 
 # ----------------------------------------------------------------------------- the job
 def sample_to(
-    pipe, classes: Sequence[int], n: int, out: Path, *, seed: int = 0, start: int = 0,
+    pipe, classes: Optional[Sequence[int]], n: int, out: Path, *, seed: int = 0, start: int = 0,
     count: Optional[int] = None, batch_size: int = 16, info: DistInfo = DistInfo(),
-    progress: Optional[Callable[[int], None]] = None, **sampler_kw,
+    progress: Optional[Callable[[int], None]] = None, prompts: Optional[Sequence[str]] = None, **sampler_kw,
 ) -> dict:
-    """Sample images ``[start, start + count)`` of the job (classes x n) and write them to ``out``."""
+    """Sample images ``[start, start + count)`` of the job (classes x n, or prompts x n for a
+    text-to-image run) and write them to ``out``."""
     out = Path(out)
     kind = check_output(out)
+    if prompts is not None:
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            raise InputError("no prompts: pass --prompt TEXT or --prompts FILE")
+        classes = list(range(len(prompts)))
+    name_kind = "prompt" if prompts is not None else "class"
+    png_name_ = lambda i, label: png_name(i, label, name_kind)  # noqa: E731
     total = len(classes) * n
     count = total - start if count is None else count
     if start < 0 or count < 0 or start + count > total:
@@ -101,16 +131,22 @@ def sample_to(
     todo = mine
     if kind == "folder":
         out.mkdir(parents=True, exist_ok=True)
-        todo = [i for i in mine if not (out / png_name(i, labels_of([i])[0])).exists()]
+        if prompts is not None and info.is_main:
+            ckpt.atomic_write_text(out / "prompts.txt", "".join(p.replace("\n", " ") + "\n" for p in prompts))
+        todo = [i for i in mine if not (out / png_name_(i, labels_of([i])[0])).exists()]
     t0 = time.perf_counter()
     arrays = []
     for b in range(0, len(todo), batch_size):
         idx = todo[b: b + batch_size]
         lab = torch.tensor(labels_of(idx)).clamp(min=0)
-        imgs = tensor_to_uint8(pipe.sample(lab, idx, seed=seed, **sampler_kw))
+        if prompts is not None:
+            imgs = tensor_to_uint8(pipe.sample(None, idx, seed=seed, prompts=[prompts[c] for c in labels_of(idx)],
+                                               **sampler_kw))
+        else:
+            imgs = tensor_to_uint8(pipe.sample(lab, idx, seed=seed, **sampler_kw))
         if kind == "folder":
             for i, label, im in zip(idx, labels_of(idx), imgs):
-                save_png(out / png_name(i, label), im)
+                save_png(out / png_name_(i, label), im)
         else:
             arrays.append(imgs)
         if progress is not None:
@@ -132,17 +168,25 @@ def sample_to(
         if info.is_main:
             labels = np.asarray(labels_of(indices), np.int64)
             if kind == "npz":
-                ckpt.atomic_save(out, lambda p: np.savez(open(p, "wb"), arr_0=local, arr_1=labels))
+                extra = {"prompts": np.asarray(prompts, dtype=str)} if prompts is not None else {}
+                ckpt.atomic_save(out, lambda p: np.savez(open(p, "wb"), arr_0=local, arr_1=labels, **extra))
             else:
                 ncol = n if len(classes) > 1 and count == total else 0
                 save_png(out, make_grid(list(local), ncol=ncol))
             written = [str(out)]
         barrier()
     else:
-        written = [str(out / png_name(i, labels_of([i])[0])) for i in mine]
+        written = [str(out / png_name_(i, labels_of([i])[0])) for i in mine]
+    # Under torchrun the summary covers every rank's work (the folder is complete once this returns).
+    generated, skipped, files = len(todo), len(mine) - len(todo), len(written) if kind == "folder" else 1
+    if info.enabled:
+        parts = gather_objects((generated, skipped, files, seconds), info)
+        generated, skipped = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        files = sum(p[2] for p in parts) if kind == "folder" else 1
+        seconds = max(p[3] for p in parts)
     return {
-        "out": str(out), "kind": kind, "images": len(indices), "generated": len(todo),
-        "skipped_existing": len(mine) - len(todo), "files": len(written) if kind == "folder" else 1,
-        "seconds": round(seconds, 3), "images_per_s": round(len(todo) / seconds, 3) if seconds > 0 and todo else None,
+        "out": str(out), "kind": kind, "images": len(indices), "generated": generated,
+        "skipped_existing": skipped, "files": files,
+        "seconds": round(seconds, 3), "images_per_s": round(generated / seconds, 3) if seconds > 0 and generated else None,
         "seed": seed, "start": start, "count": count,
     }

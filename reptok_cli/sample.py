@@ -1,9 +1,9 @@
-"""``reptok sample``: class-conditional generation to PNGs, a grid or an ADM .npz."""
+"""``reptok sample``: class- or text-conditional generation to PNGs, a grid or an ADM .npz."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -17,13 +17,17 @@ J = "Job"
     "Examples:\n\n  reptok sample --ckpt runs/gen --class 88 -n 64 --out samples/\n\n"
     "  reptok sample --ckpt runs/gen --class all -n 50 --out samples.npz     # 50K ImageNet protocol\n\n"
     "  for s in 0 1000 2000; do reptok sample --ckpt runs/gen --class all -n 3 --start $s --count 1000 --out shard_$s.npz; done\n\n"
-    "  torchrun --nproc-per-node 8 -m reptok_cli sample --ckpt runs/gen --class all -n 50 --out samples.npz"))
+    "  torchrun --nproc-per-node 8 -m reptok_cli sample --ckpt runs/gen --class all -n 50 --out samples.npz\n\n"
+    "  reptok sample --ckpt runs/t2i --prompt \"a red circle\" --prompt \"a blue square\" -n 4 --out t2i.npz\n\n"
+    "  reptok sample --ckpt runs/t2i --prompts prompts.txt -n 8 --cfg 3 --out t2i/"))
 @handle_errors
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="A generator run (or a converted official model).", rich_help_panel=J),
     out: Path = typer.Option(..., "--out", help="Folder of PNGs, a grid .png, or an ADM .npz.", rich_help_panel=J),
-    classes: str = typer.Option("0", "--class", "-c", help="An id, a list 1,5,9, a range 0-9, or all.", rich_help_panel=J),
-    n: int = typer.Option(1, "-n", "--per-class", min=1, help="Images per class.", rich_help_panel=J),
+    classes: Optional[str] = typer.Option(None, "--class", "-c", help="An id, a list 1,5,9, a range 0-9, or all (default 0). Class runs only.", rich_help_panel=J),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="A text prompt (repeatable). Text-to-image runs only.", rich_help_panel=J),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A text file, one prompt a line. Text-to-image runs only.", rich_help_panel=J),
+    n: int = typer.Option(1, "-n", "--per-class", "--per-prompt", min=1, help="Images per class (or per prompt).", rich_help_panel=J),
     start: int = typer.Option(0, "--start", help="First global image index of this shard.", rich_help_panel=J),
     count: Optional[int] = typer.Option(None, "--count", help="Images in this shard (default: to the end).", rich_help_panel=J),
     seed: int = typer.Option(0, "--seed", rich_help_panel=J),
@@ -39,12 +43,24 @@ def sample(
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 autocast (torch backend).", rich_help_panel=S),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
-    """Generate images: generator -> token -> decoder -> (VAE) -> pixels."""
+    """Generate images: generator (a class or a prompt) -> token -> decoder -> (VAE) -> pixels."""
+    from reptok.checkpoint import read_run_config
     from reptok.errors import InputError
-    from reptok.sample import check_output, parse_classes, sample_to
+    from reptok.sample import check_output, parse_classes, read_prompts, sample_to
     from reptok.train.dist import init_distributed
 
     check_output(out)
+    gen_cfg = read_run_config(ckpt)["config"].generator
+    is_text = gen_cfg is not None and gen_cfg.text_encoder is not None
+    prompts = None
+    if is_text:
+        if classes is not None:
+            raise InputError(f"{ckpt}: a text-to-image run takes --prompt/--prompts, not --class")
+        prompts = read_prompts(prompt, prompts_file)
+        if not prompts:
+            raise InputError(f"{ckpt}: a text-to-image run needs --prompt TEXT or --prompts FILE")
+    elif prompt or prompts_file is not None:
+        raise InputError(f"{ckpt}: not a text-to-image run (it takes --class); drop --prompt/--prompts")
     interval = "default"
     if cfg_interval is not None:
         if cfg_interval.lower() in ("none", "all"):
@@ -64,9 +80,10 @@ def sample(
     pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision)
     if pipe.generator is None:
         raise InputError(f"{ckpt}: this run has no generator; pass a generator run (reptok train gen)")
-    class_ids = parse_classes(classes, pipe.num_classes)
+    class_ids = None if is_text else parse_classes(
+        classes if classes is not None else ("0" if pipe.num_classes > 0 else ""), pipe.num_classes)
     bar = None
-    total = count if count is not None else len(class_ids) * n - start
+    total = count if count is not None else len(prompts if is_text else class_ids) * n - start
     if not json_out and info.is_main:
         from rich.progress import Progress
 
@@ -77,8 +94,8 @@ def sample(
         summary = sample_to(
             pipe, class_ids, n, out, seed=seed, start=start, count=count, batch_size=batch_size, info=info,
             progress=(lambda k: bar.advance(task, k)) if bar else None,
-            steps=steps, cfg=cfg, cfg_interval=interval, solver=solver, decoder_steps=decoder_steps,
-            decoder_solver=solver)
+            prompts=prompts, steps=steps, cfg=cfg, cfg_interval=interval, solver=solver,
+            decoder_steps=decoder_steps, decoder_solver=solver)
     finally:
         if bar:
             bar.stop()

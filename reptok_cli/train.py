@@ -58,9 +58,6 @@ def recon(
     from reptok.train.recon import train_recon
 
     dev = parse_device(device)
-    info = init_distributed(dev)
-    if info.enabled and dev.startswith("cuda"):
-        dev = f"cuda:{info.local_rank}"
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema)
     over["train.cos_weight"] = cos_weight
     over.update(parse_set(set_))
@@ -72,6 +69,11 @@ def recon(
         cfg = resolve_config(preset=preset, config=config)
         cfg = with_vae(with_encoder(cfg, encoder, encoder_weights), vae)
         cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
+    # Inputs are validated above, before the process group exists (a bad option fails every rank
+    # at once instead of leaving the others waiting in a collective).
+    info = init_distributed(dev)
+    if info.enabled and dev.startswith("cuda"):
+        dev = f"cuda:{info.local_rank}"
     summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
                           progress=not json_out, precision=precision)
     if info.is_main:
@@ -83,7 +85,9 @@ def recon(
 
 @train_app.command("gen", epilog=(
     "Examples:\n\n  reptok train gen --tokens tokens.npy --out runs/gen --preset small\n\n"
-    "  torchrun --nproc-per-node 8 -m reptok_cli train gen --tokens in1k.npy --out runs/gen-xl --preset xl"))
+    "  torchrun --nproc-per-node 8 -m reptok_cli train gen --tokens in1k.npy --out runs/gen-xl --preset xl\n\n"
+    "  reptok train gen --tokens tokens.npy --out runs/t2i --text-encoder tiny        # text-to-image, offline\n\n"
+    "  reptok train gen --tokens coco.npy --out runs/t2i-b --preset base --text-encoder clip:ViT-B-32/openai"))
 @handle_errors
 def gen(
     tokens: Path = typer.Option(..., "--tokens", help="tokens.npy written by 'reptok extract'.", rich_help_panel=RUN),
@@ -92,6 +96,11 @@ def gen(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (e.g. generator.depth=4).", rich_help_panel=MODEL),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Default: from the tokens' dataset; 0 = unconditional.", rich_help_panel=MODEL),
     class_dropout: Optional[float] = typer.Option(None, "--class-dropout", help="Label dropout for CFG (0.1).", rich_help_panel=OPT),
+    text_encoder: Optional[str] = typer.Option(
+        None, "--text-encoder", help="Text-to-image on the tokens' captions with this frozen text encoder: tiny[:seed=1,width=48] "
+        "(random, offline), clip:NAME/PRETRAINED (open_clip), open_clip:NAME:FILE, hf:NAME_OR_PATH (transformers).",
+        rich_help_panel=MODEL),
+    caption_dropout: Optional[float] = typer.Option(None, "--caption-dropout", help="Captions replaced by \"\" for CFG (0.1).", rich_help_panel=OPT),
     steps: Optional[int] = typer.Option(None, "--steps", rich_help_panel=OPT),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", rich_help_panel=OPT),
     lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=OPT),
@@ -104,22 +113,34 @@ def gen(
     precision: str = typer.Option("auto", "--precision", rich_help_panel=RUN),
     json_out: bool = typer.Option(False, "--json", rich_help_panel=RUN),
 ):
-    """Stage (b): train the MLP-Mixer generator on extracted tokens."""
+    """Stage (b): train the MLP-Mixer generator on extracted tokens (class labels, or captions with --text-encoder)."""
     from reptok.train.dist import init_distributed
     from reptok.train.gen import gen_config, train_gen
 
     dev = parse_device(device)
-    info = init_distributed(dev)
-    if info.enabled and dev.startswith("cuda"):
-        dev = f"cuda:{info.local_rank}"
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, None, ema)
     over["generator.class_dropout"] = class_dropout
     over["generator.num_classes"] = num_classes
+    if text_encoder is not None:
+        from reptok.models.text import canonical_spec
+
+        text_encoder = canonical_spec(text_encoder)
+    over["generator.text_encoder"] = text_encoder
+    over["generator.caption_dropout"] = caption_dropout
+    if caption_dropout is not None and text_encoder is None and not resume:
+        from reptok.errors import InputError
+
+        raise InputError("--caption-dropout applies to text-to-image runs; add --text-encoder NAME")
     over.update(parse_set(set_))
     if resume and (out / "config.json").exists():
         cfg = resolve_config(ckpt=str(out), overrides=over)
     else:
         cfg = gen_config(tokens, resolve_config(preset=preset), over)
+    # Inputs are validated above, before the process group exists (a bad option fails every rank
+    # at once instead of leaving the others waiting in a collective).
+    info = init_distributed(dev)
+    if info.enabled and dev.startswith("cuda"):
+        dev = f"cuda:{info.local_rank}"
     summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not json_out,
                         precision=precision)
     if info.is_main:

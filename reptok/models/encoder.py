@@ -192,7 +192,7 @@ class SSLEncoder(nn.Module):
         if getattr(vit, "attn_pool", None) is not None:
             raise InputError(f"encoder {cfg.model!r} pools with attention; reptok needs a cls-token ViT")
         self.vit = vit
-        self.vit.requires_grad_(False)
+        self.vit.requires_grad_(cfg.train_backbone)  # False: the method (only the cls token trains)
         self.vit.cls_token.requires_grad_(True)
         self.register_buffer("cls_token_frozen", vit.cls_token.detach().clone(), persistent=True)
 

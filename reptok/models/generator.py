@@ -124,6 +124,19 @@ def mixer_block(n: int, dim: int, token_expand: float, channel_expand: float, dr
 
 
 # ----------------------------------------------------------------------------- the generator
+def normalize_tokens(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Encoder tokens (B, D) or (B, n, D) -> generator space (z - mean) / std, (B, n, D)."""
+    if z.dim() == 2:
+        z = z.unsqueeze(1)
+    return (z - mean) / std
+
+
+def denormalize_tokens(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Generator space (B, n, D) -> encoder tokens: (B, D) when n_tokens == 1, else (B, n, D)."""
+    z = x * std + mean
+    return z.squeeze(1) if n_tokens == 1 and z.dim() == 3 else z
+
+
 class TokenGenerator(nn.Module):
     """Class-conditional (or unconditional) flow-matching velocity net on normalised tokens.
 
@@ -139,8 +152,9 @@ class TokenGenerator(nn.Module):
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
-        if cfg.text_encoder is not None:
-            raise NotImplementedError("text-conditioned generators are not implemented yet")
+        if cfg.text_encoder is not None and not self.text_conditioned:
+            raise InputError("a text-conditioned generator config: build it with "
+                             "reptok.models.generator.build_generator(cfg) (TextTokenGenerator)")
         self.cfg = cfg
         d, n = cfg.token_dim, cfg.n_tokens
         self.pos_embed = nn.Parameter(torch.randn(1, n, d))
@@ -166,6 +180,8 @@ class TokenGenerator(nn.Module):
         self.register_buffer("token_std", torch.ones(d), persistent=True)
 
     # ------------------------------------------------------------------ conditioning hook
+    text_conditioned = False  # True in TextTokenGenerator (models/text_generator.py)
+
     @property
     def num_cond_tokens(self) -> int:
         return 1 if self.cfg.num_classes > 0 else 0
@@ -200,14 +216,11 @@ class TokenGenerator(nn.Module):
     # ------------------------------------------------------------------ normalisation
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder tokens (B, D) or (B, n, D) -> generator space (B, n, D)."""
-        if z.dim() == 2:
-            z = z.unsqueeze(1)
-        return (z - self.token_mean) / self.token_std
+        return normalize_tokens(z, self.token_mean, self.token_std)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Generator space (B, n, D) -> encoder tokens: (B, D) when n_tokens == 1, else (B, n, D)."""
-        z = x * self.token_std + self.token_mean
-        return z.squeeze(1) if self.cfg.n_tokens == 1 and z.dim() == 3 else z
+        return denormalize_tokens(x, self.token_mean, self.token_std, self.cfg.n_tokens)
 
     def set_token_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Store the training tokens' per-dimension mean / std (D,) (std must be > 0)."""
@@ -241,3 +254,13 @@ class TokenGenerator(nn.Module):
         seq.append(self.t_embedder(t).unsqueeze(1).to(x.dtype))
         h = self.mixer(torch.cat(seq, dim=1))
         return h[:, :n]
+
+
+def build_generator(cfg: GeneratorConfig) -> TokenGenerator:
+    """The generator class a config asks for: TokenGenerator, or TextTokenGenerator when
+    ``cfg.text_encoder`` is set (text-to-image)."""
+    if cfg.text_encoder is not None:
+        from .text_generator import TextTokenGenerator
+
+        return TextTokenGenerator(cfg)
+    return TokenGenerator(cfg)

@@ -6,6 +6,7 @@ without them everything runs as a single process (world size 1) and nothing is i
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -28,19 +29,39 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+def env_info() -> DistInfo:
+    """Rank / world size from torchrun's environment, without initialising anything (so inputs
+    can be validated before the process group exists)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistInfo(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _destroy() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        try:
+            tdist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun (NCCL on GPUs, gloo on CPU).
+
+    The group is destroyed at interpreter exit (also after an error), so NCCL does not warn about
+    a leaked group and no rank waits on a half-torn-down one.
+    """
+    info = env_info()
+    if not info.enabled:
+        return info
     if not tdist.is_initialized():
         use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
         if use_cuda:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(info.local_rank)
         tdist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+        atexit.register(_destroy)
+    return info
 
 
 def current() -> DistInfo:

@@ -3,6 +3,13 @@
 Tokens are normalised per dimension with the extraction sidecar's mean/std; the statistics are
 stored in the generator (buffers) so sampling undoes them. The run records the tokenizer run
 that produced the tokens (``tokenizer_run`` in config.json), so sampling finds the decoder.
+
+Text-to-image (``generator.text_encoder`` set): the captions of ``tokens.captions.json`` are
+encoded once at the start by the frozen text encoder, one row per unique caption plus the empty
+prompt "" (``CaptionFeatures``, in memory, padding beyond the longest caption trimmed); each step
+gathers its rows, and ``caption_dropout`` replaces a caption by "" (the CFG null condition). A
+random ``tiny`` text tower is saved with the generator (``text_encoder.*``); hub encoders are
+recorded by their spec only.
 """
 
 from __future__ import annotations
@@ -17,30 +24,71 @@ from .. import flow
 from ..config import PipelineConfig
 from ..errors import InputError
 from ..extract import load_tokens
-from ..models.generator import TokenGenerator
+from ..models.generator import TokenGenerator, build_generator
 from .dist import DistInfo
-from .loop import fit
+from .loop import _check_batch, fit
 from .run import prepare_run_dir
+
+
+class CaptionFeatures:
+    """The frozen text encoder's states for every unique caption, computed once.
+
+    ``hidden`` (U, L, E) and ``mask`` (U, L) on the CPU (float16 when float32 would exceed 4 GiB),
+    row 0 is the empty prompt ""; ``index`` (N,) maps each example to its caption's row.
+    L is trimmed to the longest caption (the padding beyond it is masked out anyway).
+    """
+
+    def __init__(self, encoder, captions, device="cpu", batch_size: int = 256):
+        captions = [str(c) for c in captions]
+        unique = list(dict.fromkeys([""] + captions))
+        row = {c: i for i, c in enumerate(unique)}
+        self.index = torch.tensor([row[c] for c in captions], dtype=torch.long)
+        home = encoder.device
+        encoder.to(device)
+        hidden, mask = encoder.encode(unique, batch_size)
+        encoder.to(home)
+        length = int(mask.sum(1).max())
+        hidden, mask = hidden[:, :length].cpu(), mask[:, :length].cpu()
+        if hidden.numel() * 4 > 4 * 2 ** 30:
+            hidden = hidden.half()
+        self.hidden, self.mask, self.unique = hidden, mask, len(unique)
+
+    def rows(self, examples: torch.Tensor):
+        r = self.index[examples]
+        return self.hidden[r].float(), self.mask[r]
 
 
 class GenTask(nn.Module):
     def __init__(self, generator: TokenGenerator, tokens: np.ndarray, labels: np.ndarray,
-                 time_sampler: str, class_dropout: float):
+                 time_sampler: str, class_dropout: float, text: CaptionFeatures = None, text_encoder=None):
         super().__init__()
         self.generator = generator
         self.tokens = torch.from_numpy(np.array(tokens, dtype=np.float32))  # a copy: tokens may be a read-only memmap
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.time_sampler = time_sampler
         self.class_dropout = class_dropout if generator.null_class is not None else 0.0
+        self.text = text  # plain attribute: the caption table stays on the CPU
+        self.__dict__["text_encoder"] = text_encoder  # not a submodule (frozen, never on the training device)
+        if text is not None:
+            self.class_dropout = generator.cfg.caption_dropout
+            self.register_buffer("null_text", text.hidden[:1].float(), persistent=False)
+            self.register_buffer("null_mask", text.mask[:1].clone(), persistent=False)
 
     def saved_modules(self):
-        return {"generator": self.generator}
+        mods = {"generator": self.generator}
+        te = self.__dict__.get("text_encoder")
+        if te is not None and te.stores_weights:
+            mods["text_encoder"] = te
+        return mods
 
     def num_examples(self) -> int:
         return len(self.tokens)
 
     def load_examples(self, indices: torch.Tensor) -> dict:
-        return {"z": self.tokens[indices], "y": self.labels[indices]}
+        out = {"z": self.tokens[indices], "y": self.labels[indices]}
+        if self.text is not None:
+            out["text"], out["text_mask"] = self.text.rows(indices)
+        return out
 
     def draw_noise(self, batch_size: int, g: torch.Generator) -> dict:
         cfg = self.generator.cfg
@@ -52,9 +100,15 @@ class GenTask(nn.Module):
 
     def forward(self, batch: dict, noise: dict):
         x1 = self.generator.normalize(batch["z"])
-        y = batch["y"]
-        loss = flow.flow_matching_loss(
-            lambda xt, t: self.generator(xt, t, y, force_drop_ids=noise["drop"]), x1, noise["x0"], noise["t"])
+        if self.text is not None:
+            drop = noise["drop"].bool()
+            text = torch.where(drop[:, None, None], self.null_text, batch["text"])
+            mask = torch.where(drop[:, None], self.null_mask, batch["text_mask"])
+            fn = lambda xt, t: self.generator(xt, t, text, mask)  # noqa: E731
+        else:
+            y = batch["y"]
+            fn = lambda xt, t: self.generator(xt, t, y, force_drop_ids=noise["drop"])  # noqa: E731
+        loss = flow.flow_matching_loss(fn, x1, noise["x0"], noise["t"])
         return loss.mean(), {}
 
 
@@ -68,7 +122,10 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
         raise InputError(f"{tokens_path}: tokens have {meta['dim']} dims but the generator expects "
                          f"{cfg.generator.token_dim}; use the preset of the tokenizer run")
     labels = data["labels"]
-    if cfg.generator.num_classes > 0:
+    text_encoder = None
+    if cfg.generator.text_encoder is not None:
+        text_encoder = _text_encoder_for(tokens_path, data, cfg)
+    elif cfg.generator.num_classes > 0:
         if (labels < 0).any():
             raise InputError(f"{tokens_path}: some images have no label; train an unconditional generator "
                              f"(--num-classes 0) or prepare a labelled dataset")
@@ -77,17 +134,51 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
                              f"{cfg.generator.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
     tokenizer_run = meta.get("checkpoint")
     cfg.class_names = meta.get("class_names")
+    _check_batch(cfg.train, info)  # before the run directory is created
     cfg = prepare_run_dir(out, cfg, "generator", resume, info,
                           extra={"tokenizer_run": tokenizer_run, "tokens": str(Path(tokens_path).resolve())})
     torch.manual_seed(cfg.train.seed)
-    gen = TokenGenerator(cfg.generator)
+    gen = build_generator(cfg.generator)
     std = np.maximum(np.asarray(meta["std"], np.float64), 1e-6)
     gen.set_token_stats(torch.tensor(meta["mean"]), torch.tensor(std))
-    task = GenTask(gen, data["tokens"], labels, cfg.train.time_sampler, cfg.generator.class_dropout)
+    feats = None
+    if text_encoder is not None:
+        if resume and text_encoder.stores_weights:  # the run's own random tower, before encoding
+            from .. import checkpoint as ckpt
+
+            part = ckpt.split_prefix(ckpt.read_weights(Path(out), use_ema=False), "text_encoder")
+            ckpt.load_into(text_encoder, part, str(Path(out) / ckpt.MODEL))
+        feats = CaptionFeatures(text_encoder, data["captions"], device=device)
+    task = GenTask(gen, data["tokens"], labels, cfg.train.time_sampler, cfg.generator.class_dropout,
+                   text=feats, text_encoder=text_encoder)
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
                   precision=precision)
     summary["run"] = str(out)
+    if feats is not None:
+        summary.update(text_encoder=cfg.generator.text_encoder, unique_captions=feats.unique)
     return summary
+
+
+def _text_encoder_for(tokens_path: Path, data: dict, cfg: PipelineConfig):
+    """Check the captions, build the frozen text encoder and record its spec / sizes in ``cfg``."""
+    from ..extract import sidecar_paths
+    from ..models.text import build_text_encoder
+
+    captions = data["captions"]
+    if captions is None:
+        raise InputError(f"{tokens_path}: these tokens have no captions ({sidecar_paths(tokens_path)['captions'].name} "
+                         f"is missing); prepare a captioned dataset (builtin:shapes, .txt sidecars, an HF caption "
+                         f"column) and re-run 'reptok extract', or drop --text-encoder")
+    if len(captions) != len(data["tokens"]):
+        raise InputError(f"{tokens_path}: {len(captions)} captions for {len(data['tokens'])} tokens; re-run 'reptok extract'")
+    if not any(str(c).strip() for c in captions):
+        raise InputError(f"{tokens_path}: every caption is empty; prepare the dataset with its captions")
+    g = cfg.generator
+    te = build_text_encoder(g.text_encoder, max_len=g.text_len or None)
+    if g.text_dim and g.text_dim != te.dim:
+        raise InputError(f"generator.text_dim={g.text_dim} but the text encoder {te.spec!r} has width {te.dim}")
+    g.text_encoder, g.text_dim, g.text_len = te.spec, te.dim, te.max_len
+    return te
 
 
 def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict) -> PipelineConfig:
@@ -104,6 +195,11 @@ def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict) -> Pi
     gen = PipelineConfig.from_dict(preset.to_dict()).generator
     gen.token_dim = int(meta["dim"])
     gen.num_classes = int(meta.get("num_classes") or 0)
+    if overrides.get("generator.text_encoder") is not None:  # text-to-image: no classes, spec canonical
+        from ..models.text import canonical_spec
+
+        gen.num_classes = 0
+        overrides = {**overrides, "generator.text_encoder": canonical_spec(overrides["generator.text_encoder"])}
     cfg.generator = gen
     cfg.train = preset.train
     cfg.sampling.steps, cfg.sampling.cfg = preset.sampling.steps, preset.sampling.cfg

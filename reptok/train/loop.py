@@ -40,6 +40,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(s >> np.uint64(1)))
 
 
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global torch RNG for (step, rank): only randomness *inside* the modules
+    (e.g. ``generator.dropout`` > 0) uses it; it is reproducible on resume at the same world size."""
+    s = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), 11, int(rank)]).generate_state(1, np.uint64)[0]
+    return int(s >> np.uint64(1))
+
+
 class BatchOrder:
     """Global batch indices for step s: consecutive slices of per-epoch random permutations."""
 
@@ -197,6 +204,7 @@ def fit(
         model.train()
         for step in range(start, cfg.steps):
             g = step_generator(cfg.seed, step)
+            torch.manual_seed(rank_seed(cfg.seed, step, info.rank))
             idx = order.indices(step)
             noise = task.draw_noise(cfg.batch_size, g)
             for group in opt.param_groups:

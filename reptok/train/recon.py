@@ -21,7 +21,7 @@ from ..models.encoder import cos_anchor_loss
 from ..pipeline import Pipeline, STREAM_DECODER, index_noise
 from ..images import make_grid, save_png, tensor_to_uint8
 from .dist import DistInfo
-from .loop import fit
+from .loop import _check_batch, fit
 from .run import prepare_run_dir
 
 
@@ -37,8 +37,8 @@ class ReconTask(nn.Module):
         self.freeze_token = freeze_token
         self.latent_shape = pipe.latent_shape
         self.cached = getattr(dataset, "has_latents", False)
-        if freeze_token:
-            self.encoder.vit.cls_token.requires_grad_(False)
+        if freeze_token:  # the baseline: the whole encoder stays as it is
+            self.encoder.requires_grad_(False)
 
     def saved_modules(self):
         return {"encoder": self.encoder, "decoder": self.decoder}
@@ -96,6 +96,10 @@ def train_recon(
         raise InputError(f"{data}: images are {dataset.resolution}px but the config wants {cfg.image_size}px; "
                          f"re-run 'reptok data prep --resolution {cfg.image_size}' or pick a matching preset")
     cfg.class_names = dataset.class_names
+    if resume and (Path(out) / ckpt.CONFIG).exists():
+        # A resumed baseline stays a baseline even without --freeze-token on the command line.
+        freeze_token = freeze_token or bool(ckpt.read_run_config(Path(out)).get("freeze_token"))
+    _check_batch(cfg.train, info)  # before the run directory is created
     cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra={"freeze_token": freeze_token, "data": str(Path(data).resolve())})
     torch.manual_seed(cfg.train.seed)  # the decoder's random init is part of the run's identity
     pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"))

@@ -25,6 +25,9 @@ def prepare_run_dir(out: Path, cfg: PipelineConfig, kind: str, resume: bool, inf
         if old["kind"] != kind:
             raise InputError(f"{out} is a {old['kind']} run, not a {kind} run")
     cfg.validate()
+    # Every rank checks the directory before rank 0 writes into it (otherwise a slower rank can
+    # see rank 0's fresh config.json and refuse the run as "already holds a run").
+    barrier()
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_run_config(out, cfg, kind, **(extra or {}))
