@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 def _fixture_dir() -> Path | None:
     env = os.environ.get("REPTOK_OFFICIAL_TINY")
     root = Path(__file__).resolve().parents[1]
-    for cand in ([Path(env)] if env else []) + [root / "shared/fixtures/official-tiny",
+    for cand in ([Path(env)] if env else []) + [root / "tests/fixtures/official-tiny",
                                                  root.parent / "shared/fixtures/official-tiny"]:
         if (cand / "official_tiny.ckpt").is_file():
             return cand

@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 TINY = DecoderConfig(in_channels=3, input_size=32, patch_size=4, width=32, depth=2, head_dim=16, mapping_width=32, token_dim=32)
 OFFICIAL_TINY = DecoderConfig(in_channels=4, input_size=32, patch_size=2, width=96, depth=2, head_dim=24, mapping_width=48, token_dim=64)
 GEOMETRIES = [pytest.param(TINY, id="tiny"), pytest.param(OFFICIAL_TINY, id="official-tiny")]
-FIXTURE = Path("/work/shared/fixtures/official-tiny/official_tiny.ckpt")
+FIXTURE = Path(__file__).parent / "fixtures/official-tiny/official_tiny.ckpt"
 
 
 def _randomize(model: FlowDecoder, seed: int = 0) -> FlowDecoder:

@@ -243,7 +243,7 @@ def test_dim_mismatch_is_a_config_error():
         SSLEncoder(tiny_cfg(dim=48))
 
 
-FIXTURE = Path("/work/shared/fixtures/official-tiny/official_tiny.ckpt")
+FIXTURE = Path(__file__).parent / "fixtures/official-tiny/official_tiny.ckpt"
 
 
 @pytest.mark.skipif(not FIXTURE.exists(), reason="official tiny fixture not present")

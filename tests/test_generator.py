@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import math
 
 import pytest
@@ -182,7 +183,7 @@ def test_samples_through_flow_solve_with_guidance():
     assert tokens.shape == (b, 32)
 
 
-FIXTURE = "/work/shared/fixtures/official-tiny/official_tiny.ckpt"
+FIXTURE = str(Path(__file__).parent / "fixtures/official-tiny/official_tiny.ckpt")
 
 
 @pytest.mark.skipif(not __import__("os").path.exists(FIXTURE), reason="official tiny fixture not present")
