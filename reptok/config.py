@@ -41,10 +41,9 @@ class EncoderConfig:
     mean: Optional[list] = None
     std: Optional[list] = None
     seed: int = 0  # random-init seed (weights == "random")
-    # The method trains only the cls token of a *pre-trained* SSL ViT. Offline there is no SSL
-    # checkpoint, and a frozen random ViT's cls output carries almost no class or layout
-    # information (linear probe ~25% on builtin:shapes), so the CPU presets train the whole
-    # encoder: the paper's "no SSL prior" ablation. Keep False with real SSL weights.
+    # The method trains only the cls token of a *pre-trained* SSL ViT (False). True trains the
+    # whole encoder: the paper's "no SSL prior" ablation, for random-init encoders whose frozen
+    # cls output carries little information (offline there is no SSL checkpoint).
     train_backbone: bool = False
 
 

@@ -28,8 +28,8 @@ class QuickstartPlan:
     images: int = 6000
     recon_steps: int = 1200
     recon_batch: int = 64
-    gen_steps: int = 1500
-    gen_batch: int = 256
+    gen_steps: int = 800
+    gen_batch: int = 128
     grid_per_class: int = 8
     eval_per_class: int = 20
     eval_recon: int = 96
