@@ -3,6 +3,8 @@
 Graphs written to OUT (every input and output has the dynamic batch axis ``batch``)::
 
     generator.onnx    x (B, n, D) f32, t (B,) f32, y (B,) i64  -> v (B, n, D)       token space
+      text runs:      x (B, n, D) f32, t (B,) f32, text (B, L, text_dim) f32,
+                      text_mask (B, L) f32 (1 = valid token, 0 = padding) -> v (B, n, D)
     decoder.onnx      x (B, C, S, S) f32, t (B,) f32, token (B, Dt) f32 -> v (B, C, S, S)
     vae_decoder.onnx  latents (B, C, h, w) f32 -> images (B, 3, H, W)   (scale/shift inside)
     encoder.onnx      images (B, 3, H, W) f32 in [-1, 1] -> token (B, Dt)  (only on request)
@@ -11,6 +13,14 @@ Graphs written to OUT (every input and output has the dynamic batch axis ``batch
 Conventions are the torch modules' (``reptok/pipeline.py``): the decoder uses reptok's time
 (t = 0 noise, t = 1 data, velocity data - noise); the generator works on normalised tokens, so
 ``denormalize`` (token_mean / token_std, stored in the manifest) runs outside the graph.
+
+**Text-conditioned generators** export the bare network too: L is fixed at
+``generator.text_len`` (the text encoder's max tokens), the mask is float 0/1 (simplest for
+TensorRT; valid = mask > 0.5 inside the graph). The frozen text encoder is *not* exported:
+prompts (and the empty prompt, CFG's null condition) are encoded in torch at sampling time
+(``reptok.checkpoint.load_text_encoder``), once per call, and their hidden states are fed to the
+graph. The manifest's ``generator`` entry records ``text_conditioned``, ``text_encoder`` (the
+spec), ``text_dim`` and ``text_len``; ``null_class`` is None.
 
 **CFG is outside the generator graph.** The shared sampler loop (``reptok.flow.guided_velocity``)
 calls the generator once per step with the batch doubled to [null rows, class rows] inside the
@@ -195,12 +205,22 @@ def _graph_specs(pipe, components: Sequence[str]) -> Tuple[List[GraphSpec], Dict
             if gen is None:
                 skipped[comp] = "the run has no generator (a tokenizer run)"
                 continue
-            if cfg.generator.text_encoder is not None:
-                # generator(x, t, text, text_mask) needs the torch text encoder beside it; the
-                # runtime pipeline has none, so only class-conditional generators are exported.
-                skipped[comp] = "text-conditioned generator: not exported (class-conditional only)"
-                continue
             g = cfg.generator
+            if g.text_encoder is not None:
+                # generator(x, t, text, text_mask): the prompts' hidden states come from the torch
+                # text encoder at sampling time (outside the graph); L is fixed at text_len.
+                text_len = _text_len(pipe)
+
+                def text_inputs(b, rng, g=g, L=text_len):
+                    # Prefix masks of random lengths 1..L as float 0/1 (what encoders produce).
+                    lengths = torch.randint(1, L + 1, (b,), generator=rng)
+                    mask = (torch.arange(L)[None] < lengths[:, None]).float()
+                    return (torch.randn(b, g.n_tokens, g.token_dim, generator=rng), torch.rand(b, generator=rng),
+                            torch.randn(b, L, g.text_dim, generator=rng), mask)
+
+                m = GraphModule(gen, _text_generator_call, keep_fp32=(1, 3))
+                specs.append(GraphSpec(comp, m, ["x", "t", "text", "text_mask"], "v", text_inputs))
+                continue
             n_labels = g.num_classes + (1 if gen.null_class is not None else 0)
 
             def gen_inputs(b, rng, g=g, n_labels=n_labels):
@@ -241,6 +261,23 @@ def _graph_specs(pipe, components: Sequence[str]) -> Tuple[List[GraphSpec], Dict
             specs.append(GraphSpec(comp, GraphModule(pipe.encoder, _encoder_call),
                                    ["images"], "token", enc_inputs))
     return specs, skipped
+
+
+def _text_generator_call(gen, x, t, text, text_mask):
+    """``TextTokenGenerator.forward`` with the mask as float 0/1 (valid = mask > 0.5 in the graph):
+    a float input is the simplest for TensorRT, and the runtime casts bool masks to it."""
+    return gen(x, t, text, text_mask)
+
+
+def _text_len(pipe) -> int:
+    """L of the text graph input: generator.text_len (filled in at training), else the encoder's."""
+    g = pipe.cfg.generator
+    if g.text_len:
+        return int(g.text_len)
+    te = getattr(pipe, "text_encoder", None)
+    if te is None or not te.max_len:
+        raise InputError("text-conditioned generator: generator.text_len is not set and no text encoder is loaded")
+    return int(te.max_len)
 
 
 def _encoder_call(enc, images: torch.Tensor) -> torch.Tensor:
@@ -293,14 +330,37 @@ def _torch_export(spec: GraphSpec, path: Path, opset: int) -> Tuple[int, ...]:
     return out_shape
 
 
+def _inline_initializer_identities(model) -> List[str]:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer under the output name.
+
+    The TorchScript exporter deduplicates equal-valued parameters (e.g. RMSNorm scales still all
+    ones in a lightly trained run) into one initializer plus ``Identity`` nodes for the others;
+    ONNX Runtime's graph optimiser (level >= basic) mishandles those and refuses the model
+    ("... is not a graph input, initializer, or output of a previous node"). Returns the names."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    inlined = []
+    for node in list(g.node):
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            copy_ = g.initializer.add()
+            copy_.CopyFrom(inits[node.input[0]])
+            copy_.name = node.output[0]
+            g.node.remove(node)
+            inlined.append(node.output[0])
+    return inlined
+
+
 def _save_graph(scratch: Path, dest: Path, props: Dict[str, str], out_shape: Sequence[int]) -> Optional[str]:
     """Re-save the exporter's output as ``dest`` (one file, or + one ``.data`` file when the
     weights exceed protobuf's 2 GiB limit), with ``props`` as model metadata and the output
     declared as (batch, *out_shape) (shape inference may leave symbolic names for static dims).
+    Identity nodes over initializers are inlined (``_inline_initializer_identities``).
     Returns the external data file name or None."""
     import onnx
 
     model = onnx.load(str(scratch))  # also reads the exporter's per-tensor external files
+    _inline_initializer_identities(model)
     onnx.helper.set_model_props(model, props)
     dims = model.graph.output[0].type.tensor_type.shape.dim
     for d, size in zip(list(dims)[1:], out_shape):
@@ -400,7 +460,8 @@ def export_onnx(
     canonical config hash, per graph the file, input / output names, shapes ('batch' for the
     dynamic axis) and dtypes plus the verification errors, the opset and dtype, the skipped
     components and why, the generator's n_tokens / token_dim / null_class / token_mean /
-    token_std (so the runtime denormalises without torch weights), and library versions.
+    token_std (so the runtime denormalises without torch weights) and text_conditioned (for
+    text runs also text_encoder / text_dim / text_len), and library versions.
     """
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -458,7 +519,15 @@ def _export(pipe, run, cfg_hash, comps, out_dir, opset, dtype, atol, overwrite, 
             "num_classes": cfg.generator.num_classes, "null_class": g.null_class,
             "token_mean": g.token_mean.detach().float().cpu().tolist(),
             "token_std": g.token_std.detach().float().cpu().tolist(),
+            "text_conditioned": cfg.generator.text_encoder is not None,
         }
+        if cfg.generator.text_encoder is not None:
+            # The text encoder stays in torch (``reptok.checkpoint.load_text_encoder``): prompts are
+            # encoded once per sampling call, outside the graphs; CFG's null is the prompt "".
+            manifest["generator"].update({
+                "text_encoder": cfg.generator.text_encoder, "text_dim": int(cfg.generator.text_dim),
+                "text_len": _text_len(pipe), "text_mask_dtype": "float32 (1 = valid, 0 = padding)",
+            })
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for spec in specs:

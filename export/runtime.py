@@ -6,12 +6,18 @@ networks::
 
     decoder(x (B,C,S,S), t (B,), token (B,Dt)) -> v (B,C,S,S)
     generator(x (B,n,D), t (B,), y (B,)) -> v (B,n,D)     + .null_class, .denormalize(x)
+    generator(x, t, text (B,L,E), text_mask (B,L)) -> v    text runs (bool mask cast to 0/1 float)
     latent.decode(latents (B,C,h,w)) -> images (B,3,H,W)
 
 ``load_runtime_pipeline(ckpt, engine_dir, backend, device)`` is what ``reptok sample --backend
 onnx|trt --engine DIR`` calls (through ``reptok.backends``). TensorRT is imported lazily; on a
 machine without CUDA or the ``tensorrt`` package, ``--backend trt`` fails at once with an
 InputError (exit code 2).
+
+Text-to-image runs: the graph / engine replaces only the generator network; prompts are still
+encoded by the run's frozen **torch** text encoder (``reptok.checkpoint.load_text_encoder``),
+once per sampling call, and ``Pipeline._condition`` feeds their hidden states to the runtime
+generator through the same call as the torch module.
 """
 
 from __future__ import annotations
@@ -206,21 +212,29 @@ class TrtModule:
 
 # ----------------------------------------------------------------------------- pipeline shims
 class RuntimeGenerator:
-    """The generator as the pipeline sees it: ``__call__(x, t, y)``, ``null_class``,
-    ``denormalize`` / ``normalize`` with the token statistics from the manifest."""
+    """The generator as the pipeline sees it: ``__call__(x, t, y)`` (or ``(x, t, text, text_mask)``
+    for a text-conditioned graph), ``null_class``, ``denormalize`` / ``normalize`` with the token
+    statistics from the manifest."""
 
     def __init__(self, net, info: dict, device):
         self.net = net
         self.null_class = info["null_class"]
+        self.text_conditioned = bool(info.get("text_conditioned", False))
         self.n_tokens = int(info["n_tokens"])
         self.token_mean = torch.tensor(info["token_mean"], dtype=torch.float32, device=device)
         self.token_std = torch.tensor(info["token_std"], dtype=torch.float32, device=device)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """cond: ``y`` (class graphs) or ``text, text_mask`` (text graphs; mask None = all valid)."""
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        return self.net(x, t, y)
+        if self.text_conditioned:
+            text, mask = cond[0], (cond[1] if len(cond) > 1 else None)
+            if mask is None:
+                mask = torch.ones(text.shape[:2], device=text.device)
+            return self.net(x, t, text, mask.float())
+        return self.net(x, t, *cond)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         from reptok.models.generator import normalize_tokens
@@ -267,11 +281,13 @@ def _runtime_pipeline_class():
     return RuntimePipeline
 
 
-def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str = "cpu", manifest: Optional[dict] = None):
+def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str = "cpu", manifest: Optional[dict] = None,
+                           text_encoder=None):
     """A Pipeline over the graphs (onnx) or engines (trt) in ``engine_dir``, for config ``cfg``.
 
     No run-matching check here (``load_runtime_pipeline`` does it); components not exported
-    are None, the pixel-space latent is ``PixelSpace``.
+    are None, the pixel-space latent is ``PixelSpace``. ``text_encoder``: the torch text
+    encoder of a text-to-image run (prompts are encoded in torch, outside the graphs).
     """
     from reptok.models.vae import PixelSpace
 
@@ -309,6 +325,7 @@ def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str =
         decoder=make("decoder"),
         latent=PixelSpace(cfg.vae) if cfg.vae.is_pixel else (RuntimeLatent(vae) if vae is not None else None),
         generator=RuntimeGenerator(gen, manifest["generator"], device) if gen is not None else None,
+        text_encoder=text_encoder,
     )
     pipe.engine_dir = engine_dir
     pipe.manifest = manifest
@@ -337,7 +354,12 @@ def load_runtime_pipeline(ckpt, engine_dir, backend: str = "onnx", device: str =
         src = manifest.get("source_run") or f"an in-memory {manifest.get('preset') or 'pipeline'}"
         raise InputError(f"{engine_dir} was exported from another run or config ({src}), not {ckpt}; "
                          f"re-export with 'reptok export onnx --ckpt {ckpt} --out DIR'")
-    pipe = build_runtime_pipeline(cfg, engine_dir, backend, device, manifest)
+    text_encoder = None
+    if cfg.generator is not None and cfg.generator.text_encoder is not None and "generator" in manifest["graphs"]:
+        from reptok.checkpoint import load_text_encoder
+
+        text_encoder = load_text_encoder(ckpt, device)  # torch: prompts are encoded outside the graphs
+    pipe = build_runtime_pipeline(cfg, engine_dir, backend, device, manifest, text_encoder=text_encoder)
     pipe.run_dir = Path(ckpt)
     pipe.run_doc = doc
     return pipe
