@@ -95,10 +95,9 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise InputError(f"{folder}: not a reptok export folder (no {MANIFEST}); write one with 'reptok export onnx'")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: corrupt manifest ({e.msg} at line {e.lineno})") from None
+    from reptok.checkpoint import read_json
+
+    doc = read_json(path, "manifest")
     if doc.get("format") != FORMAT:
         raise InputError(f"{path}: unknown export format {doc.get('format')!r} (expected {FORMAT})")
     return doc

@@ -82,15 +82,26 @@ def write_run_config(run: Path, cfg: PipelineConfig, kind: str, **extra) -> None
     atomic_write_text(Path(run) / CONFIG, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: Path, what: str = "file") -> dict:
+    """A JSON object from ``path``, or a one-line InputError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such {what}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: corrupt {what}, not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: corrupt {what}, expected a JSON object")
+    return doc
+
+
 def read_run_config(run: Path) -> dict:
     run = Path(run)
     path = run / CONFIG if run.is_dir() else run
     if not path.exists():
         raise InputError(f"{run}: not a reptok run directory (no {CONFIG}); pass the folder written by 'reptok train' or 'reptok convert'")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: corrupt config ({e.msg} at line {e.lineno})") from None
+    doc = read_json(path, "config")
     if doc.get("format") != FORMAT:
         raise InputError(f"{path}: unknown run format {doc.get('format')!r} (expected {FORMAT})")
     doc["config"] = PipelineConfig.from_dict(doc["pipeline"])

@@ -33,13 +33,7 @@ def resolve_config(preset: Optional[str] = None, ckpt: Optional[str] = None, con
     if ckpt:
         cfg = checkpoint.read_run_config(Path(ckpt))["config"]
     elif config:
-        p = Path(config)
-        if not p.exists():
-            raise InputError(f"--config {p}: no such file")
-        try:
-            cfg = PipelineConfig.from_json(p.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"--config {p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        cfg = PipelineConfig.from_dict(checkpoint.read_json(Path(config), "--config file"))
     else:
         try:
             cfg = get_preset(preset or "tiny")

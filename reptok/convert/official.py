@@ -352,13 +352,9 @@ def _read_vae_config(path: PathLike) -> dict:
         p = p / "config.json"
     if not p.is_file():
         raise InputError(f"--vae-config {path}: no diffusers config.json there")
-    try:
-        doc = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"--vae-config {p}: not JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"--vae-config {p}: expected a JSON object")
-    return doc
+    from ..checkpoint import read_json
+
+    return read_json(p, "--vae-config file")
 
 
 def _infer_vae_config(src: _Keys, norm_groups: Optional[int]) -> dict:
