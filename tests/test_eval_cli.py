@@ -16,20 +16,14 @@ from typer.testing import CliRunner
 
 from reptok_cli.app import app
 
+from clihelp import cli, last_json  # noqa: E402
+
 runner = CliRunner()
 
 GEN_KEYS = {"fid", "inception_score", "precision", "recall", "n_samples", "n_ref", "features"}
 RECON_KEYS = GEN_KEYS | {"psnr", "ssim", "rfid", "n"}
 
 
-def cli(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
-    return res
-
-
-def last_json(res):
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
