@@ -201,6 +201,24 @@ def _extract(extractor, image_set: ImageSet, progress: Progress, description: st
     return acc.result()
 
 
+def _scores(fake_feats, fake_logits, ref_feats, fake_stats, ref_stats, extractor, k, device,
+            notes: List[str], progress) -> dict:
+    """FID, Inception Score and precision/recall, the result keys both commands share."""
+    fid = _fid(*fake_stats, *ref_stats, notes, progress)
+    is_mean, is_std, splits = _is(fake_logits, extractor, notes)
+    precision, recall = _pr(ref_feats, fake_feats, k, device, notes)
+    return {
+        "fid": _round(fid),
+        "inception_score": _round(is_mean),
+        "inception_score_std": _round(is_std),
+        "is_splits": splits,
+        "precision": _round(precision),
+        "recall": _round(recall),
+        "k": k,
+        "features": _features_doc(extractor),
+    }
+
+
 def _fid(mu1, sigma1, mu2, sigma2, notes: List[str], progress: Progress = None) -> float:
     # scipy's sqrtm of the D x D product dominates for small sets (2048-d: tens of CPU seconds).
     done = _bar(progress, f"FID ({len(mu1)}x{len(mu1)} matrix square root)", None)
@@ -317,9 +335,8 @@ def eval_gen(
                         "differences)" if extractor.name == "inception" else ""))
     else:
         mu_r, sigma_r = feature_stats(ref_feats)
-    fid = _fid(mu_s, sigma_s, mu_r, sigma_r, notes, progress)
-    is_mean, is_std, splits = _is(fake_logits, extractor, notes)
-    precision, recall = _pr(ref_feats, fake_feats, k, device, notes)
+    scores = _scores(fake_feats, fake_logits, ref_feats, (mu_s, sigma_s), (mu_r, sigma_r), extractor, k,
+                     device, notes, progress)
     if ref_set is not None and (ref_set.height, ref_set.width) != (sample_set.height, sample_set.width):
         size = "299x299 (TF bilinear)" if extractor.name == "inception" else "32x32 (antialiased)"
         notes.append(f"samples are {sample_set.height}x{sample_set.width}, the reference "
@@ -328,16 +345,9 @@ def eval_gen(
     _protocol_notes(extractor, len(fake_feats), notes)
 
     return {
-        "fid": _round(fid),
-        "inception_score": _round(is_mean),
-        "inception_score_std": _round(is_std),
-        "is_splits": splits,
-        "precision": _round(precision),
-        "recall": _round(recall),
-        "k": k,
+        **scores,
         "n_samples": int(len(fake_feats)),
         "n_ref": None if ref_feats is None else int(len(ref_feats)),
-        "features": _features_doc(extractor),
         "samples": {"path": str(samples), "kind": sample_set.kind,
                     "size": [sample_set.height, sample_set.width]},
         "ref": {"path": str(ref), "kind": "stats" if ref_set is None else ref_set.kind,
@@ -432,28 +442,18 @@ def eval_recon(
         notes.append(f"{int(np.isinf(p).sum())} reconstruction(s) identical to the original (PSNR inf); "
                      "the mean PSNR is over the finite values")
     psnr_mean = float(p[np.isfinite(p)].mean()) if np.isfinite(p).any() else float("inf")
-    mu_f, sigma_f = feature_stats(fake_feats)
-    mu_r, sigma_r = feature_stats(real_feats)
-    rfid = _fid(mu_f, sigma_f, mu_r, sigma_r, notes, progress)
-    is_mean, is_std, splits = _is(fake_logits, extractor, notes)
-    precision, recall = _pr(real_feats, fake_feats, k, device, notes)
+    scores = _scores(fake_feats, fake_logits, real_feats, feature_stats(fake_feats), feature_stats(real_feats),
+                     extractor, k, device, notes, progress)
     _protocol_notes(extractor, n, notes)
 
     return {
         "psnr": _round(psnr_mean),
         "ssim": _round(float(s.mean())),
-        "rfid": _round(rfid),
+        "rfid": scores["fid"],
         "n": n,
-        "fid": _round(rfid),
-        "inception_score": _round(is_mean),
-        "inception_score_std": _round(is_std),
-        "is_splits": splits,
-        "precision": _round(precision),
-        "recall": _round(recall),
-        "k": k,
+        **scores,
         "n_samples": n,
         "n_ref": n,
-        "features": _features_doc(extractor),
         "decoder_steps": steps,
         "solver": solver,
         "seed": seed,
