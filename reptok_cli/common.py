@@ -69,3 +69,14 @@ def parse_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return device
+
+
+def init_ranks(dev: str):
+    """Join the torchrun process group (no-op for one process); each rank gets its own GPU.
+    Returns (device, DistInfo)."""
+    from reptok.train.dist import init_distributed
+
+    info = init_distributed(dev)
+    if info.enabled and dev.startswith("cuda"):
+        dev = f"cuda:{info.local_rank}"
+    return dev, info

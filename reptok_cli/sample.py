@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import app, emit_json, err, handle_errors, parse_device
+from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
 
 S = "Sampler"
 J = "Job"
@@ -47,7 +47,6 @@ def sample(
     from reptok.checkpoint import read_run_config
     from reptok.errors import InputError
     from reptok.sample import check_output, parse_classes, read_prompts, sample_to
-    from reptok.train.dist import init_distributed
 
     check_output(out)
     gen_cfg = read_run_config(ckpt)["config"].generator
@@ -72,9 +71,7 @@ def sample(
                 raise InputError(f"--cfg-interval {cfg_interval!r}: expected two numbers like 0.3,0.9") from None
             interval = (lo, hi)
     dev = parse_device(device)
-    info = init_distributed(dev)
-    if info.enabled and dev.startswith("cuda"):
-        dev = f"cuda:{info.local_rank}"
+    dev, info = init_ranks(dev)
     from reptok.backends import load_sampling_pipeline
 
     pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision)

@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from .common import app, emit_json, err, handle_errors, parse_device
+from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
 
 
 @app.command("extract", epilog="Examples:\n\n  reptok extract --ckpt runs/tok --data data/shapes --out tokens.npy\n\n"
@@ -25,12 +25,9 @@ def extract(
     """Encode every image of a dataset to its token: float32 (N, D) in dataset order."""
     from reptok.checkpoint import load_pipeline
     from reptok.extract import extract_tokens
-    from reptok.train.dist import init_distributed
 
     dev = parse_device(device)
-    info = init_distributed(dev)
-    if info.enabled and dev.startswith("cuda"):
-        dev = f"cuda:{info.local_rank}"
+    dev, info = init_ranks(dev)
     pipe = load_pipeline(ckpt, dev, components=("encoder",))
     meta = extract_tokens(pipe, data, out, batch_size=batch_size, info=info, limit=limit)
     if info.is_main:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import app, emit_json, err, handle_errors, parse_device
+from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
 from .options import parse_set, resolve_config
 
 train_app = typer.Typer(help="Train the tokenizer (recon) or the generator (gen).", no_args_is_help=True)
@@ -54,7 +54,6 @@ def recon(
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=RUN),
 ):
     """Stage (a): train the encoder's [cls] token and the flow decoder jointly."""
-    from reptok.train.dist import init_distributed
     from reptok.train.recon import train_recon
 
     dev = parse_device(device)
@@ -71,9 +70,7 @@ def recon(
         cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
     # Inputs are validated above, before the process group exists (a bad option fails every rank
     # at once instead of leaving the others waiting in a collective).
-    info = init_distributed(dev)
-    if info.enabled and dev.startswith("cuda"):
-        dev = f"cuda:{info.local_rank}"
+    dev, info = init_ranks(dev)
     summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
                           progress=not json_out, precision=precision)
     if info.is_main:
@@ -114,7 +111,6 @@ def gen(
     json_out: bool = typer.Option(False, "--json", rich_help_panel=RUN),
 ):
     """Stage (b): train the MLP-Mixer generator on extracted tokens (class labels, or captions with --text-encoder)."""
-    from reptok.train.dist import init_distributed
     from reptok.train.gen import gen_config, train_gen
 
     dev = parse_device(device)
@@ -138,9 +134,7 @@ def gen(
         cfg = gen_config(tokens, resolve_config(preset=preset), over)
     # Inputs are validated above, before the process group exists (a bad option fails every rank
     # at once instead of leaving the others waiting in a collective).
-    info = init_distributed(dev)
-    if info.enabled and dev.startswith("cuda"):
-        dev = f"cuda:{info.local_rank}"
+    dev, info = init_ranks(dev)
     summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not json_out,
                         precision=precision)
     if info.is_main:
