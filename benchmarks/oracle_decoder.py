@@ -40,6 +40,13 @@ def oracle_set(n: int, res: int, seed: int, dim: int):
     return x, torch.from_numpy(np.stack(toks)), torch.arange(n) % 12
 
 
+@torch.no_grad()
+def decode(ema, xt, zt, r, cfg, solver="euler", steps=None):
+    ema.eval()
+    noise = index_noise(0, list(range(len(xt))), (3, r, r), STREAM_DECODER)
+    return flow.solve(lambda a, t: ema(a, t, zt), noise, steps or cfg.sampling.decoder_steps, solver)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -48,6 +55,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--images", type=int, default=6000)
+    ap.add_argument("--eval-every", type=int, default=0, help="also judge the EMA decoder every N steps")
+    ap.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    ap.add_argument("--time-loc", type=float, default=0.0, help="logit-normal time location (> 0: towards data)")
+    ap.add_argument("--samplers", default="euler:25", help="comma list of SOLVER:STEPS to judge at the end")
+    ap.add_argument("--grid", default=None, help="save the final samples as a PNG grid here")
     ap.add_argument("--set", action="append", default=[], help="decoder override KEY=VALUE (JSON value)")
     args = ap.parse_args()
     over = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -55,6 +67,7 @@ def main() -> None:
     cfg = get_preset(args.preset).replace(**{"image_size": r, "decoder.input_size": r, **over})
     x, z, _ = oracle_set(args.images, r, 0, cfg.decoder.token_dim)
     xt, zt, yt = oracle_set(96, r, 99, cfg.decoder.token_dim)
+    judge = load_judge()
     torch.manual_seed(0)
     dec = FlowDecoder(cfg.decoder)
     ema = FlowDecoder(cfg.decoder)
@@ -67,7 +80,9 @@ def main() -> None:
         idx = torch.randint(0, len(x), (args.batch_size,), generator=g)
         noise = torch.randn(args.batch_size, 3, r, r, generator=g)
         loss = flow.flow_matching_loss(lambda a, t: dec(a, t, z[idx]), x[idx], noise,
-                                       flow.sample_time(args.batch_size, generator=g)).mean()
+                                       flow.sample_time(args.batch_size, generator=g, loc=args.time_loc)).mean()
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
@@ -77,11 +92,19 @@ def main() -> None:
                 e.lerp_(p, 1 - cfg.train.ema)
         if step % 200 == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:6.1f} s", flush=True)
-    ema.eval()
-    with torch.no_grad():
-        noise = index_noise(0, list(range(len(xt))), (3, r, r), STREAM_DECODER)
-        out = flow.solve(lambda a, t: ema(a, t, zt), noise, cfg.sampling.decoder_steps)
-    acc = load_judge().accuracy(out, yt)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            print(f"step {step + 1:5d}  judge accuracy {judge.accuracy(decode(ema, xt, zt, r, cfg), yt):.3f}", flush=True)
+    for spec in args.samplers.split(",")[1:]:
+        solver, steps = spec.split(":")
+        acc = judge.accuracy(decode(ema, xt, zt, r, cfg, solver, int(steps)), yt)
+        print(f"sampler {solver} x {steps}: judge accuracy {acc:.3f}")
+    solver, steps = args.samplers.split(",")[0].split(":")
+    out = decode(ema, xt, zt, r, cfg, solver, int(steps))
+    acc = judge.accuracy(out, yt)
+    if args.grid:
+        from reptok.images import make_grid, save_png, tensor_to_uint8
+
+        save_png(args.grid, make_grid(list(tensor_to_uint8(out[:48])), ncol=12))
     print(f"oracle-token decoder ({args.preset}, {r}px, {args.steps} steps x {args.batch_size}): "
           f"judge accuracy {acc:.3f} on {len(xt)} samples")
 

@@ -1,7 +1,7 @@
 """Text-to-image on builtin:shapes, on the CPU: do samples match the prompt, with and without CFG?
 
 Trains a caption-conditioned generator (``--text-encoder tiny`` by default: a random, offline
-text tower) on the captions of builtin:shapes ("a large red triangle in the top left on a grey
+text tower) on the captions of builtin:shapes ("a large red bar in the top left on a grey
 background"), then samples ``--per-prompt`` images for each of the 12 prompts "a red circle",
 "a green circle", ..., "a blue cross" and judges them with the builtin shapes classifier: how
 often the sample has the prompt's shape, its colour, and both (exact class), for each CFG scale

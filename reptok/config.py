@@ -29,8 +29,9 @@ class EncoderConfig:
 
     model: str = "vit_base_patch14_reg4_dinov2"  # timm architecture name
     # "hub": timm pretrained weights (downloaded or from the HF cache); "random": random init
-    # (tests, offline demos); otherwise a path to a local weights file (timm or original DINOv2
-    # naming) or to a timm/HF model directory.
+    # (tests); "builtin:shapes-ssl": SimCLR-pretrained offline on builtin:shapes (CPU presets);
+    # otherwise a path to a local weights file (timm or original DINOv2 naming) or to a
+    # timm/HF model directory.
     weights: str = "hub"
     img_size: int = 224  # the encoder's input resolution (images are resized to it)
     dim: int = 768  # width of the token (= the ViT embed dim)

@@ -26,8 +26,8 @@ from .images import make_grid, psnr_uint8, save_png, tensor_to_uint8
 class QuickstartPlan:
     preset: str = "small"
     images: int = 6000
-    recon_steps: int = 1200
-    recon_batch: int = 64
+    recon_steps: int = 3000
+    recon_batch: int = 128
     gen_steps: int = 800
     gen_batch: int = 128
     grid_per_class: int = 8
@@ -45,6 +45,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
     from .data.shapes import make_shapes
     from .evaluate.judge import load_judge
     from .extract import extract_tokens
+    from .models.ssl_shapes import builtin_weights
     from .presets import get_preset
     from .sample import sample_to
     from .train.gen import gen_config, train_gen
@@ -74,9 +75,12 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
 
     base = get_preset(plan.preset)
     with stage("data"):
-        prepare(f"builtin:shapes:{plan.images}", out / "data", seed=plan.seed)
+        prepare(f"builtin:shapes:{plan.images}", out / "data", resolution=base.image_size, seed=plan.seed)
     with stage("judge"):
         judge = load_judge(device)
+    if base.encoder.weights.startswith("builtin:"):
+        with stage("ssl encoder"):  # trained once per machine, then cached like the judge
+            builtin_weights(base.encoder, log=log)
     with stage("train recon"):
         cfg = PipelineConfig.from_dict(base.to_dict())
         cfg.train.steps, cfg.train.batch_size = plan.recon_steps, plan.recon_batch

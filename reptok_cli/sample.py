@@ -18,7 +18,7 @@ J = "Job"
     "  reptok sample --ckpt runs/gen --class all -n 50 --out samples.npz     # 50K ImageNet protocol\n\n"
     "  for s in 0 1000 2000; do reptok sample --ckpt runs/gen --class all -n 3 --start $s --count 1000 --out shard_$s.npz; done\n\n"
     "  torchrun --nproc-per-node 8 -m reptok_cli sample --ckpt runs/gen --class all -n 50 --out samples.npz\n\n"
-    "  reptok sample --ckpt runs/t2i --prompt \"a red circle\" --prompt \"a blue square\" -n 4 --out t2i.npz\n\n"
+    "  reptok sample --ckpt runs/t2i --prompt \"a red circle\" --prompt \"a blue ring\" -n 4 --out t2i.npz\n\n"
     "  reptok sample --ckpt runs/t2i --prompts prompts.txt -n 8 --cfg 3 --out t2i/"))
 @handle_errors
 def sample(

@@ -56,12 +56,12 @@ def test_shapes_deterministic_and_prefix_stable():
 
 
 def test_shape_class_helpers():
-    assert SHAPES == ("circle", "square", "triangle", "cross") and COLOURS == ("red", "green", "blue")
+    assert SHAPES == ("circle", "ring", "bar", "cross") and COLOURS == ("red", "green", "blue")
     for k in range(12):
         assert class_of(*parse_class(k)) == k
         assert CLASS_NAMES[k] == "{1} {0}".format(*parse_class(k))
-    assert class_of("triangle", "blue") == 2 * 3 + 2
-    assert caption_class("a red circle and a blue square") is None
+    assert class_of("bar", "blue") == 2 * 3 + 2
+    assert caption_class("a red circle and a blue ring") is None
     with pytest.raises(ValueError):
         parse_class(12)
 

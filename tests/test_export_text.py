@@ -70,7 +70,7 @@ def test_generator_graph_ort_parity(t2i):
     ref = checkpoint.load_pipeline(t2i / "t2i", components=("generator",))
     rt = load_runtime_pipeline(t2i / "t2i", t2i / "onnx")
     assert rt.text_encoder is not None and rt.generator.null_class is None
-    hidden, mask = ref.text_encoder.encode(["a red circle", "", "a large blue square in the top left"])
+    hidden, mask = ref.text_encoder.encode(["a red circle", "", "a large blue ring in the top left"])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, ref.cfg.generator.n_tokens, ref.cfg.generator.token_dim, generator=g)
     t = torch.rand(3, generator=g)

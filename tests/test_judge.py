@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from reptok.data.shapes import make_shapes
+from reptok.data.shapes import SHAPES_VERSION, make_shapes
 from reptok.evaluate import judge as J
 
 
@@ -68,7 +68,7 @@ def test_accuracy_helpers():
 def test_cache_dir_env(tmp_path, monkeypatch):
     monkeypatch.setenv("REPTOK_CACHE", str(tmp_path / "c"))
     assert J.judge_cache_path().parent == tmp_path / "c"
-    assert J.judge_cache_path().name == f"judge-v{J.JUDGE_VERSION}s1.safetensors"
+    assert J.judge_cache_path().name == f"judge-v{J.JUDGE_VERSION}s{SHAPES_VERSION}.safetensors"
 
 
 @pytest.mark.slow

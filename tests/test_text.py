@@ -70,7 +70,7 @@ def test_tiny_text_encoder_offline():
     enc = build_text_encoder("tiny")
     assert (enc.dim, enc.max_len, enc.spec, enc.stores_weights) == (64, 32, "tiny", True)
     assert not any(p.requires_grad for p in enc.parameters())
-    hidden, mask = enc.encode(["a red circle", "", "a large red triangle in the top left on a grey background"])
+    hidden, mask = enc.encode(["a red circle", "", "a large red bar in the top left on a grey background"])
     assert hidden.shape == (3, 32, 64) and hidden.dtype == torch.float32 and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [5, 2, 14]  # [sot] words [eot]; "" is [sot, eot]
     assert mask[:, 0].all() and not mask[0, 5:].any()
@@ -179,14 +179,14 @@ def test_text_resume_equals_uninterrupted(work, tmp_path):
 
 # ----------------------------------------------------------------------------- sampling
 def test_sample_prompts_npz_folder_and_file(work, tmp_path):
-    prompts = ["a red circle", "a blue square"]
+    prompts = ["a red circle", "a blue ring"]
     res = cli("sample", "--ckpt", work / "t2i", "--prompt", prompts[0], "--prompt", prompts[1], "-n", 2,
               "--out", tmp_path / "s.npz", "--json")
     assert last_json(res)["images"] == 4
     z = np.load(tmp_path / "s.npz")
     assert z["arr_0"].shape == (4, 32, 32, 3) and z["arr_0"].dtype == np.uint8
     assert z["arr_1"].tolist() == [0, 0, 1, 1] and z["prompts"].tolist() == prompts
-    (tmp_path / "p.txt").write_text("a red circle\n\na blue square\n")
+    (tmp_path / "p.txt").write_text("a red circle\n\na blue ring\n")
     cli("sample", "--ckpt", work / "t2i", "--prompts", tmp_path / "p.txt", "-n", 2, "--out", tmp_path / "pngs")
     files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
     assert files == ["000000_prompt0000.png", "000001_prompt0000.png", "000002_prompt0001.png",

@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generator's output changes: the judge cache key includes it.
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
 
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "cross")
+SHAPES: Tuple[str, ...] = ("circle", "ring", "bar", "cross")
 COLOURS: Tuple[str, ...] = ("red", "green", "blue")
 NUM_CLASSES = len(SHAPES) * len(COLOURS)
 CLASS_NAMES: List[str] = [f"{c} {s}" for s in SHAPES for c in COLOURS]
@@ -47,7 +47,7 @@ _BG = {
 _BG_NAMES = tuple(_BG)
 SIZES = ("small", "medium", "large")
 # Circumradius as a fraction of the image side, one band per size word.
-_SIZE_BANDS = ((0.14, 0.20), (0.20, 0.27), (0.27, 0.34))
+_SIZE_BANDS = ((0.20, 0.26), (0.26, 0.33), (0.33, 0.40))
 POSITIONS = (
     ("top left", "at the top", "top right"),
     ("left", "centre", "right"),
@@ -58,6 +58,7 @@ _POS_PHRASE = {
     "left": "on the left", "centre": "in the centre", "right": "on the right",
     "bottom left": "in the bottom left", "at the bottom": "at the bottom", "bottom right": "in the bottom right",
 }
+_RING_HOLE = 0.5  # hole radius relative to the outer radius
 _SUPERSAMPLE = 4  # draw the mask at 4x and box-filter down: cheap antialiasing
 
 
@@ -89,12 +90,11 @@ def caption_class(text: str) -> Optional[int]:
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
-    if shape == "square":
-        pts = [(math.cos(a), math.sin(a)) for a in (math.pi / 4 + k * math.pi / 2 for k in range(4))]
-    elif shape == "triangle":
-        pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
+    if shape == "bar":
+        w = 0.36  # half-width relative to the half-length
+        pts = [(1, -w), (1, w), (-1, w), (-1, -w)]
     elif shape == "cross":
-        w = 0.36  # arm half-width relative to the circumradius
+        w = 0.26  # arm half-width relative to the circumradius
         arm = math.sqrt(1 - w * w)
         pts = [(w, -arm), (w, -w), (arm, -w), (arm, w), (w, w), (w, arm),
                (-w, arm), (-w, w), (-arm, w), (-arm, -w), (-w, -w), (-w, -arm)]
@@ -141,12 +141,15 @@ def _background(rng: np.random.Generator, res: int) -> Tuple[np.ndarray, str]:
 
 
 def render_shape(
-    rng: np.random.Generator, label: int, resolution: int = 32
+    rng: np.random.Generator, label: int, resolution: int = 32, bg_rng: Optional[np.random.Generator] = None
 ) -> Tuple[np.ndarray, str, Dict[str, object]]:
-    """One image of class ``label``: uint8 (R, R, 3), its caption, and its attributes."""
+    """One image of class ``label``: uint8 (R, R, 3), its caption, and its attributes.
+
+    ``bg_rng`` draws the background from a separate stream: two calls with equal ``rng`` states
+    and different ``bg_rng`` render the same object on two backgrounds (SSL positive pairs)."""
     shape, colour = parse_class(label)
     res = int(resolution)
-    bg, bg_phrase = _background(rng, res)
+    bg, bg_phrase = _background(rng if bg_rng is None else bg_rng, res)
     size_idx = int(rng.integers(3))
     lo, hi = _SIZE_BANDS[size_idx]
     r = rng.uniform(lo, hi) * res
@@ -158,8 +161,11 @@ def render_shape(
     s = _SUPERSAMPLE
     mask = Image.new("L", (res * s, res * s), 0)
     draw = ImageDraw.Draw(mask)
-    if shape == "circle":
+    if shape in ("circle", "ring"):
         draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=255)
+        if shape == "ring":
+            h = r * _RING_HOLE
+            draw.ellipse([(cx - h) * s, (cy - h) * s, (cx + h) * s, (cy + h) * s], fill=0)
     else:
         draw.polygon([(x * s, y * s) for x, y in _polygon(shape, cx, cy, r, angle)], fill=255)
     alpha = np.asarray(mask.resize((res, res), Image.BOX), np.float32)[..., None] / 255.0

@@ -11,7 +11,6 @@ Inputs of any square size are resized to 32 px (antialiased), the judge's native
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cache import cache_dir as default_cache_dir
 from ..checkpoint import save_tensors
 from ..data import shapes as _shapes
 
@@ -243,18 +243,11 @@ def train_judge(
     return net, meta
 
 
-def cache_dir_default() -> Path:
-    if os.environ.get("REPTOK_CACHE"):
-        return Path(os.environ["REPTOK_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(base).expanduser() / "reptok"
-
-
 def judge_cache_path(cache_dir=None, n_train: int = DEFAULT_N_TRAIN, epochs: int = DEFAULT_EPOCHS,
                      steps: Optional[int] = None) -> Path:
     """``<cache>/judge-v<judge>s<shapes>.safetensors``; non-default training settings get their
     own suffix so a quick test judge never shadows the real one."""
-    d = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
+    d = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = f"judge-v{JUDGE_VERSION}s{_shapes.SHAPES_VERSION}"
     if (n_train, epochs, steps) != (DEFAULT_N_TRAIN, DEFAULT_EPOCHS, None):
         name += f"-n{n_train}-e{epochs}" + (f"-st{steps}" if steps is not None else "")

@@ -14,7 +14,8 @@ Official behaviour reproduced here (official-checkpoint-spec.md sections 1.2-1.6
   (``cls_token_frozen``) instead of a second copy of the backbone.
 
 Weights (``EncoderConfig.weights``): ``"hub"`` (timm pretrained), ``"random"`` (seeded random
-init, for tests and offline demos) or a local file / directory in timm, original DINOv2 or
+init, for tests), ``"builtin:shapes-ssl"`` (SimCLR-pretrained offline on builtin:shapes, cached;
+see ``ssl_shapes.py``) or a local file / directory in timm, original DINOv2 or
 OpenAI/open_clip naming; timm's own ``checkpoint_filter_fn`` does the renaming.
 """
 
@@ -160,7 +161,12 @@ def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_
         vit = timm.create_model(cfg.model, pretrained=False, **kwargs)
     if cfg.weights == "random" or not load_weights:
         return vit
-    path = _resolve_weights_path(cfg.weights, Path(root) if root is not None else None)
+    if cfg.weights.startswith("builtin:"):
+        from .ssl_shapes import builtin_weights
+
+        path = builtin_weights(cfg)
+    else:
+        path = _resolve_weights_path(cfg.weights, Path(root) if root is not None else None)
     _load_strict(vit, _filter_for_model(_read_state_dict(path), vit), path)
     return vit
 
