@@ -5,7 +5,10 @@ Trains ``FlowDecoder`` (a preset's decoder, any resolution) on builtin:shapes wi
 loss, EMA and Euler sampler as ``reptok train recon``, then judges 96 held-out samples with the
 builtin classifier. If this number is low, the decoder (not the token) limits the quickstart.
 
-    python benchmarks/oracle_decoder.py [--resolution 32] [--steps 1200] [--set decoder.width=192 ...]
+    python benchmarks/oracle_decoder.py [--oracle full|class] [--resolution 16] [--steps 3000]
+        [--batch-size 128] [--set decoder.width=192 ...]
+
+Defaults are the quickstart's stage (a) budget (3000 steps x 128 at the small preset's 16 px).
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from reptok.pipeline import STREAM_DECODER, index_noise
 from reptok.presets import get_preset
 
 
-def oracle_set(n: int, res: int, seed: int, dim: int):
+def oracle_set(n: int, res: int, seed: int, dim: int, what: str = "full"):
     imgs, toks = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         img, _, a = render_shape(rng, i % 12, res)
         t = np.zeros(dim, np.float32)
         t[i % 12] = 3.0
-        t[12:17] = [a["cx"] / (res / 2) - 1, a["cy"] / (res / 2) - 1, a["radius"] / (res / 4),
-                    np.cos(a["angle"]), np.sin(a["angle"])]
+        if what == "full":  # "class": the class alone, the decoder must invent the geometry
+            t[12:17] = [a["cx"] / (res / 2) - 1, a["cy"] / (res / 2) - 1, a["radius"] / (res / 4),
+                        np.cos(a["angle"]), np.sin(a["angle"])]
         imgs.append(img)
         toks.append(t)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -50,12 +54,14 @@ def decode(ema, xt, zt, r, cfg, solver="euler", steps=None):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--resolution", type=int, default=None, help="default: the preset's image size")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--eval-every", type=int, default=0, help="also judge the EMA decoder every N steps")
+    ap.add_argument("--oracle", choices=("full", "class"), default="full",
+                    help="full: class + position, size, angle; class: the class one-hot only")
     ap.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
     ap.add_argument("--time-loc", type=float, default=0.0, help="logit-normal time location (> 0: towards data)")
     ap.add_argument("--samplers", default="euler:25", help="comma list of SOLVER:STEPS to judge at the end")
@@ -63,10 +69,10 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="decoder override KEY=VALUE (JSON value)")
     args = ap.parse_args()
     over = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    r = args.resolution
+    r = args.resolution or get_preset(args.preset).image_size
     cfg = get_preset(args.preset).replace(**{"image_size": r, "decoder.input_size": r, **over})
-    x, z, _ = oracle_set(args.images, r, 0, cfg.decoder.token_dim)
-    xt, zt, yt = oracle_set(96, r, 99, cfg.decoder.token_dim)
+    x, z, _ = oracle_set(args.images, r, 0, cfg.decoder.token_dim, args.oracle)
+    xt, zt, yt = oracle_set(96, r, 99, cfg.decoder.token_dim, args.oracle)
     judge = load_judge()
     torch.manual_seed(0)
     dec = FlowDecoder(cfg.decoder)
