@@ -55,7 +55,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--eval-images", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[], help="preset override KEY=VALUE (JSON value)")
     args = ap.parse_args()
+    over = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     root = Path(args.out or tempfile.mkdtemp(prefix="recon_shapes_"))
     data = root / "data"
     if not data.exists():
@@ -63,7 +65,7 @@ def main() -> None:
     rows = []
     variants = [("trainable", float(w)) for w in args.weights.split(",")] + [("frozen", 0.0)]
     for kind, w in variants:
-        cfg = get_preset("small")
+        cfg = get_preset("small").replace(**over)
         cfg.train.steps, cfg.train.batch_size, cfg.train.cos_weight = args.steps, args.batch_size, w
         cfg.train.sample_every, cfg.train.ckpt_every = 0, args.steps
         run = root / f"{kind}_cos{w:g}"
