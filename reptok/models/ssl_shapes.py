@@ -7,12 +7,12 @@ timm ViT, trained here with SimCLR (two views of each object, InfoNCE on a proje
 final-norm [cls] output). A view is the object rendered on its own random background (the
 renderer's natural "second photo" of the same object), jittered in brightness and contrast.
 Without the background swap the most instance-specific thing in an image is its background and
-SimCLR learns backgrounds; with it, the [cls] token describes the object (shape, colour, place,
-size, angle) and, like DINOv2's, little of the rest, which stage (a) must teach the token: the
-background is most of the pixels, so that is where a trainable token gains PSNR over the frozen
-one. No class labels are used.
+SimCLR learns backgrounds; with it, the [cls] token describes the object and, like DINOv2's, little
+of the rest. Measured on held-out shapes (linear probes): class 0.61 (random ViT 0.30), size
+R^2 0.3-0.6, position R^2 only 0.1-0.2 (the cls token pools), background mostly gone. Stage (a) is
+meant to teach the token the rest. No class labels are used.
 
-Trained on demand (about half a minute on a CPU core for the small preset's ViT) and cached as
+Trained on demand (about a minute on 2 CPU cores for the small preset's ViT) and cached as
 safetensors in timm naming under ``$REPTOK_CACHE``; ``EncoderConfig.weights = "builtin:shapes-ssl"``
 loads it. A tokenizer run stores the full encoder state, so runs do not depend on the cache.
 """
