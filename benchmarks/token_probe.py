@@ -12,11 +12,11 @@ for scale). A token the decoder can turn into class-correct shapes needs class a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import torch
 
-from reptok.config import EncoderConfig
 from reptok.data.shapes import NUM_CLASSES, render_shape
 from reptok.models.encoder import SSLEncoder
 from reptok.presets import get_preset
@@ -53,7 +53,7 @@ def main() -> None:
         geo.append([a["cx"], a["cy"], a["radius"]])
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     labels, geometry, pixels = np.arange(args.images) % NUM_CLASSES, np.array(geo), x.flatten(1).numpy()
-    encoders = {"random init": EncoderConfig(**{**cfg.encoder.__dict__, "weights": "random"})}
+    encoders = {"random init": dataclasses.replace(cfg.encoder, weights="random")}
     if cfg.encoder.weights != "random":
         encoders[cfg.encoder.weights] = cfg.encoder
     print(f"linear probes of the {args.preset} preset's token on {args.images} held-out {res}px shapes "

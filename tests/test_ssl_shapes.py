@@ -1,10 +1,11 @@
 """builtin:shapes-ssl: the offline SimCLR-pretrained encoder of the CPU presets."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from reptok.config import EncoderConfig
 from reptok.errors import InputError
 from reptok.models import ssl_shapes
 from reptok.models.encoder import SSLEncoder, build_vit
@@ -50,7 +51,7 @@ def test_info_nce_prefers_matching_views():
 
 def test_pretrain_changes_weights_and_lowers_loss(quick_ssl):
     state, meta = ssl_shapes.pretrain(quick_ssl, steps=12, n_images=48, batch_size=16)
-    rand = build_vit(EncoderConfig(**{**quick_ssl.__dict__, "weights": "random"})).state_dict()
+    rand = build_vit(dataclasses.replace(quick_ssl, weights="random")).state_dict()
     assert set(state) == set(rand)
     assert any(not torch.equal(state[k], rand[k]) for k in state)
     assert meta["method"] == "simclr" and np.isfinite(meta["final_loss"])
@@ -67,7 +68,7 @@ def test_builtin_weights_train_once_then_cached(quick_ssl, capsys):
     assert path.stat().st_mtime_ns == mtime and "pre-training" not in capsys.readouterr().err
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(enc(x), enc2(x))
-    rand = SSLEncoder(EncoderConfig(**{**quick_ssl.__dict__, "weights": "random"}))
+    rand = SSLEncoder(dataclasses.replace(quick_ssl, weights="random"))
     assert not torch.allclose(enc(x), rand(x))
 
 

@@ -19,20 +19,28 @@ loads it. A tokenizer run stores the full encoder state, so runs do not depend o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache import cache_dir
+from ..checkpoint import save_tensors
 from ..config import EncoderConfig
+from ..data.shapes import NUM_CLASSES, SHAPES_VERSION, render_shape
+from ..errors import InputError
+from .encoder import SSLEncoder
 
 BUILTIN_WEIGHTS = ("builtin:shapes-ssl",)
 SSL_VERSION = 2
@@ -55,13 +63,9 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.clamp(-1, 1)
 
 
-def render_pairs(n: int, resolution: int, seed: int) -> "np.ndarray":  # noqa: F821
+def render_pairs(n: int, resolution: int, seed: int) -> np.ndarray:
     """uint8 (2, n, 3, R, R): object i (random class, size, place, angle, colour jitter) rendered
     twice, each time on a background of its own."""
-    import numpy as np
-
-    from ..data.shapes import NUM_CLASSES, render_shape
-
     out = np.empty((2, n, resolution, resolution, 3), np.uint8)
     for i in range(n):
         label = int(np.random.default_rng([seed, i, 0]).integers(NUM_CLASSES))
@@ -97,12 +101,9 @@ def pretrain(
     steps = DEFAULT_STEPS if steps is None else steps
     batch_size = DEFAULT_BATCH if batch_size is None else batch_size
     n_images = DEFAULT_IMAGES if n_images is None else n_images
-    from ..data.shapes import SHAPES_VERSION
-    from .encoder import SSLEncoder
-
     t0 = time.perf_counter()
     views = torch.from_numpy(render_pairs(n_images, cfg.img_size, seed)).float() / 127.5 - 1  # (2, N, 3, R, R)
-    enc = SSLEncoder(EncoderConfig(**{**cfg.__dict__, "weights": "random", "train_backbone": True}))
+    enc = SSLEncoder(dataclasses.replace(cfg, weights="random", train_backbone=True))
     enc.vit.train()
     head = nn.Sequential(nn.Linear(enc.dim, 2 * enc.dim), nn.ReLU(), nn.Linear(2 * enc.dim, enc.dim))
     params = [p for p in enc.parameters() if p.requires_grad] + list(head.parameters())
@@ -133,8 +134,6 @@ def pretrain(
 
 def cache_path(cfg: EncoderConfig) -> Path:
     """``<cache>/shapes-ssl-v<V>-<hash>.safetensors``, keyed by everything that changes the weights."""
-    from ..data.shapes import SHAPES_VERSION
-
     key = json.dumps({"model": cfg.model, "img_size": cfg.img_size, "overrides": cfg.overrides, "seed": cfg.seed,
                       "mean": cfg.mean, "std": cfg.std, "steps": DEFAULT_STEPS, "batch": DEFAULT_BATCH,
                       "images": DEFAULT_IMAGES, "ssl": SSL_VERSION, "shapes": SHAPES_VERSION}, sort_keys=True)
@@ -148,22 +147,15 @@ def _stderr(msg: str) -> None:
 def builtin_weights(cfg: EncoderConfig, log: Callable[[str], None] = _stderr) -> Path:
     """The cached weights file for ``cfg.weights == "builtin:shapes-ssl"``, trained now if missing
     (written atomically, so concurrent ranks or a Ctrl-C never leave a torn file)."""
-    from ..checkpoint import save_tensors
-    from ..errors import InputError
-
     if cfg.weights not in BUILTIN_WEIGHTS:
         raise InputError(f"unknown builtin encoder weights {cfg.weights!r}; choose one of {', '.join(BUILTIN_WEIGHTS)}")
-    import os
-
-    import torch.distributed as dist
-
     path = cache_path(cfg)
     group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     # Under torchrun one process per node trains (caches are per machine); the rest wait.
     if not path.exists() and (not group or int(os.environ.get("LOCAL_RANK", "0")) == 0):
         log(f"pre-training the {cfg.weights} encoder (SimCLR on builtin:shapes, once; cached at {path}) ...")
         state, meta = pretrain(cfg)
-        save_tensors(path, state, metadata={k: str(v) for k, v in meta.items()})
+        save_tensors(path, state, metadata=meta)
         log(f"encoder pre-trained in {meta['train_seconds']} s (final InfoNCE loss {meta['final_loss']})")
     if group:
         dist.barrier()
