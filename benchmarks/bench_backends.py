@@ -10,7 +10,7 @@ Thin wrapper over ``reptok.bench.run_bench`` (the logic behind ``reptok bench``)
 
 ``--summarize`` prints a markdown table of images/s per backend and batch for every stage, with
 the throughput relative to torch eager and the max abs error against torch fp32 (e.g. the
-reports written by ``benchmarks/gpu_export_check.sh``).
+reports written by ``benchmarks/gpu_check.sh``).
 """
 
 from __future__ import annotations

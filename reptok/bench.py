@@ -148,24 +148,46 @@ class CudaGraphed:
         self.graphs: Dict[tuple, tuple] = {}
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        amp = _autocast_state()
+        key = tuple((tuple(a.shape), a.dtype) for a in args) + (amp,)
         if key not in self.graphs:
             static = [a.clone() for a in args]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS handles, workspaces)
-                for _ in range(2):
-                    self.fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(*static)
+            with _uncached_autocast(amp):
+                with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS handles, workspaces)
+                    for _ in range(2):
+                        self.fn(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self.fn(*static)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
         for dst, src in zip(static, args):
             dst.copy_(src)
         graph.replay()
         return out.clone()
+
+
+def _autocast_state() -> Optional[torch.dtype]:
+    """The CUDA autocast dtype in force, or None."""
+    try:
+        enabled = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+    except (TypeError, AttributeError):  # torch < 2.4
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else None
+
+
+def _uncached_autocast(dtype: Optional[torch.dtype]):
+    """Autocast without its weight-cast cache, for graph capture: the cache's bf16 copies of the
+    weights would be captured by address and freed when the caller's autocast block exits, and
+    every later replay would read freed memory (an illegal memory access; PyTorch's CUDA graphs
+    notes say to capture with ``cache_enabled=False``)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
 
 
 class _Proxy:

@@ -130,6 +130,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     warmup: int = 0
+    # Fraction of the steps at the end over which the lr falls linearly to 0 (a warmup-stable-
+    # decay schedule); 0 keeps it constant, as the paper's long runs do. Short runs gain a lot.
+    cooldown: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.999
     cos_weight: float = 1.0  # lambda of the cosine anchor (stage a)
@@ -201,6 +204,8 @@ class PipelineConfig:
                 raise ConfigError(f"generator.dim={g.dim} is not divisible by generator.cross_heads={g.cross_heads}")
             if not 0.0 <= g.caption_dropout < 1.0:
                 raise ConfigError(f"generator.caption_dropout={g.caption_dropout}: must be in [0, 1)")
+        if not 0.0 <= self.train.cooldown <= 1.0:
+            raise ConfigError(f"train.cooldown={self.train.cooldown}: must be a fraction of the steps in [0, 1]")
         return self
 
 

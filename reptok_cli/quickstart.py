@@ -32,9 +32,10 @@ def quickstart(
     for k, v in dict(images=images, recon_steps=recon_steps, gen_steps=gen_steps, eval_per_class=eval_per_class).items():
         if v is not None:
             setattr(plan, k, v)
+    # Stage lines go to stderr even with --json (stdout stays the one JSON line); the per-step
+    # progress bars only without it.
     report = run_quickstart(out, plan, device=parse_device(device), progress=not json_out,
-                            log=(lambda m: None) if json_out else (lambda m: err.print(m, highlight=False, markup=False)),
-                            overwrite=overwrite)
+                            log=lambda m: err.print(m, highlight=False, markup=False), overwrite=overwrite)
     if json_out:
         emit_json(report)
         return

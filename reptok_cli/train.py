@@ -53,7 +53,7 @@ def recon(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16", rich_help_panel=RUN),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=RUN),
 ):
-    """Stage (a): train the encoder's [cls] token and the flow decoder jointly."""
+    """Stage (a): train the encoder's \\[cls] token and the flow decoder jointly."""
     from reptok.train.recon import train_recon
 
     dev = parse_device(device)

@@ -30,3 +30,18 @@ def test_dotted_override_and_validation():
 def test_unknown_preset():
     with pytest.raises(KeyError):
         get_preset("huge")
+
+
+def test_lr_schedule_warmup_constant_cooldown():
+    from reptok.config import TrainConfig
+    from reptok.train.loop import _lr_at
+
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, cooldown=0.2)
+    lrs = [_lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[79] == 1.0
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and 0 < lrs[99] <= 0.05
+    assert _lr_at(TrainConfig(steps=100, lr=1.0), 99) == 1.0  # default: constant, as the paper
+    bad = get_preset("tiny")
+    bad.train.cooldown = 1.5
+    with pytest.raises(ConfigError, match="cooldown"):
+        bad.validate()

@@ -12,7 +12,8 @@ def test_quickstart_tiny_writes_report(tmp_path):
     res = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--preset", "tiny", "--images", "96",
                                    "--recon-steps", "3", "--gen-steps", "3", "--eval-per-class", "1", "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout.strip().splitlines()[-1])
+    report = json.loads(res.stdout)  # stdout is the one JSON line; stage lines go to stderr
+    assert "[train recon] done" in res.stderr
     for key in ("recon_psnr_db", "class_accuracy", "judge_accuracy_on_real", "seconds", "total_seconds"):
         assert key in report
     assert 0.0 <= report["class_accuracy"] <= 1.0 and report["samples_judged"] == 12

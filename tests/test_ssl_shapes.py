@@ -14,7 +14,7 @@ from reptok.presets import get_preset
 
 @pytest.fixture
 def quick_ssl(monkeypatch, tmp_path):
-    """A few SimCLR steps on a few images, cached in a fresh directory."""
+    """A few SSL steps on a few images, cached in a fresh directory."""
     monkeypatch.setenv("REPTOK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ssl_shapes, "DEFAULT_STEPS", 4)
     monkeypatch.setattr(ssl_shapes, "DEFAULT_IMAGES", 48)
@@ -24,17 +24,40 @@ def quick_ssl(monkeypatch, tmp_path):
     return cfg
 
 
-def test_render_pairs_same_object_other_background():
-    pairs = ssl_shapes.render_pairs(6, 32, seed=3)
-    assert pairs.shape == (2, 6, 3, 32, 32) and pairs.dtype == np.uint8
-    a, b = pairs[0].astype(int), pairs[1].astype(int)
+def test_render_views_same_object_other_geometry_and_background():
+    views, geom = ssl_shapes.render_views(6, 32, seed=3)
+    assert views.shape == (2, 6, 3, 32, 32) and views.dtype == np.uint8 and geom.shape == (2, 6, 4)
+    a, b = views[0].astype(int), views[1].astype(int)
     assert not np.array_equal(a, b)
-    # The object is the saturated part: its pixels have a large channel spread in both views.
-    sat_a = (a.max(1) - a.min(1)) > 100
-    sat_b = (b.max(1) - b.min(1)) > 100
-    overlap = (sat_a & sat_b).sum((1, 2)) / np.maximum((sat_a | sat_b).sum((1, 2)), 1)
-    assert (overlap > 0.8).all()
-    np.testing.assert_array_equal(pairs, ssl_shapes.render_pairs(6, 32, seed=3))
+    assert (np.abs(geom[0, :, :2] - geom[1, :, :2]).max(1) > 0).all()  # the object moved
+    # The object is the saturated part: in both views it has the same colour (same class and
+    # colour jitter) and sits where the geometry says.
+    for v in range(2):
+        for i in range(6):
+            img = views[v, i].astype(int)
+            sat = (img.max(0) - img.min(0)) > 100
+            ys, xs = np.nonzero(sat)
+            assert abs(xs.mean() + 0.5 - geom[v, i, 0] * 32) < 2.5 and abs(ys.mean() + 0.5 - geom[v, i, 1] * 32) < 2.5
+    colour = [[views[v, i][:, (views[v, i].max(0).astype(int) - views[v, i].min(0)) > 100].mean(1) for i in range(6)]
+              for v in range(2)]
+    np.testing.assert_allclose(colour[0], colour[1], atol=12)
+    v2, g2 = ssl_shapes.render_views(6, 32, seed=3)
+    np.testing.assert_array_equal(views, v2)
+    np.testing.assert_array_equal(geom, g2)
+
+
+def test_transform_targets_shift_scale_rotation():
+    g1 = torch.tensor([[0.25, 0.5, float(np.log(0.2)), 0.0]])
+    g2 = torch.tensor([[0.5, 0.25, float(np.log(0.4)), float(np.pi / 2)]])  # a quarter turn: a cross looks the same
+    t = ssl_shapes.transform_targets(g1, g2)[0]
+    torch.testing.assert_close(t, torch.tensor([0.25, -0.25, float(np.log(2)), -1.0, 0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_sincos_pos_embed_distinguishes_positions():
+    pe = ssl_shapes.sincos_pos_embed(64, (4, 4))
+    assert pe.shape == (16, 64)
+    d = torch.cdist(pe, pe)
+    assert (d + torch.eye(16) * 10).min() > 0.1  # every grid cell has its own code
 
 
 def test_augment_keeps_shape_and_range():
@@ -54,7 +77,8 @@ def test_pretrain_changes_weights_and_lowers_loss(quick_ssl):
     rand = build_vit(dataclasses.replace(quick_ssl, weights="random")).state_dict()
     assert set(state) == set(rand)
     assert any(not torch.equal(state[k], rand[k]) for k in state)
-    assert meta["method"] == "simclr" and np.isfinite(meta["final_loss"])
+    assert meta["method"] == "simclr+equivariance" and np.isfinite(meta["final_loss"])
+    assert np.isfinite(meta["final_equivariance_loss"])
 
 
 def test_builtin_weights_train_once_then_cached(quick_ssl, capsys):

@@ -141,12 +141,17 @@ def _background(rng: np.random.Generator, res: int) -> Tuple[np.ndarray, str]:
 
 
 def render_shape(
-    rng: np.random.Generator, label: int, resolution: int = 32, bg_rng: Optional[np.random.Generator] = None
+    rng: np.random.Generator,
+    label: int,
+    resolution: int = 32,
+    bg_rng: Optional[np.random.Generator] = None,
+    fg_rng: Optional[np.random.Generator] = None,
 ) -> Tuple[np.ndarray, str, Dict[str, object]]:
     """One image of class ``label``: uint8 (R, R, 3), its caption, and its attributes.
 
-    ``bg_rng`` draws the background from a separate stream: two calls with equal ``rng`` states
-    and different ``bg_rng`` render the same object on two backgrounds (SSL positive pairs)."""
+    ``bg_rng`` / ``fg_rng`` draw the background / the foreground colour from separate streams,
+    so that two calls can share the object's colour and differ in geometry or background (the
+    SSL encoder's views)."""
     shape, colour = parse_class(label)
     res = int(resolution)
     bg, bg_phrase = _background(rng if bg_rng is None else bg_rng, res)
@@ -156,7 +161,8 @@ def render_shape(
     # Keep the whole shape inside the frame (circumradius from the centre).
     cx, cy = rng.uniform(r, res - r, 2)
     angle = rng.uniform(0, 2 * math.pi)
-    fg = np.clip(np.asarray(_FG[colour], np.float32) + rng.uniform(-25, 25, 3), 0, 255).astype(np.float32)
+    jitter = (rng if fg_rng is None else fg_rng).uniform(-25, 25, 3)
+    fg = np.clip(np.asarray(_FG[colour], np.float32) + jitter, 0, 255).astype(np.float32)
 
     s = _SUPERSAMPLE
     mask = Image.new("L", (res * s, res * s), 0)

@@ -14,7 +14,7 @@ Official behaviour reproduced here (official-checkpoint-spec.md sections 1.2-1.6
   (``cls_token_frozen``) instead of a second copy of the backbone.
 
 Weights (``EncoderConfig.weights``): ``"hub"`` (timm pretrained), ``"random"`` (seeded random
-init, for tests), ``"builtin:shapes-ssl"`` (SimCLR-pretrained offline on builtin:shapes, cached;
+init, for tests), ``"builtin:shapes-ssl"`` (SSL-pretrained offline on builtin:shapes, cached;
 see ``ssl_shapes.py``) or a local file / directory in timm, original DINOv2 or
 OpenAI/open_clip naming; timm's own ``checkpoint_filter_fn`` does the renaming.
 """

@@ -107,7 +107,14 @@ def _check_batch(cfg: TrainConfig, info: DistInfo) -> None:
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+    """Linear warm-up over ``cfg.warmup`` steps, constant, then a linear cool-down to 0 over the
+    last ``cfg.cooldown`` fraction of ``cfg.steps``."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+    if cfg.cooldown > 0:
+        start = cfg.steps * (1 - cfg.cooldown)
+        if step >= start:
+            lr *= max(0.0, (cfg.steps - step) / (cfg.steps - start))
+    return lr
 
 
 def save_checkpoint(run: Path, task, ema: EMA, opt, step: int, extra: Optional[dict] = None) -> None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check for fast inference (issue 6). Run from the repository root:
+# One prepared GPU check (fast inference, issue 6; the CUDA paths of training). From the repo root:
 #
-#   OUT=/path/to/results bash benchmarks/gpu_export_check.sh
+#   OUT=/path/to/results bash benchmarks/gpu_check.sh
 #
+# 0. the CUDA-only tests (pytest -m cuda);
 # 1. a run directory with random weights from the `xl` preset (decoder 1152 x 28, generator
 #    1536 x 28, a random SD-VAE-shaped VAE): timing does not depend on the weights;
 # 2. `reptok export onnx` (fp32 graphs, self-verified with ONNX Runtime on the CPU);
@@ -11,13 +12,17 @@
 #    graphs: ORT has no bf16) and TensorRT bf16; torch.compile bf16; TensorRT fp16. Each NFE row
 #    carries the max abs error against torch eager fp32 on the same inputs;
 # 5. whole samples: torch fp32 vs TensorRT fp16 / bf16 (same seeds) -> max abs pixel error, PSNR;
-# 6. summary.md: every bench row in one table.
+# 6. summary.md: every bench row in one table;
+# 7. `reptok quickstart --device cuda` (QUICKSTART=1): the whole method trained and judged on the
+#    GPU (bf16 autocast), its report in $OUT/quickstart.json.
 #
 # Results (JSON + logs) land in $OUT. A failed step is recorded in $OUT/steps.tsv and the script
 # goes on, so a partial run still returns what it measured. Knobs (environment):
 #   PRESET=xl BATCHES=1,8,64 STEPS=10 (end-to-end steps, both stages; the run default is 50+50)
 #   WARMUP=2 ITERS=5 STEP_TIMEOUT=900 (seconds per step) WORK=/tmp/reptok-gpu-check PY=python
 #   DEVICE=cuda (DEVICE=cpu PRESET=tiny BATCHES=1,2 is a plumbing dry run on a CPU machine)
+#   CUDA_TESTS=1 QUICKSTART=1 (0 skips the step). ONNX export is skipped on CUDA when neither
+#   TensorRT nor onnxruntime-gpu is installed (nothing on the GPU would use the graphs).
 set -uo pipefail
 
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -31,6 +36,8 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 WORK=${WORK:-/tmp/reptok-gpu-check}
 PY=${PY:-python}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PRESET=tiny: a plumbing dry run without a GPU
+CUDA_TESTS=${CUDA_TESTS:-1}
+QUICKSTART=${QUICKSTART:-1}
 [ -x .venv/bin/python ] && [ "$PY" = python ] && PY=.venv/bin/python
 
 mkdir -p "$OUT" "$WORK"
@@ -75,6 +82,12 @@ cat "$OUT/env.json"
 HAS_TRT=$("$PY" -c "import tensorrt" 2>/dev/null && echo 1 || echo 0)
 HAS_ORT_CUDA=$("$PY" -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 1)" 2>/dev/null && echo 1 || echo 0)
 
+# ---------------------------------------------------------------- 0. CUDA tests
+if [ "$CUDA_TESTS" = 1 ]; then
+  step cuda_tests "$PY" -m pytest -q -m cuda -p no:cacheprovider tests > "$OUT/cuda_tests.txt" 2>&1
+  tail -3 "$OUT/cuda_tests.txt"
+fi
+
 # ---------------------------------------------------------------- 1. random-weight run
 RUN=$WORK/run
 if [ ! -f "$RUN/config.json" ]; then
@@ -82,8 +95,12 @@ if [ ! -f "$RUN/config.json" ]; then
 fi
 
 # ---------------------------------------------------------------- 2. ONNX
+if [ "$DEVICE" = cuda ] && [ "$HAS_TRT" != 1 ] && [ "$HAS_ORT_CUDA" != 1 ]; then
+  echo "neither tensorrt nor onnxruntime-gpu is installed: ONNX export skipped" | tee "$OUT/onnx_skipped.txt"
+else
 step export_onnx "${REPTOK[@]}" export onnx --ckpt "$RUN" --out "$WORK/onnx" --overwrite --json \
   > "$OUT/export_onnx.json"
+fi
 
 # ---------------------------------------------------------------- 3. TensorRT engines
 if [ "$HAS_TRT" = 1 ]; then
@@ -143,6 +160,13 @@ for prec in ("fp16", "bf16"):
                               "psnr_db": float(10 * np.log10(255 ** 2 / mse)) if mse > 0 else float("inf")}
 print(json.dumps(out, indent=2))
 EOF
+
+# ---------------------------------------------------------------- 7. quickstart
+if [ "$QUICKSTART" = 1 ]; then
+  step quickstart "${REPTOK[@]}" quickstart --out "$WORK/quickstart" --overwrite --device "$DEVICE" --json \
+    > "$OUT/quickstart.json"
+  cat "$OUT/quickstart.json"
+fi
 
 # ---------------------------------------------------------------- 6. summary
 "$PY" benchmarks/bench_backends.py --summarize "$OUT"/bench_*.json > "$OUT/summary.md" 2>/dev/null
