@@ -3,9 +3,10 @@
 Trains the tokenizer with a trainable token at several cosine-anchor weights and with
 ``--freeze-token`` (the unmodified SSL token, the paper's baseline), then reports held-out
 reconstruction PSNR, the final cosine distance to the SSL token, loader throughput and training
-throughput. The small preset's encoder is the SimCLR-pretrained ViT (builtin:shapes-ssl, trained
-once and cached): its token knows what the shape is but, by construction, little of where, so a
-trainable token has something to add. Default budget: about 10 minutes on 2 CPU cores.
+throughput. The small preset's encoder is the SSL-pretrained ViT (builtin:shapes-ssl, trained
+once and cached): its token knows what the object is and where, but, by construction (its views
+differ in background), not the background, which is most of the pixels: a trainable token has
+something to add. Default budget: about 10 minutes on 2 CPU cores.
 
     python benchmarks/recon_shapes.py [--steps 1000] [--weights 0.1,1] [--out /tmp/recon_shapes]
 """

@@ -26,7 +26,7 @@ from .images import make_grid, psnr_uint8, save_png, tensor_to_uint8
 class QuickstartPlan:
     preset: str = "small"
     images: int = 6000
-    recon_steps: int = 3000
+    recon_steps: int = 3400
     recon_batch: int = 128
     gen_steps: int = 800
     gen_batch: int = 128

@@ -35,7 +35,7 @@ def quickstart(
     # Stage lines go to stderr even with --json (stdout stays the one JSON line); the per-step
     # progress bars only without it.
     report = run_quickstart(out, plan, device=parse_device(device), progress=not json_out,
-                            log=lambda m: err.print(m, highlight=False, markup=False), overwrite=overwrite)
+                            log=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True), overwrite=overwrite)
     if json_out:
         emit_json(report)
         return

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generator's output changes: the judge cache key includes it.
-SHAPES_VERSION = 2
+SHAPES_VERSION = 3
 
 SHAPES: Tuple[str, ...] = ("circle", "ring", "bar", "cross")
 COLOURS: Tuple[str, ...] = ("red", "green", "blue")
@@ -47,7 +47,8 @@ _BG = {
 _BG_NAMES = tuple(_BG)
 SIZES = ("small", "medium", "large")
 # Circumradius as a fraction of the image side, one band per size word.
-_SIZE_BANDS = ((0.20, 0.26), (0.26, 0.33), (0.33, 0.40))
+# v3: larger than v2 (0.20-0.40) so that a blurry 16 px sample still shows bar vs cross.
+_SIZE_BANDS = ((0.26, 0.32), (0.32, 0.38), (0.38, 0.45))
 POSITIONS = (
     ("top left", "at the top", "top right"),
     ("left", "centre", "right"),
@@ -94,7 +95,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[T
         w = 0.36  # half-width relative to the half-length
         pts = [(1, -w), (1, w), (-1, w), (-1, -w)]
     elif shape == "cross":
-        w = 0.26  # arm half-width relative to the circumradius
+        w = 0.30  # arm half-width relative to the circumradius
         arm = math.sqrt(1 - w * w)
         pts = [(w, -arm), (w, -w), (arm, -w), (arm, w), (w, w), (w, arm),
                (-w, arm), (-w, w), (-arm, w), (-arm, -w), (-w, -w), (-w, -arm)]
