@@ -4,7 +4,7 @@ Reads a quickstart output folder (run ``reptok quickstart`` first), samples ``--
 images per class with CFG 1.0 and 1.5 (and any other scales given), judges their class with the
 builtin classifier, and times the generator (tokens/s) and the decoder (images/s) separately.
 
-    python benchmarks/gen_shapes.py --quickstart quickstart_out [--per-class 20] [--cfg 1.0,1.5,3.0]
+    python benchmarks/gen_shapes.py --quickstart quickstart_out [--per-class 40] [--cfg 1.0,1.5,3.0] [--cfg-interval 0.3,0.9]
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quickstart", default="quickstart_out")
-    ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--cfg", default="1.0,1.5,3.0")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cfg-interval", default=None, help="t_begin,t_end (default: the run's sampling config)")
     args = ap.parse_args()
     pipe = load_pipeline(Path(args.quickstart) / "generator")
     judge = load_judge()
@@ -35,12 +36,15 @@ def main() -> None:
     g = pipe.cfg.generator
     noise_g = index_noise(args.seed, idx, (g.n_tokens, g.token_dim), STREAM_GENERATOR)
     noise_d = index_noise(args.seed, idx, pipe.latent_shape, STREAM_DECODER)
+    interval = tuple(float(v) for v in args.cfg_interval.split(",")) if args.cfg_interval else "default"
+    shown = tuple(pipe.cfg.sampling.cfg_interval) if interval == "default" else interval
     print(f"{len(labels)} samples ({args.per_class} per class, {k} classes), generator {pipe.cfg.sampling.steps} "
-          f"steps, decoder {pipe.cfg.sampling.decoder_steps} steps, {torch.get_num_threads()} threads")
+          f"steps, decoder {pipe.cfg.sampling.decoder_steps} steps, CFG interval {shown}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'cfg':>5} {'class acc':>10} {'gen tokens/s':>13} {'dec images/s':>13}")
     for scale in (float(s) for s in args.cfg.split(",")):
         t = time.perf_counter()
-        z = pipe.generate(labels, noise_g, cfg=scale)
+        z = pipe.generate(labels, noise_g, cfg=scale, cfg_interval=interval)
         t_gen = time.perf_counter() - t
         t = time.perf_counter()
         imgs = pipe.decode(z, noise_d)

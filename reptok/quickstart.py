@@ -31,7 +31,7 @@ class QuickstartPlan:
     gen_steps: int = 800
     gen_batch: int = 128
     grid_per_class: int = 8
-    eval_per_class: int = 20
+    eval_per_class: int = 40
     eval_recon: int = 96
     seed: int = 0
 
