@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--weights", default="0.1,1", help="cosine-anchor weights for the trainable token")
+    ap.add_argument("--token-lr-scales", default=None,
+                    help="lr multipliers for the cls token to try (default: the preset's train.token_lr_scale)")
+    ap.add_argument("--only", default=None, help="run only these variants, e.g. trainable or frozen")
     ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--eval-images", type=int, default=128)
     ap.add_argument("--out", default=None)
@@ -64,27 +67,31 @@ def main() -> None:
     if not data.exists():
         prepare(f"builtin:shapes:{args.images}", data, resolution=get_preset("small").image_size)
     rows = []
-    variants = [("trainable", float(w)) for w in args.weights.split(",")] + [("frozen", 0.0)]
-    for kind, w in variants:
+    default_scale = get_preset("small").replace(**over).train.token_lr_scale
+    scales = [float(s) for s in args.token_lr_scales.split(",")] if args.token_lr_scales else [default_scale]
+    variants = [("trainable", float(w), s) for w in args.weights.split(",") for s in scales] + [("frozen", 0.0, 0.0)]
+    variants = [v for v in variants if args.only in (None, v[0])]
+    for kind, w, scale in variants:
         cfg = get_preset("small").replace(**over)
         cfg.train.steps, cfg.train.batch_size, cfg.train.cos_weight = args.steps, args.batch_size, w
+        cfg.train.token_lr_scale = scale or 1.0
         cfg.train.sample_every, cfg.train.ckpt_every = 0, args.steps
-        run = root / f"{kind}_cos{w:g}"
+        run = root / (f"{kind}_cos{w:g}_lr{scale:g}" if kind == "trainable" else kind)
         if run.exists():
             import shutil
 
             shutil.rmtree(run)
         summary = train_recon(data, run, cfg, freeze_token=(kind == "frozen"), progress=False)
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-        rows.append(dict(token=kind, cos_weight=w, psnr=held_out_psnr(run, args.eval_images, cfg.sampling.decoder_steps),
+        rows.append(dict(token=kind, cos_weight=w, token_lr_scale=scale, psnr=held_out_psnr(run, args.eval_images, cfg.sampling.decoder_steps),
                          cos=last["cos"], rf=last["rf"], train_img_s=summary["images_per_s"]))
         print(json.dumps(rows[-1]), flush=True)
     load = loader_throughput(data, batch=args.batch_size)
     print(f"\nstage (a) on builtin:shapes, small preset, {args.steps} steps x batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'token':10} {'cos weight':>10} {'PSNR dB':>8} {'1-cos':>8} {'flow loss':>10} {'train img/s':>12}")
+    print(f"{'token':10} {'cos weight':>10} {'token lr x':>10} {'PSNR dB':>8} {'1-cos':>8} {'flow loss':>10} {'train img/s':>12}")
     for r in rows:
-        print(f"{r['token']:10} {r['cos_weight']:>10g} {r['psnr']:>8.2f} {r['cos']:>8.4f} {r['rf']:>10.4f} "
+        print(f"{r['token']:10} {r['cos_weight']:>10g} {r['token_lr_scale'] or '-':>10} {r['psnr']:>8.2f} {r['cos']:>8.4f} {r['rf']:>10.4f} "
               f"{r['train_img_s']:>12.1f}")
     print(f"loader throughput: {load:,.0f} images/s (random batches of {args.batch_size} from the memory-mapped dataset)")
 

@@ -136,6 +136,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     cos_weight: float = 1.0  # lambda of the cosine anchor (stage a)
+    # Multiplies the lr of the encoder's cls token (stage a). 1 is the paper's one lr for all;
+    # the token is a single vector read through a frozen network, and on small, short runs its
+    # gradient is too weak for it to move at the decoder's lr.
+    token_lr_scale: float = 1.0
     time_sampler: str = "logit_normal"  # "logit_normal" | "uniform"
     log_every: int = 10
     ckpt_every: int = 500
@@ -204,6 +208,8 @@ class PipelineConfig:
                 raise ConfigError(f"generator.dim={g.dim} is not divisible by generator.cross_heads={g.cross_heads}")
             if not 0.0 <= g.caption_dropout < 1.0:
                 raise ConfigError(f"generator.caption_dropout={g.caption_dropout}: must be in [0, 1)")
+        if not self.train.token_lr_scale > 0:
+            raise ConfigError(f"train.token_lr_scale={self.train.token_lr_scale}: must be > 0")
         if not 0.0 <= self.train.cooldown <= 1.0:
             raise ConfigError(f"train.cooldown={self.train.cooldown}: must be a fraction of the steps in [0, 1]")
         return self

@@ -42,6 +42,7 @@ def recon(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Global batch (split across ranks).", rich_help_panel=OPT),
     lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=OPT),
     cos_weight: Optional[float] = typer.Option(None, "--cos-weight", help="lambda of the cosine anchor.", rich_help_panel=OPT),
+    token_lr_scale: Optional[float] = typer.Option(None, "--token-lr-scale", help="lr multiplier for the cls token (1 = the paper).", rich_help_panel=OPT),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay.", rich_help_panel=OPT),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", rich_help_panel=OPT),
     seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
@@ -59,6 +60,7 @@ def recon(
     dev = parse_device(device)
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema)
     over["train.cos_weight"] = cos_weight
+    over["train.token_lr_scale"] = token_lr_scale
     over.update(parse_set(set_))
     if resume and (out / "config.json").exists():
         cfg = resolve_config(ckpt=str(out), overrides=over)

@@ -222,3 +222,19 @@ def test_unwritable_out_exit_2(work, tmp_path):
     blocker.write_text("x")
     res = cli("sample", "--ckpt", work / "gen", "--out", blocker / "sub" / "s.npz", code=2)
     assert "not a writable folder" in res.output
+
+
+def test_token_lr_scale_moves_the_cls_token_further(work, tmp_path):
+    """One AdamW step moves each parameter by about lr: the cls token by lr * token_lr_scale."""
+    moved = {}
+    for scale in (1, 10):
+        run = tmp_path / f"s{scale}"
+        cli("train", "recon", "--data", work / "data", "--out", run, "--preset", "tiny", "--steps", 1,
+            "--batch-size", 8, "--sample-every", 0, "--lr", 1e-3, "--token-lr-scale", scale, "--json")
+        w = load_file(str(run / "model.safetensors"))
+        moved[scale] = (w["encoder.vit.cls_token"] - w["encoder.cls_token_frozen"]).abs().max().item()
+        assert json.loads((run / "config.json").read_text())["pipeline"]["train"]["token_lr_scale"] == scale
+    assert 0.5e-3 < moved[1] <= 1.01e-3 and moved[10] == pytest.approx(10 * moved[1], rel=0.05)
+    res = cli("train", "recon", "--data", work / "data", "--out", tmp_path / "bad", "--preset", "tiny",
+              "--token-lr-scale", 0, code=2)
+    assert "token_lr_scale" in res.output and not (tmp_path / "bad").exists()

@@ -117,6 +117,16 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return lr
 
 
+def _param_groups(task, params: list) -> list:
+    """AdamW groups: ``task.lr_scales()`` (optional) maps a parameter to its lr multiplier;
+    every other trainable parameter gets the schedule's lr as is."""
+    scales = task.lr_scales() if hasattr(task, "lr_scales") else {}
+    by_scale: Dict[float, list] = {}
+    for p in params:
+        by_scale.setdefault(float(scales.get(p, 1.0)), []).append(p)
+    return [{"params": ps, "lr_scale": s} for s, ps in sorted(by_scale.items())]
+
+
 def save_checkpoint(run: Path, task, ema: EMA, opt, step: int, extra: Optional[dict] = None) -> None:
     meta = {"step": step}
     ckpt.save_tensors(run / ckpt.MODEL, ckpt.state_dict_of(task.saved_modules()), meta)
@@ -178,7 +188,8 @@ def fit(
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise InputError("nothing to train: every parameter is frozen")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(task, params), lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay)
     ema = EMA(task.saved_modules(), cfg.ema)
     start = load_checkpoint(run, task, ema, opt) if resume else 0
     if info.is_main:
@@ -215,7 +226,7 @@ def fit(
             idx = order.indices(step)
             noise = task.draw_noise(cfg.batch_size, g)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, step)
+                group["lr"] = _lr_at(cfg, step) * group.get("lr_scale", 1.0)
             opt.zero_grad(set_to_none=True)
             totals: Dict[str, float] = {}
             for a in range(cfg.grad_accum):

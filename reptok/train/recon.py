@@ -28,8 +28,10 @@ from .run import prepare_run_dir
 class ReconTask(nn.Module):
     """One step of stage (a). Only the cls token and the decoder are trainable."""
 
-    def __init__(self, pipe: Pipeline, dataset, cos_weight: float, time_sampler: str, freeze_token: bool):
+    def __init__(self, pipe: Pipeline, dataset, cos_weight: float, time_sampler: str, freeze_token: bool,
+                 token_lr_scale: float = 1.0):
         super().__init__()
+        self.token_lr_scale = token_lr_scale
         self.encoder, self.decoder, self.latent = pipe.encoder, pipe.decoder, pipe.latent
         self.dataset = dataset
         self.cos_weight = cos_weight
@@ -42,6 +44,9 @@ class ReconTask(nn.Module):
 
     def saved_modules(self):
         return {"encoder": self.encoder, "decoder": self.decoder}
+
+    def lr_scales(self) -> dict:
+        return {} if self.freeze_token else {self.encoder.vit.cls_token: self.token_lr_scale}
 
     def num_examples(self) -> int:
         return len(self.dataset)
@@ -103,7 +108,8 @@ def train_recon(
     cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra={"freeze_token": freeze_token, "data": str(Path(data).resolve())})
     torch.manual_seed(cfg.train.seed)  # the decoder's random init is part of the run's identity
     pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"))
-    task = ReconTask(pipe, dataset, cfg.train.cos_weight, cfg.train.time_sampler, freeze_token)
+    task = ReconTask(pipe, dataset, cfg.train.cos_weight, cfg.train.time_sampler, freeze_token,
+                     cfg.train.token_lr_scale)
     grid_src = torch.as_tensor(dataset.get_batch(list(range(min(grid_images, len(dataset)))))["image"])
 
     def on_sample(ema: dict, step: int) -> None:
