@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from reptok.checkpoint import load_pipeline
+from reptok.data.shapes import COLOURS, SHAPES
 from reptok.evaluate.judge import load_judge
 from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
 
@@ -41,7 +42,8 @@ def main() -> None:
     print(f"{len(labels)} samples ({args.per_class} per class, {k} classes), generator {pipe.cfg.sampling.steps} "
           f"steps, decoder {pipe.cfg.sampling.decoder_steps} steps, CFG interval {shown}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'cfg':>5} {'class acc':>10} {'gen tokens/s':>13} {'dec images/s':>13}")
+    shape_cols = " ".join(f"{name:>7}" for name in SHAPES)
+    print(f"{'cfg':>5} {'class acc':>10} {shape_cols} {'gen tokens/s':>13} {'dec images/s':>13}")
     for scale in (float(s) for s in args.cfg.split(",")):
         t = time.perf_counter()
         z = pipe.generate(labels, noise_g, cfg=scale, cfg_interval=interval)
@@ -49,8 +51,13 @@ def main() -> None:
         t = time.perf_counter()
         imgs = pipe.decode(z, noise_d)
         t_dec = time.perf_counter() - t
-        acc = judge.accuracy(imgs, labels)
-        print(f"{scale:>5g} {acc:>10.3f} {len(labels) / t_gen:>13.1f} {len(labels) / t_dec:>13.1f}", flush=True)
+        pred = judge.predict(imgs)
+        acc = float((pred == labels).float().mean())
+        # per shape: the fraction of that shape's samples judged to have the right shape (any colour)
+        per_shape = " ".join(f"{float((pred[labels // len(COLOURS) == i] // len(COLOURS) == i).float().mean()):>7.2f}"
+                             for i in range(len(SHAPES)))
+        print(f"{scale:>5g} {acc:>10.3f} {per_shape} {len(labels) / t_gen:>13.1f} {len(labels) / t_dec:>13.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":
