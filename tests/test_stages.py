@@ -238,3 +238,12 @@ def test_token_lr_scale_moves_the_cls_token_further(work, tmp_path):
     res = cli("train", "recon", "--data", work / "data", "--out", tmp_path / "bad", "--preset", "tiny",
               "--token-lr-scale", 0, code=2)
     assert "token_lr_scale" in res.output and not (tmp_path / "bad").exists()
+
+
+def test_resume_may_change_token_lr_scale(work, tmp_path):
+    common = ["--data", work / "data", "--preset", "tiny", "--batch-size", 8, "--sample-every", 0, "--json"]
+    cli("train", "recon", "--out", tmp_path / "r", "--steps", 2, "--ckpt-every", 2, *common)
+    cli("train", "recon", "--out", tmp_path / "r", "--steps", 4, "--resume", "--token-lr-scale", 10, *common)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["pipeline"]["train"]["token_lr_scale"] == 10
+    state = torch.load(tmp_path / "r" / "train_state.pt", weights_only=False)
+    assert sorted(g["lr_scale"] for g in state["optimizer"]["param_groups"]) == [1.0, 10.0]

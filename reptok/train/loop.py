@@ -118,13 +118,13 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def _param_groups(task, params: list) -> list:
-    """AdamW groups: ``task.lr_scales()`` (optional) maps a parameter to its lr multiplier;
-    every other trainable parameter gets the schedule's lr as is."""
+    """AdamW groups: the parameters ``task.lr_scales()`` (optional) names, one group each, with
+    their lr multiplier, and one group for the rest. The grouping does not depend on the values,
+    so a resumed run may change a multiplier (``load_checkpoint`` re-applies the config's)."""
     scales = task.lr_scales() if hasattr(task, "lr_scales") else {}
-    by_scale: Dict[float, list] = {}
-    for p in params:
-        by_scale.setdefault(float(scales.get(p, 1.0)), []).append(p)
-    return [{"params": ps, "lr_scale": s} for s, ps in sorted(by_scale.items())]
+    named = [p for p in params if p in scales]
+    rest = [p for p in params if p not in scales]
+    return [{"params": rest, "lr_scale": 1.0}] * bool(rest) + [{"params": [p], "lr_scale": float(scales[p])} for p in named]
 
 
 def save_checkpoint(run: Path, task, ema: EMA, opt, step: int, extra: Optional[dict] = None) -> None:
@@ -153,7 +153,14 @@ def load_checkpoint(run: Path, task, ema: EMA, opt) -> int:
     for name, mod in task.saved_modules().items():
         ckpt.load_into(mod, ckpt.split_prefix(raw, name), str(run / ckpt.MODEL))
         ckpt.load_into(ema.modules[name], ckpt.split_prefix(ema_w, name), str(run / ckpt.EMA))
-    opt.load_state_dict(state["optimizer"])
+    scales = [g.get("lr_scale", 1.0) for g in opt.param_groups]  # from this run's config
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except ValueError as e:  # a run saved by a version that grouped the parameters differently
+        raise InputError(f"{run}: the optimizer state does not fit this version's parameter groups ({e}); "
+                         f"restart the run without --resume") from None
+    for g, s in zip(opt.param_groups, scales):
+        g["lr_scale"] = s
     return step
 
 
