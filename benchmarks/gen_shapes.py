@@ -17,7 +17,7 @@ import torch
 
 from reptok.checkpoint import load_pipeline
 from reptok.data.shapes import COLOURS, SHAPES
-from reptok.evaluate.judge import load_judge
+from reptok.evaluate.judge import load_judge, shape_accuracy
 from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
 
 
@@ -53,8 +53,8 @@ def main() -> None:
         t_dec = time.perf_counter() - t
         pred = judge.predict(imgs)
         acc = float((pred == labels).float().mean())
-        # per shape: the fraction of that shape's samples judged to have the right shape (any colour)
-        per_shape = " ".join(f"{float((pred[labels // len(COLOURS) == i] // len(COLOURS) == i).float().mean()):>7.2f}"
+        shape_of = labels // len(COLOURS)  # per shape: right shape, whatever the colour
+        per_shape = " ".join(f"{shape_accuracy(pred[shape_of == i], labels[shape_of == i]):>7.2f}"
                              for i in range(len(SHAPES)))
         print(f"{scale:>5g} {acc:>10.3f} {per_shape} {len(labels) / t_gen:>13.1f} {len(labels) / t_dec:>13.1f}",
               flush=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reptok import flow
 from reptok.checkpoint import load_pipeline
 from reptok.data.dataset import PreparedDataset
 from reptok.data.prep import prepare
@@ -41,33 +42,22 @@ from reptok.presets import get_preset
 from reptok.train.recon import train_recon
 
 
-def held_out_psnr(run: Path, n: int, steps: int) -> float:
-    pipe = load_pipeline(run, components=("encoder", "decoder", "vae"))
-    held = make_shapes(n, pipe.cfg.image_size, seed=123_457)
-    x = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    rec = tensor_to_uint8(pipe.reconstruct(x, list(range(n)), seed=0, steps=steps))
-    return float(psnr_uint8(held["images"], rec).mean())
-
-
 @torch.no_grad()
-def held_out_flow_loss(run: Path, n: int, t_points: int = 10) -> float:
-    """The training objective on held-out images with fixed noise, averaged over a grid of t: how
-    well the token lets the decoder predict the image, without the variance of sampling."""
-    from reptok import flow
-
+def held_out(run: Path, n: int, steps: int, t_points: int = 10) -> dict:
+    """On n held-out shapes: reconstruction PSNR (sampled with ``steps`` decoder steps) and the
+    flow loss (the training objective with fixed noise, averaged over a grid of t: how well the
+    token lets the decoder predict the image, without the variance of sampling)."""
     pipe = load_pipeline(run, components=("encoder", "decoder", "vae"))
     held = make_shapes(n, pipe.cfg.image_size, seed=123_457)
     x = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = pipe.encode(x)
-    moments = pipe.latent.encode_moments(x)
-    x1 = pipe.latent.latents_from_moments(moments, noise=torch.zeros_like(moments[:, : moments.shape[1] // 2])).float()
+    rec = tensor_to_uint8(pipe.reconstruct(x, list(range(n)), seed=0, steps=steps))
     g = torch.Generator().manual_seed(0)
-    losses = []
-    for t in torch.linspace(0.05, 0.95, t_points):
-        x0 = torch.randn(x1.shape, generator=g)
-        tt = torch.full((n,), float(t))
-        losses.append(flow.flow_matching_loss(lambda xt, tv: pipe.decoder(xt, tv, z), x1, x0, tt).mean())
-    return float(torch.stack(losses).mean())
+    x1 = pipe.latent.encode(x, generator=g).float()
+    losses = [flow.flow_matching_loss(lambda xt, tv: pipe.decoder(xt, tv, z), x1, torch.randn(x1.shape, generator=g),
+                                      torch.full((n,), float(t))).mean()
+              for t in torch.linspace(0.05, 0.95, t_points)]
+    return {"psnr": float(psnr_uint8(held["images"], rec).mean()), "val_flow": float(torch.stack(losses).mean())}
 
 
 def loader_throughput(data: Path, batch: int = 64, batches: int = 200) -> float:
@@ -112,9 +102,8 @@ def main() -> None:
             shutil.rmtree(run)
         summary = train_recon(data, run, cfg, freeze_token=(kind == "frozen"), progress=False)
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-        rows.append(dict(token=kind, cos_weight=w, token_lr_scale=scale, psnr=held_out_psnr(run, args.eval_images, cfg.sampling.decoder_steps),
-                         val_flow=held_out_flow_loss(run, args.eval_images),
-                         cos=last["cos"], rf=last["rf"], train_img_s=summary["images_per_s"]))
+        rows.append(dict(token=kind, cos_weight=w, token_lr_scale=scale,
+                         **held_out(run, args.eval_images, cfg.sampling.decoder_steps), cos=last["cos"], rf=last["rf"], train_img_s=summary["images_per_s"]))
         print(json.dumps(rows[-1]), flush=True)
     load = loader_throughput(data, batch=args.batch_size)
     print(f"\nstage (a) on builtin:shapes, small preset, {args.steps} steps x batch {args.batch_size}, "
