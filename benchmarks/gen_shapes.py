@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from reptok.checkpoint import load_pipeline
-from reptok.data.shapes import COLOURS, SHAPES
-from reptok.evaluate.judge import load_judge, shape_accuracy
+from reptok.shapes.render import COLOURS, SHAPES
+from reptok.shapes.judge import load_judge, shape_accuracy
 from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
 
 

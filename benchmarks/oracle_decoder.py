@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from reptok import flow
-from reptok.data.shapes import render_shape
-from reptok.evaluate.judge import load_judge
+from reptok.shapes.render import render_shape
+from reptok.shapes.judge import load_judge
 from reptok.models.decoder import FlowDecoder
 from reptok.pipeline import STREAM_DECODER, index_noise
 from reptok.presets import get_preset

@@ -36,8 +36,9 @@ from reptok import flow
 from reptok.checkpoint import load_pipeline
 from reptok.data.dataset import PreparedDataset
 from reptok.data.prep import prepare
-from reptok.data.shapes import make_shapes
-from reptok.images import psnr_uint8, tensor_to_uint8
+from reptok.shapes.render import make_shapes
+from reptok.evaluate.metrics import psnr
+from reptok.images import tensor_to_uint8
 from reptok.presets import get_preset
 from reptok.train.recon import train_recon
 
@@ -57,7 +58,7 @@ def held_out(run: Path, n: int, steps: int, t_points: int = 10) -> dict:
     losses = [flow.flow_matching_loss(lambda xt, tv: pipe.decoder(xt, tv, z), x1, torch.randn(x1.shape, generator=g),
                                       torch.full((n,), float(t))).mean()
               for t in torch.linspace(0.05, 0.95, t_points)]
-    return {"psnr": float(psnr_uint8(held["images"], rec).mean()), "val_flow": float(torch.stack(losses).mean())}
+    return {"psnr": float(psnr(held["images"], rec).mean()), "val_flow": float(torch.stack(losses).mean())}
 
 
 def loader_throughput(data: Path, batch: int = 64, batches: int = 200) -> float:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from reptok.checkpoint import load_pipeline
-from reptok.data.shapes import COLOURS, SHAPES, class_of
-from reptok.evaluate.judge import colour_accuracy, load_judge, shape_accuracy
+from reptok.shapes.render import COLOURS, SHAPES, class_of
+from reptok.shapes.judge import colour_accuracy, load_judge, shape_accuracy
 from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
 
 
@@ -150,7 +150,7 @@ def main() -> None:
     loo = real_y[d.argmin(1).numpy()]
     log(f"[ceiling] token NN judge, leave-one-out on the {len(real_y)} real tokens: shape "
         f"{shape_accuracy(loo, real_y):.3f}, colour {colour_accuracy(loo, real_y):.3f}, exact {float((loo == real_y).mean()):.3f}")
-    from reptok.data.shapes import make_shapes
+    from reptok.shapes.render import make_shapes
 
     held = make_shapes(96, pipe.cfg.image_size, seed=10_000)
     images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1

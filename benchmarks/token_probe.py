@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from reptok.data.shapes import NUM_CLASSES, render_shape
+from reptok.shapes.render import NUM_CLASSES, render_shape
 from reptok.models.encoder import SSLEncoder
 from reptok.presets import get_preset
 

@@ -191,7 +191,7 @@ def build_engines(
         shutil.copy(onnx_dir / MANIFEST, tmp / MANIFEST)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     if timing_cache is not None and cache_bytes:
-        from reptok.checkpoint import atomic_write_bytes
+        from reptok.io import atomic_write_bytes
 
         atomic_write_bytes(Path(timing_cache), cache_bytes)
     sidecar["out"] = str(Path(out_dir).absolute())

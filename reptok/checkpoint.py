@@ -12,22 +12,20 @@ A run directory holds::
 
 ``kind`` is "tokenizer" (stage a: encoder + decoder), "generator" (stage b: generator only,
 ``tokenizer_run`` points at the stage-a run) or "pipeline" (all components, e.g. converted
-official weights). Every file is written atomically (temp file + rename).
+official weights). Every file is written atomically through ``reptok.io``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .config import PipelineConfig
 from .errors import InputError
+from .io import atomic_save, atomic_write_bytes, atomic_write_text, load_tensors, read_json, save_tensors  # noqa: F401 (re-exported for the run format's users)
 
 FORMAT = "reptok-run/1"
 CONFIG = "config.json"
@@ -37,63 +35,10 @@ TRAIN_STATE = "train_state.pt"
 COMPONENTS = ("encoder", "decoder", "generator")
 
 
-# ----------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_save(path: Path, writer) -> None:
-    """``writer(tmp_path)`` writes a file; it is renamed onto ``path`` only if it succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_save(path, lambda tmp: save_file(flat, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))
-
-
 # ----------------------------------------------------------------------------- run config
 def write_run_config(run: Path, cfg: PipelineConfig, kind: str, **extra) -> None:
     doc = {"format": FORMAT, "kind": kind, "pipeline": cfg.to_dict(), **extra}
     atomic_write_text(Path(run) / CONFIG, json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: Path, what: str = "file") -> dict:
-    """A JSON object from ``path``, or a one-line InputError naming the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such {what}")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: corrupt {what}, not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{path}: corrupt {what}, expected a JSON object")
-    return doc
 
 
 def read_run_config(run: Path) -> dict:
@@ -145,10 +90,7 @@ def read_weights(run: Path, use_ema: bool = True) -> Dict[str, torch.Tensor]:
     path = run / EMA if use_ema and (run / EMA).exists() else run / MODEL
     if not path.exists():
         raise InputError(f"{run}: no weights ({MODEL}) in the run directory")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise InputError(f"{path}: unreadable weights file ({e})") from None
+    return load_tensors(path)
 
 
 def split_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
+from .io import atomic_save, atomic_write_text
 from .errors import InputError
 from .train.dist import DistInfo, barrier, shard_range
 
@@ -29,7 +29,7 @@ def sidecar_paths(out: Path) -> dict:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    ckpt.atomic_save(path, lambda tmp: np.save(open(tmp, "wb"), arr))
+    atomic_save(path, lambda tmp: np.save(open(tmp, "wb"), arr))
 
 
 def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: DistInfo = DistInfo(),
@@ -89,8 +89,8 @@ def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: Dist
     _save_npy(paths["labels"], labels)
     if getattr(ds, "has_captions", False):
         meta["captions_file"] = paths["captions"].name
-        ckpt.atomic_write_text(paths["captions"], json.dumps(ds.captions(list(range(n)))))
-    ckpt.atomic_write_text(paths["meta"], json.dumps(meta, indent=1) + "\n")
+        atomic_write_text(paths["captions"], json.dumps(ds.captions(list(range(n)))))
+    atomic_write_text(paths["meta"], json.dumps(meta, indent=1) + "\n")
     if info.enabled:
         for p in shards:
             p.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 from .errors import InputError
 
 
@@ -77,8 +77,3 @@ def make_grid(images: Sequence[np.ndarray], ncol: int = 0, pad: int = 2) -> np.n
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
     return grid
 
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) between uint8 (B,H,W,3) arrays."""
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
-    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))

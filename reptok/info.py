@@ -35,7 +35,7 @@ def build_meta(cfg: PipelineConfig):
 
     from .models.decoder import FlowDecoder
     from .models.encoder import SSLEncoder
-    from .models.generator import build_generator
+    from .models import build_generator
 
     ecfg = copy.deepcopy(cfg.encoder)
     ecfg.weights = "random"  # sizes only: never download for a report

@@ -69,8 +69,8 @@ class Pipeline(nn.Module):
         generator brings its frozen text encoder (hub / local weights loaded here; a random
         ``tiny`` tower is overwritten by the run's ``text_encoder.*`` tensors)."""
         from .models.decoder import FlowDecoder
-        from .models.encoder import SSLEncoder
-        from .models.generator import build_generator
+        from .models import build_generator
+        from .shapes.ssl import build_encoder
         from .models.vae import build_latent_space
 
         comps = set(components)
@@ -82,7 +82,7 @@ class Pipeline(nn.Module):
             text_encoder = build_text_encoder(cfg.generator.text_encoder, max_len=cfg.generator.text_len or None)
         return cls(
             cfg,
-            encoder=SSLEncoder(cfg.encoder, load_weights=load_weights) if "encoder" in comps else None,
+            encoder=build_encoder(cfg.encoder, load_weights) if "encoder" in comps else None,
             decoder=FlowDecoder(cfg.decoder) if "decoder" in comps else None,
             latent=build_latent_space(cfg.vae, vae_root) if "vae" in comps else None,
             generator=build_generator(cfg.generator) if with_gen else None,

@@ -28,12 +28,13 @@ def resolve_config(preset: Optional[str] = None, ckpt: Optional[str] = None, con
                    overrides: Optional[dict] = None) -> PipelineConfig:
     """Start from a run's config, a --config JSON file or a preset, then apply dotted overrides."""
     from reptok import checkpoint
+    from reptok.io import read_json
     from reptok.presets import get_preset
 
     if ckpt:
         cfg = checkpoint.read_run_config(Path(ckpt))["config"]
     elif config:
-        cfg = PipelineConfig.from_dict(checkpoint.read_json(Path(config), "--config file"))
+        cfg = PipelineConfig.from_dict(read_json(Path(config), "--config file"))
     else:
         try:
             cfg = get_preset(preset or "tiny")

@@ -26,7 +26,7 @@ def quickstart(
     """builtin:shapes -> train recon -> extract -> train gen -> samples + report (offline, CPU)."""
     from rich.table import Table
 
-    from reptok.quickstart import QuickstartPlan, run_quickstart
+    from reptok.shapes.quickstart import QuickstartPlan, run_quickstart
 
     plan = QuickstartPlan(preset=preset, seed=seed)
     for k, v in dict(images=images, recon_steps=recon_steps, gen_steps=gen_steps, eval_per_class=eval_per_class).items():

@@ -57,13 +57,14 @@ def reconstruct(
 ):
     """Image -> token -> image; prints the PSNR of each reconstruction."""
     from reptok.checkpoint import load_pipeline
-    from reptok.images import make_grid, psnr_uint8, save_png, tensor_to_uint8
+    from reptok.evaluate.metrics import psnr as psnr_db
+    from reptok.images import make_grid, save_png, tensor_to_uint8
 
     pipe = load_pipeline(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
     x = _load_images(images, pipe.cfg.image_size)
     rec = pipe.reconstruct(x, list(range(len(x))), seed=seed, steps=decoder_steps, solver=solver)
     a, b = tensor_to_uint8(x), tensor_to_uint8(rec)
-    psnr = psnr_uint8(a, b)
+    psnr = psnr_db(a, b)
     rows = []
     for p, orig, r, v in zip(images, a, b, psnr):
         dst = Path(out) / f"{Path(p).stem}_recon.png"

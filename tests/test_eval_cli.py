@@ -33,11 +33,11 @@ def env(tmp_path_factory):
     data; a random judge in a private cache; random FID Inception weights."""
     from PIL import Image
 
-    from reptok.checkpoint import save_tensors
+    from reptok.io import save_tensors
     from reptok.data.dataset import PreparedDataset
     from reptok.data.prep import prepare
     from reptok.evaluate import FIDInceptionV3
-    from reptok.evaluate.judge import JudgeNet, judge_cache_path
+    from reptok.shapes.judge import JudgeNet, judge_cache_path
 
     root = tmp_path_factory.mktemp("eval")
     prepare("builtin:shapes", root / "data", limit=16)
@@ -125,7 +125,7 @@ def test_gen_vs_prepared_dataset_quickstart_like_offline(judge_cache, offline, t
 
 def test_gen_vs_reference_stats_npz(judge_cache, tmp_path):
     from reptok.evaluate import compute_stats, load_images
-    from reptok.evaluate.judge import load_judge
+    from reptok.shapes.judge import load_judge
 
     env = judge_cache
     st = compute_stats(load_judge(), load_images(str(env / "ref_png")))

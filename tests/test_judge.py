@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from reptok.data.shapes import SHAPES_VERSION, make_shapes
-from reptok.evaluate import judge as J
+from reptok.shapes.render import SHAPES_VERSION, make_shapes
+from reptok.shapes import judge as J
 
 
 def _float(images: np.ndarray) -> torch.Tensor:

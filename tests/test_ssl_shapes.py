@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reptok.errors import InputError
-from reptok.models import ssl_shapes
+from reptok.shapes import ssl as ssl_shapes
 from reptok.models.encoder import SSLEncoder, build_vit
 from reptok.presets import get_preset
 
@@ -82,13 +82,13 @@ def test_pretrain_changes_weights_and_lowers_loss(quick_ssl):
 
 
 def test_builtin_weights_train_once_then_cached(quick_ssl, capsys):
-    enc = SSLEncoder(quick_ssl)  # trains (4 steps) and caches
+    enc = ssl_shapes.build_encoder(quick_ssl)  # trains (4 steps) and caches
     path = ssl_shapes.cache_path(quick_ssl)
     assert path.exists()
     err = capsys.readouterr()
     assert "pre-training" in err.err and err.out == ""  # stdout stays clean for --json
     mtime = path.stat().st_mtime_ns
-    enc2 = SSLEncoder(quick_ssl)
+    enc2 = ssl_shapes.build_encoder(quick_ssl)
     assert path.stat().st_mtime_ns == mtime and "pre-training" not in capsys.readouterr().err
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(enc(x), enc2(x))
@@ -99,4 +99,11 @@ def test_builtin_weights_train_once_then_cached(quick_ssl, capsys):
 def test_unknown_builtin_weights(quick_ssl):
     quick_ssl.weights = "builtin:nope"
     with pytest.raises(InputError, match="builtin:shapes-ssl"):
+        ssl_shapes.build_encoder(quick_ssl)
+
+
+def test_models_layer_never_trains_builtin_weights(quick_ssl):
+    # The models layer cannot resolve builtin:* itself (that would make it import the shapes world).
+    with pytest.raises(InputError, match="reptok.shapes.ssl"):
         SSLEncoder(quick_ssl)
+    assert not ssl_shapes.cache_path(quick_ssl).exists()

@@ -52,7 +52,7 @@ def tiny_text_cfg(**kw):
 # ----------------------------------------------------------------------------- captions, encoder
 def test_captions_flow_through_extract(work):
     from reptok.data.dataset import PreparedDataset
-    from reptok.data.shapes import caption_class
+    from reptok.shapes.render import caption_class
     from reptok.extract import load_tokens
 
     t = load_tokens(work / "tokens.npy")
@@ -104,7 +104,8 @@ def test_bad_text_encoder_specs():
 # ----------------------------------------------------------------------------- the generator
 def test_text_generator_forward_and_layout():
     from reptok.errors import InputError
-    from reptok.models.generator import TokenGenerator, build_generator
+    from reptok.models import build_generator
+    from reptok.models.generator import TokenGenerator
     from reptok.models.text_generator import TextTokenGenerator
 
     torch.manual_seed(0)
@@ -136,7 +137,7 @@ def test_text_generator_forward_and_layout():
 
 def test_text_generator_traces_to_onnx(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from reptok.models.generator import build_generator
+    from reptok.models import build_generator
 
     torch.manual_seed(0)
     g = build_generator(tiny_text_cfg()).eval()

@@ -6,7 +6,7 @@ it (memory-mapped raw uint8 pixels); ``make_shapes`` generates the builtin datas
 
 from .dataset import PreparedDataset, dataset_info, read_meta
 from .prep import FORMAT, META_FILE, SKIPPED_FILE, prepare
-from .shapes import CLASS_NAMES, COLOURS, NUM_CLASSES, SHAPES, caption_class, class_of, make_shapes, parse_class
+from ..shapes.render import CLASS_NAMES, COLOURS, NUM_CLASSES, SHAPES, caption_class, class_of, make_shapes, parse_class
 
 __all__ = [
     "prepare", "PreparedDataset", "dataset_info", "read_meta", "FORMAT", "META_FILE", "SKIPPED_FILE",

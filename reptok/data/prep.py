@@ -44,7 +44,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..images import center_crop_arr, load_image, uint8_to_tensor
-from . import shapes as _shapes
+from ..shapes import render as _shapes
 
 FORMAT = "reptok-data/1"
 META_FILE = "reptok_data.json"

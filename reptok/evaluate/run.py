@@ -29,6 +29,7 @@ import torch
 
 from .. import __version__
 from .. import checkpoint as _checkpoint
+from ..io import atomic_write_text
 from ..errors import InputError
 from .inception import FIDInceptionV3, find_fid_inception_weights, load_fid_inception
 from .inputs import EvalInputError, ImageSet, load_images, load_reference_stats
@@ -101,7 +102,7 @@ def build_extractor(choice: FeatureChoice, device: str = "cpu", progress: Progre
             raise
         except ValueError as e:  # not an FID Inception state dict
             raise InputError(f"--inception-weights: {e}") from None
-    from .judge import load_judge
+    from ..shapes.judge import load_judge
 
     state = {"advance": None, "done": 0}
 
@@ -159,7 +160,7 @@ def recon_results_path(ckpt: PathLike) -> Path:
 def write_results(path: PathLike, results: dict) -> Path:
     """Write results JSON atomically; returns the path."""
     path = Path(path)
-    _checkpoint.atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 

@@ -15,7 +15,7 @@ Official behaviour reproduced here (official-checkpoint-spec.md sections 1.2-1.6
 
 Weights (``EncoderConfig.weights``): ``"hub"`` (timm pretrained), ``"random"`` (seeded random
 init, for tests), ``"builtin:shapes-ssl"`` (SSL-pretrained offline on builtin:shapes, cached;
-see ``ssl_shapes.py``) or a local file / directory in timm, original DINOv2 or
+built by ``reptok.shapes.ssl``, which hands the file in as ``weights_file``) or a local file / directory in timm, original DINOv2 or
 OpenAI/open_clip naming; timm's own ``checkpoint_filter_fn`` does the renaming.
 """
 
@@ -142,11 +142,14 @@ def _load_strict(vit: nn.Module, sd: Dict[str, torch.Tensor], source: Path) -> N
     vit.load_state_dict(sd, strict=True)
 
 
-def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_weights: bool = True) -> nn.Module:
+def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_weights: bool = True,
+              weights_file: Optional[Union[str, Path]] = None) -> nn.Module:
     """Create the timm ViT of ``cfg`` headless (num_classes=0) at ``cfg.img_size`` with its weights.
 
     ``load_weights=False``: architecture only (seeded random init), for callers that load a
     full state dict next (a run directory) and must not touch the hub or the original file.
+    ``weights_file``: the file behind a ``builtin:*`` name, resolved by the layer that owns it
+    (``reptok.shapes.ssl.build_encoder``; the models layer never trains or caches anything).
     """
     import timm
 
@@ -162,9 +165,10 @@ def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_
     if cfg.weights == "random" or not load_weights:
         return vit
     if cfg.weights.startswith("builtin:"):
-        from .ssl_shapes import builtin_weights
-
-        path = builtin_weights(cfg)
+        if weights_file is None:
+            raise InputError(f"encoder weights {cfg.weights!r} are built by reptok.shapes.ssl: build the encoder "
+                             "with Pipeline.build or reptok.shapes.ssl.build_encoder")
+        path = Path(weights_file)
     else:
         path = _resolve_weights_path(cfg.weights, Path(root) if root is not None else None)
     _load_strict(vit, _filter_for_model(_read_state_dict(path), vit), path)
@@ -183,12 +187,13 @@ class SSLEncoder(nn.Module):
     between the two runs of the cosine anchor.
     """
 
-    def __init__(self, cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_weights: bool = True):
+    def __init__(self, cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_weights: bool = True,
+                 weights_file: Optional[Union[str, Path]] = None):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
         self.cfg = cfg
-        vit = build_vit(cfg, root, load_weights)
+        vit = build_vit(cfg, root, load_weights, weights_file)
         if not isinstance(vit, VisionTransformer):
             raise InputError(f"encoder {cfg.model!r} is a {type(vit).__name__}; reptok needs a timm VisionTransformer")
         if getattr(vit, "cls_token", None) is None:

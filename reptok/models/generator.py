@@ -154,7 +154,7 @@ class TokenGenerator(nn.Module):
         super().__init__()
         if cfg.text_encoder is not None and not self.text_conditioned:
             raise InputError("a text-conditioned generator config: build it with "
-                             "reptok.models.generator.build_generator(cfg) (TextTokenGenerator)")
+                             "reptok.models.build_generator(cfg) (TextTokenGenerator)")
         self.cfg = cfg
         d, n = cfg.token_dim, cfg.n_tokens
         self.pos_embed = nn.Parameter(torch.randn(1, n, d))
@@ -255,12 +255,3 @@ class TokenGenerator(nn.Module):
         h = self.mixer(torch.cat(seq, dim=1))
         return h[:, :n]
 
-
-def build_generator(cfg: GeneratorConfig) -> TokenGenerator:
-    """The generator class a config asks for: TokenGenerator, or TextTokenGenerator when
-    ``cfg.text_encoder`` is set (text-to-image)."""
-    if cfg.text_encoder is not None:
-        from .text_generator import TextTokenGenerator
-
-        return TextTokenGenerator(cfg)
-    return TokenGenerator(cfg)

@@ -24,7 +24,8 @@ from .. import flow
 from ..config import PipelineConfig
 from ..errors import InputError
 from ..extract import load_tokens
-from ..models.generator import TokenGenerator, build_generator
+from ..models import build_generator
+from ..models.generator import TokenGenerator
 from .dist import DistInfo
 from .loop import _check_batch, fit
 from .run import prepare_run_dir

@@ -149,7 +149,7 @@ def load_checkpoint(run: Path, task, ema: EMA, opt) -> int:
                 raise InputError(f"{run}: {name} is not from step {step} (interrupted while saving?); "
                                  f"restart without --resume")
     raw = ckpt.read_weights(run, use_ema=False)
-    ema_w = ckpt.load_file(str(run / ckpt.EMA))
+    ema_w = ckpt.load_tensors(run / ckpt.EMA)
     for name, mod in task.saved_modules().items():
         ckpt.load_into(mod, ckpt.split_prefix(raw, name), str(run / ckpt.MODEL))
         ckpt.load_into(ema.modules[name], ckpt.split_prefix(ema_w, name), str(run / ckpt.EMA))

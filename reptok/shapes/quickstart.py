@@ -17,9 +17,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .errors import InputError
-from .images import make_grid, psnr_uint8, save_png, tensor_to_uint8
+from .. import checkpoint as ckpt
+from ..errors import InputError
+from ..evaluate.metrics import psnr as psnr_db
+from ..images import make_grid, save_png, tensor_to_uint8
 
 
 @dataclass
@@ -38,18 +39,18 @@ class QuickstartPlan:
 
 def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: str = "cpu",
                    progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
-    from .checkpoint import load_pipeline
-    from .config import PipelineConfig
-    from .data.dataset import PreparedDataset
-    from .data.prep import prepare
-    from .data.shapes import make_shapes
-    from .evaluate.judge import load_judge
-    from .extract import extract_tokens
-    from .models.ssl_shapes import builtin_weights
-    from .presets import get_preset
-    from .sample import sample_to
-    from .train.gen import gen_config, train_gen
-    from .train.recon import train_recon
+    from ..checkpoint import load_pipeline
+    from ..config import PipelineConfig
+    from ..data.dataset import PreparedDataset
+    from ..data.prep import prepare
+    from .render import make_shapes
+    from .judge import load_judge
+    from ..extract import extract_tokens
+    from .ssl import builtin_weights
+    from ..presets import get_preset
+    from ..sample import sample_to
+    from ..train.gen import gen_config, train_gen
+    from ..train.recon import train_recon
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -107,7 +108,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         tokpipe = load_pipeline(out / "tokenizer", device, components=("encoder", "decoder", "vae"))
         rec = tensor_to_uint8(tokpipe.reconstruct(images, list(range(len(images))), seed=plan.seed))
-        psnr = float(psnr_uint8(held["images"], rec).mean())
+        psnr = float(psnr_db(held["images"], rec).mean())
         recon_acc = float((judge.predict(rec).cpu().numpy() == held["labels"]).mean())
         pairs = [im for k in range(min(16, len(rec))) for im in (held["images"][k], rec[k])]
         save_png(out / "reconstructions.png", make_grid(pairs, ncol=8))

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache import cache_dir as default_cache_dir
-from ..checkpoint import save_tensors
-from ..data import shapes as _shapes
+from ..io import save_tensors
+from . import render as _shapes
 
 JUDGE_VERSION = 1
 RESOLUTION = 32

@@ -43,11 +43,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache import cache_dir
-from ..checkpoint import save_tensors
+from ..io import save_tensors
 from ..config import EncoderConfig
-from ..data.shapes import NUM_CLASSES, SHAPES_VERSION, render_shape
+from .render import NUM_CLASSES, SHAPES_VERSION, render_shape
 from ..errors import InputError
-from .encoder import SSLEncoder
+from ..models.encoder import SSLEncoder
 
 BUILTIN_WEIGHTS = ("builtin:shapes-ssl",)
 SSL_VERSION = 3
@@ -221,3 +221,10 @@ def builtin_weights(cfg: EncoderConfig, log: Callable[[str], None] = _stderr) ->
     if group:
         dist.barrier()
     return path
+
+
+def build_encoder(cfg: EncoderConfig, load_weights: bool = True, root: Optional[Path] = None) -> SSLEncoder:
+    """The :class:`SSLEncoder` of any ``cfg``; a ``builtin:*`` name is resolved here to its cached
+    file (pre-trained now if missing), so the models layer itself never trains or caches."""
+    weights_file = builtin_weights(cfg) if load_weights and cfg.weights.startswith("builtin:") else None
+    return SSLEncoder(cfg, root=root, load_weights=load_weights, weights_file=weights_file)

@@ -1,0 +1,112 @@
+"""The layout's rules, checked on the source: no import cycle (counting imports inside functions
+too, since a lazy import that dodges a cycle is still one), and ``models/`` imports nothing above
+itself but ``config`` and ``errors``."""
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("reptok", "reptok_cli", "export")
+
+
+# ----------------------------------------------------------------------------- the import graph
+def modules_of(root: Path, packages) -> Dict[str, Path]:
+    mods = {}
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            parts = f.relative_to(root).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            mods[name] = f
+    return mods
+
+
+def _targets(mods: Dict[str, Path], current: str, node) -> Set[str]:
+    """Modules of ``mods`` that one import statement of ``current`` loads."""
+    base = current.split(".") if mods[current].name == "__init__.py" else current.split(".")[:-1]
+    names: List[str] = []
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        mod = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) if node.level else node.module
+        names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+    out = set()
+    for n in names:
+        while n and n not in mods:  # "pkg.mod.attr" -> "pkg.mod"
+            n = n.rpartition(".")[0]
+        if n and n != current:
+            out.add(n)
+    return out
+
+
+def import_graph(root: Path, packages=PACKAGES) -> Dict[str, Set[str]]:
+    mods = modules_of(root, packages)
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                deps |= _targets(mods, name, node)
+        # A module importing its own parent package is not a cycle worth reporting.
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}
+    return graph
+
+
+def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+# ----------------------------------------------------------------------------- the rules
+def test_no_import_cycles():
+    assert cycles(import_graph(ROOT)) == []
+
+
+def test_models_import_nothing_above_themselves():
+    allowed = {"reptok.config", "reptok.errors"}
+    for mod, deps in import_graph(ROOT).items():
+        if mod.startswith("reptok.models"):
+            bad = {d for d in deps if not d.startswith("reptok.models") and d not in allowed}
+            assert not bad, f"{mod} imports {sorted(bad)}"
+
+
+def test_cycle_detector_catches_a_cycle(tmp_path):
+    # A package where a lazy import inside a function closes a loop a -> b -> c -> a.
+    pkg = tmp_path / "reptok"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "b.py").write_text("from ..c import thing\n")
+    (pkg / "c.py").write_text("def thing():\n    from . import a\n    return a\n")
+    (pkg / "d.py").write_text("from .a import x\n")  # depends on the cycle, not part of it
+    found = cycles(import_graph(tmp_path, ("reptok",)))
+    assert found == [["reptok.a", "reptok.c", "reptok.sub.b"]]
+    (pkg / "c.py").write_text("def thing():\n    return 1\n")
+    assert cycles(import_graph(tmp_path, ("reptok",))) == []
