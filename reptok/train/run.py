@@ -63,10 +63,7 @@ def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
     from ..models.generator import build_generator
 
     init = Path(init)
-    doc = ckpt.read_run_config(init)
-    if doc["kind"] not in INIT_KINDS[stage]:
-        raise InputError(f"--init {init}: a {doc['kind']} run; train {stage} starts from a "
-                         f"{' or '.join(INIT_KINDS[stage])} run")
+    init_run_config(init, stage)
     state = ckpt.read_weights(init, use_ema=False)
     comps = INIT_COMPONENTS[stage]
     parts = {c: ckpt.split_prefix(state, c) for c in comps}
@@ -85,6 +82,15 @@ def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
     return parts
 
 
+def init_run_config(init: Path, stage: str) -> PipelineConfig:
+    """The config of the ``--init`` run, after checking that its kind fits the stage (exit 2)."""
+    doc = ckpt.read_run_config(Path(init))
+    if doc["kind"] not in INIT_KINDS[stage]:
+        raise InputError(f"--init {init}: a {doc['kind']} run; train {stage} starts from a "
+                         f"{' or '.join(INIT_KINDS[stage])} run")
+    return doc["config"]
+
+
 def load_init(parts: Dict[str, dict], modules: Dict[str, nn.Module]) -> None:
     """Copy the states of :func:`read_init` into the freshly built modules (checked already)."""
     for name, module in modules.items():
@@ -97,7 +103,7 @@ def init_config(init: Path, train_from: PipelineConfig) -> PipelineConfig:
     converted run's ``vae/``) is recorded absolute so the new run finds it."""
     from ..models.vae import resolve_vae_source
 
-    cfg = ckpt.read_run_config(Path(init))["config"]
+    cfg = init_run_config(init, "recon")
     cfg = PipelineConfig.from_dict({**cfg.to_dict(), "train": train_from.to_dict()["train"]})
     if not cfg.vae.is_pixel:
         location, local = resolve_vae_source(cfg.vae.source, Path(init))
