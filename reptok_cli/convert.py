@@ -58,6 +58,8 @@ def official(
     if dc.get("present"):
         err.print(f"DINO fp32 copy vs encode() copy: max |diff| {dc['max_abs_diff']:.3g}"
                   f"{' (rounding only)' if dc['equal_up_to_rounding'] else ''}")
+    err.print("ema.safetensors: the encode() DINO copy + the EMA generator (sample, extract, reconstruct); "
+              "model.safetensors: the fp32 DINO + original cls token, decoder, raw generator (train --init)")
     for note in summary["notes"]:
         err.print(f"[yellow]note:[/] {note}")
     err.print(f"wrote {out} ({summary['dtype']}); try: reptok sample --ckpt {out} --class 0 -n 4 --out samples/",
