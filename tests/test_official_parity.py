@@ -69,7 +69,7 @@ def _t_of(name: str, r: dict) -> torch.Tensor:
     return tv[i].expand(r["dec/c"].shape[0]).clone()
 
 
-def _generate(p, z, y, steps, r=None):
+def _generate(p, z, y, steps):
     """The official generate_with_cfg_interval(cfg 1.5, [0.3, 0.9]) through Pipeline.generate (tokens
     come back denormalised; the official returns generator space, so normalise again)."""
     tok = p.generate(y, z, steps=steps, cfg=1.5, cfg_interval=(0.3, 0.9), solver="euler")
@@ -135,8 +135,6 @@ def _official_draws():
         "train/vae_eps": vae_eps, "train/t": t,
         "pipe/y": pipe_y, "pipe/z": pipe_z, "pipe/decode_noise": pipe_noise,
         "dec/decode50/noise": torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(7)),
-        # the converted run's generator sampler (flow_cfg: LogitNormalSampler(0, 1)), seed 99
-        "gen_train/t": None,
     }
 
 
@@ -212,8 +210,8 @@ def test_item(name, ref, infer, train):
     if name in INPUTS:
         assert name not in OUTPUTS
         draws = _official_draws()
-        if name == "gen_train/t":
-            draws[name] = _gen_train_t(train)
+        # the converted run's generator sampler (flow_cfg: LogitNormalSampler(0, 1)), seed 99
+        draws["gen_train/t"] = _gen_train_t(train)
         if name in draws:
             assert torch.equal(draws[name], ref[name]), f"{name}: the replayed official draw differs"
         if name == "dec/decode50/seed":
@@ -232,7 +230,7 @@ def test_item(name, ref, infer, train):
     if "guided_steps" in item:  # the float32 CFG-interval rule selects the official steps
         from reptok import flow
 
-        steps = len(flow.time_grid(int(name.split("sample")[1].split("/")[0]))) - 1
+        steps = int(name.split("sample")[1].split("/")[0])  # gen/sample10/out -> 10
         ts = flow.time_grid(steps)
         assert [i for i in range(steps) if flow.in_interval(ts[i:i + 1], (0.3, 0.9))] == item["guided_steps"]
     if name == "dec/pos":  # the decoder's 2x2-merged token positions are the mean of these
