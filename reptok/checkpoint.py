@@ -4,9 +4,12 @@ A run directory holds::
 
     config.json        {"format": "reptok-run/1", "kind": ..., "pipeline": PipelineConfig,
                         "tokenizer_run": path or null, ...}
-    model.safetensors  raw weights, keys prefixed by component: encoder. decoder. generator.
+    model.safetensors  raw weights (the training state; what ``train --init`` starts from),
+                       keys prefixed by component: encoder. decoder. generator.
     ema.safetensors    EMA weights, same keys (what inference uses); a text-to-image generator
-                       run with a random ``tiny`` text tower also holds ``text_encoder.*``
+                       run with a random ``tiny`` text tower also holds ``text_encoder.*``;
+                       a converted official run holds only encoder. (the bf16-stored encode()
+                       copy) and generator. (EMA) here, its decoder once in model.safetensors
     train_state.pt     optimizer, scheduler, step, RNG (resume only)
     vae/               a diffusers AutoencoderKL directory, when the VAE is not a hub id
 
@@ -68,8 +71,9 @@ def save_weights(run: Path, modules: Dict[str, torch.nn.Module], ema: Optional[D
 
 
 # ----------------------------------------------------------------------------- strict loading
-def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
-    """Strict load that fails with one line naming the first bad key."""
+def check_state(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
+    """InputError (one line naming the first bad key) unless ``state`` fits ``module`` exactly:
+    same keys, same shapes. Works on meta-device modules (a check before any work)."""
     own = module.state_dict()
     for k, v in own.items():
         if k not in state:
@@ -82,15 +86,36 @@ def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: st
     extra = sorted(set(state) - set(own))
     if extra:
         raise InputError(f"{where}: checkpoint does not match the config: unexpected key {extra[0]!r}")
+
+
+def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
+    """Strict load that fails with one line naming the first bad key."""
+    check_state(module, state, where)
     module.load_state_dict(state, strict=True)
 
 
 def read_weights(run: Path, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """A run's weights: the EMA file (inference) when ``use_ema`` and it exists, else the raw file
+    (training state). Components missing from the EMA file come from the raw one: a converted
+    official run stores its decoder once (the release has no EMA decoder)."""
     run = Path(run)
     path = run / EMA if use_ema and (run / EMA).exists() else run / MODEL
     if not path.exists():
         raise InputError(f"{run}: no weights ({MODEL}) in the run directory")
-    return load_tensors(path)
+    state = load_tensors(path)
+    if path.name == EMA and (run / MODEL).exists():
+        # A component without an EMA copy (a converted run's decoder) is stored once, in model.
+        from safetensors import safe_open
+
+        have = {k.split(".", 1)[0] for k in state}
+        try:
+            with safe_open(str(run / MODEL), "pt") as f:
+                for k in f.keys():
+                    if k.split(".", 1)[0] not in have:
+                        state[k] = f.get_tensor(k)
+        except Exception as e:
+            raise InputError(f"{run / MODEL}: unreadable weights file ({e})") from None
+    return state
 
 
 def split_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

@@ -79,6 +79,12 @@ class DecoderConfig:
     mapping_depth: int = 2
     mapping_ff_expand: int = 3
     token_dim: int = 768  # the encoder's token width
+    # Training times of stage (a), reptok convention (t = 0 noise): sigmoid(loc + scale N(0, 1))
+    # ("logit_normal") or U(0, 1) ("uniform"). Official decoder: logit-normal(0, 1), which is
+    # symmetric, so it is the same distribution in the official t = 1-noise convention.
+    time_sampler: str = "logit_normal"
+    time_loc: float = 0.0
+    time_scale: float = 1.0
 
     @property
     def num_patches(self) -> int:
@@ -98,6 +104,16 @@ class GeneratorConfig:
     dropout: float = 0.0
     num_classes: int = 1000  # 0 means unconditional
     class_dropout: float = 0.1
+    # Generator space (stage b): "scalar" = z / s with one s, the std of all training token
+    # elements (the official cls / scale_factor, no mean); "per_dim" = (z - mean_d) / std_d.
+    # Stored as the generator's token_mean / token_std buffers, which sampling uses. Run configs
+    # written before this key existed read back as "per_dim" (what they were trained with).
+    token_norm: str = "scalar"
+    # Training times of stage (b): the official FlowModel draws U(0, 1) without a
+    # timestep_sampler; "logit_normal" is sigmoid(loc + scale N(0, 1)).
+    time_sampler: str = "uniform"
+    time_loc: float = 0.0
+    time_scale: float = 1.0
     # Text conditioning (text-to-image variant); None for class-conditional generators.
     # A spec of reptok.models.text.build_text_encoder: tiny[:...], open_clip:NAME:PRETRAINED, hf:NAME.
     text_encoder: Optional[str] = None
@@ -140,7 +156,6 @@ class TrainConfig:
     # the token is a single vector read through a frozen network, and on small, short runs its
     # gradient is too weak for it to move at the decoder's lr.
     token_lr_scale: float = 1.0
-    time_sampler: str = "logit_normal"  # "logit_normal" | "uniform"
     log_every: int = 10
     ckpt_every: int = 500
     sample_every: int = 500
@@ -168,7 +183,7 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
-        return _from_dict(cls, d, "config")
+        return _from_dict(cls, _upgrade_legacy(d), "config")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -208,11 +223,40 @@ class PipelineConfig:
                 raise ConfigError(f"generator.dim={g.dim} is not divisible by generator.cross_heads={g.cross_heads}")
             if not 0.0 <= g.caption_dropout < 1.0:
                 raise ConfigError(f"generator.caption_dropout={g.caption_dropout}: must be in [0, 1)")
+        for name, part in (("decoder", dc), ("generator", g)):
+            if part is None:
+                continue
+            if part.time_sampler not in TIME_SAMPLERS:
+                raise ConfigError(f"{name}.time_sampler={part.time_sampler!r}: choose one of {', '.join(TIME_SAMPLERS)}")
+            if not part.time_scale > 0:
+                raise ConfigError(f"{name}.time_scale={part.time_scale}: must be > 0")
+        if g is not None and g.token_norm not in TOKEN_NORMS:
+            raise ConfigError(f"generator.token_norm={g.token_norm!r}: choose one of {', '.join(TOKEN_NORMS)}")
         if not self.train.token_lr_scale > 0:
             raise ConfigError(f"train.token_lr_scale={self.train.token_lr_scale}: must be > 0")
         if not 0.0 <= self.train.cooldown <= 1.0:
             raise ConfigError(f"train.cooldown={self.train.cooldown}: must be a fraction of the steps in [0, 1]")
         return self
+
+
+TIME_SAMPLERS = ("logit_normal", "uniform")  # reptok.flow.sample_time
+TOKEN_NORMS = ("scalar", "per_dim")
+
+
+def _upgrade_legacy(d: Any) -> Any:
+    """A config written before the per-stage time samplers (it has ``train.time_sampler``, which
+    every earlier ``to_dict`` wrote): both stages keep that sampler, and its generator keeps the
+    per-dimension token normalisation it was trained with (the new default is "scalar")."""
+    if not isinstance(d, dict) or not isinstance(d.get("train"), dict) or "time_sampler" not in d["train"]:
+        return d
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    kind = d["train"].pop("time_sampler")
+    for part in ("decoder", "generator"):
+        if isinstance(d.get(part), dict):
+            d[part].setdefault("time_sampler", kind)
+    if isinstance(d.get("generator"), dict):
+        d["generator"].setdefault("token_norm", "per_dim")
+    return d
 
 
 def apply_override(d: dict, dotted: str, value: Any) -> None:

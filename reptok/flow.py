@@ -13,11 +13,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .config import TIME_SAMPLERS
+
 # velocity_fn(x, t) -> v, with t a (B,) float tensor on x's device.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SOLVERS = ("euler", "heun")
-TIME_SAMPLERS = ("logit_normal", "uniform")
 
 
 # ----------------------------------------------------------------------------- the path
@@ -35,7 +36,9 @@ def sample_time(
     n: int, kind: str = "logit_normal", *, device=None, generator: Optional[torch.Generator] = None,
     loc: float = 0.0, scale: float = 1.0,
 ) -> torch.Tensor:
-    """Training times in (0, 1): ``sigmoid(loc + scale * N(0,1))`` or ``U(0, 1)``."""
+    """Training times in (0, 1): ``sigmoid(loc + scale * N(0,1))`` or ``U(0, 1)`` (loc / scale
+    unused). One draw of ``n`` normals / uniforms from ``generator``: seeded like the global RNG
+    it reproduces the official ``LogitNormalSampler`` / ``torch.rand`` draw."""
     if kind == "logit_normal":
         n01 = torch.randn(n, generator=generator, device=device)
         return torch.sigmoid(loc + scale * n01)
@@ -90,12 +93,16 @@ def solve(
 
 # ----------------------------------------------------------------------------- guidance
 def in_interval(t: torch.Tensor, interval: Optional[Sequence[float]]) -> bool:
-    """Official rule: guided iff t_begin <= t <= t_end (inclusive), judged on float32 t."""
+    """Official rule: guided iff ``not (t_cur < t_begin or t_cur > t_end)``, i.e. t_begin <= t_cur
+    <= t_end inclusive, compared in **float32** like the official tensor-vs-Python-float test
+    (torch casts the Python bound to the tensor's float32). In float64 the bounds differ: for 10
+    steps and [0.2, 0.8], t = float32(0.8) = 0.800000011920929 is guided officially (0.8f <= 0.8f)
+    but would not be in float64 (0.800000011920929 > 0.8)."""
     if interval is None:
         return True
-    t0 = float(t.reshape(-1)[0])
-    lo, hi = float(interval[0]), float(interval[1])
-    return not (t0 < lo or t0 > hi)
+    t0 = t.reshape(-1)[:1].detach().to("cpu", torch.float32)
+    lo, hi = (torch.tensor(float(v), dtype=torch.float32) for v in interval[:2])
+    return not bool((t0 < lo) | (t0 > hi))
 
 
 def guided_velocity(

@@ -30,7 +30,7 @@ def official(
     vae_norm_groups: Optional[int] = typer.Option(None, "--vae-norm-groups", help="GroupNorm groups of an inferred VAE config (default 32).", rich_help_panel=ARCH),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Image size (default: the checkpoint's, else 256).", rich_help_panel=ARCH),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the written weights."),
-    raw: bool = typer.Option(False, "--raw", help="Convert the raw generator (model.net) instead of its EMA."),
+    raw: bool = typer.Option(False, "--raw", help="Sample with the raw generator (model.net) instead of its EMA (training always starts from the raw one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout."),
 ):
@@ -58,6 +58,8 @@ def official(
     if dc.get("present"):
         err.print(f"DINO fp32 copy vs encode() copy: max |diff| {dc['max_abs_diff']:.3g}"
                   f"{' (rounding only)' if dc['equal_up_to_rounding'] else ''}")
+    err.print("ema.safetensors: the encode() DINO copy + the EMA generator (sample, extract, reconstruct); "
+              "model.safetensors: the fp32 DINO + original cls token, decoder, raw generator (train --init)")
     for note in summary["notes"]:
         err.print(f"[yellow]note:[/] {note}")
     err.print(f"wrote {out} ({summary['dtype']}); try: reptok sample --ckpt {out} --class 0 -n 4 --out samples/",

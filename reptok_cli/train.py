@@ -24,10 +24,33 @@ def _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample
             "train.ema": ema}
 
 
+def _time_overrides(part: str, sampler, loc, scale) -> dict:
+    """--time-sampler / --time-loc / --time-scale -> the stage's model config (decoder / generator)."""
+    return {f"{part}.time_sampler": sampler, f"{part}.time_loc": loc, f"{part}.time_scale": scale}
+
+
+def _check_init(init, resume: bool, **model_options) -> None:
+    """--init takes the models from its run: options that would pick other models are exit 2."""
+    from reptok.errors import InputError
+
+    if init is None:
+        return
+    if resume:
+        raise InputError("--init starts a new run from another run's weights; --resume continues this one: pick one")
+    given = [k for k, v in model_options.items() if v]
+    if given:
+        raise InputError(f"--init takes the models from {init}; drop {given[0]} (use --set for config keys)")
+
+
+TIME_HELP = "Training time sampler: logit_normal | uniform"
+INIT_HELP = "Start from this run's raw weights (a converted official run or any reptok run), fresh optimizer."
+
+
 @train_app.command("recon", epilog=(
     "Examples:\n\n  reptok train recon --data data/shapes --out runs/tok --preset small\n\n"
     "  torchrun --nproc-per-node 8 -m reptok_cli train recon --data data/in1k --out runs/tok-xl --preset xl\n\n"
-    "  reptok train recon --data data/shapes --out runs/tok --resume --steps 3000"))
+    "  reptok train recon --data data/shapes --out runs/tok --resume --steps 3000\n\n"
+    "  reptok train recon --data data/in1k --out runs/ft --init runs/official-xl --steps 10000   # continue the release"))
 @handle_errors
 def recon(
     data: Path = typer.Option(..., "--data", help="A prepared dataset (reptok data prep).", rich_help_panel=RUN),
@@ -47,6 +70,10 @@ def recon(
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", rich_help_panel=OPT),
     seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
     freeze_token: bool = typer.Option(False, "--freeze-token", help="Baseline: keep the SSL cls token frozen.", rich_help_panel=OPT),
+    time_sampler: Optional[str] = typer.Option(None, "--time-sampler", help=TIME_HELP + " (official: logit_normal).", rich_help_panel=OPT),
+    time_loc: Optional[float] = typer.Option(None, "--time-loc", help="Logit-normal location (0; t = 0 is noise).", rich_help_panel=OPT),
+    time_scale: Optional[float] = typer.Option(None, "--time-scale", help="Logit-normal scale (1).", rich_help_panel=OPT),
+    init: Optional[Path] = typer.Option(None, "--init", help=INIT_HELP, rich_help_panel=RUN),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Reconstruction grid every K steps.", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.", rich_help_panel=RUN),
@@ -61,9 +88,16 @@ def recon(
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema)
     over["train.cos_weight"] = cos_weight
     over["train.token_lr_scale"] = token_lr_scale
+    over.update(_time_overrides("decoder", time_sampler, time_loc, time_scale))
     over.update(parse_set(set_))
+    _check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
     if resume and (out / "config.json").exists():
         cfg = resolve_config(ckpt=str(out), overrides=over)
+    elif init is not None:  # the models of the init run, the training settings of --preset / --config
+        from reptok.train.run import init_config
+
+        cfg = init_config(init, resolve_config(preset=preset, config=config))
+        cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
     else:
         from reptok.config import with_encoder, with_vae
 
@@ -74,7 +108,7 @@ def recon(
     # at once instead of leaving the others waiting in a collective).
     dev, info = init_ranks(dev)
     summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
-                          progress=not json_out, precision=precision)
+                          progress=not json_out, precision=precision, init=init)
     if info.is_main:
         if json_out:
             emit_json(summary)
@@ -86,7 +120,8 @@ def recon(
     "Examples:\n\n  reptok train gen --tokens tokens.npy --out runs/gen --preset small\n\n"
     "  torchrun --nproc-per-node 8 -m reptok_cli train gen --tokens in1k.npy --out runs/gen-xl --preset xl\n\n"
     "  reptok train gen --tokens tokens.npy --out runs/t2i --text-encoder tiny        # text-to-image, offline\n\n"
-    "  reptok train gen --tokens coco.npy --out runs/t2i-b --preset base --text-encoder clip:ViT-B-32/openai"))
+    "  reptok train gen --tokens coco.npy --out runs/t2i-b --preset base --text-encoder clip:ViT-B-32/openai\n\n"
+    "  reptok train gen --tokens in1k.npy --out runs/gen-ft --init runs/official-xl   # continue the release"))
 @handle_errors
 def gen(
     tokens: Path = typer.Option(..., "--tokens", help="tokens.npy written by 'reptok extract'.", rich_help_panel=RUN),
@@ -100,6 +135,12 @@ def gen(
         "(random, offline), clip:NAME/PRETRAINED (open_clip), open_clip:NAME:FILE, hf:NAME_OR_PATH (transformers).",
         rich_help_panel=MODEL),
     caption_dropout: Optional[float] = typer.Option(None, "--caption-dropout", help="Captions replaced by \"\" for CFG (0.1).", rich_help_panel=OPT),
+    token_norm: Optional[str] = typer.Option(
+        None, "--token-norm", help="Generator space: scalar (z / s, one s = the tokens' std; official scale_factor) "
+        "| per_dim (per-dimension standardisation). Default: the preset's (scalar).", rich_help_panel=MODEL),
+    time_sampler: Optional[str] = typer.Option(None, "--time-sampler", help=TIME_HELP + " (official: uniform).", rich_help_panel=OPT),
+    time_loc: Optional[float] = typer.Option(None, "--time-loc", help="Logit-normal location (0; t = 0 is noise).", rich_help_panel=OPT),
+    time_scale: Optional[float] = typer.Option(None, "--time-scale", help="Logit-normal scale (1).", rich_help_panel=OPT),
     steps: Optional[int] = typer.Option(None, "--steps", rich_help_panel=OPT),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", rich_help_panel=OPT),
     lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=OPT),
@@ -108,6 +149,7 @@ def gen(
     seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", rich_help_panel=RUN),
+    init: Optional[Path] = typer.Option(None, "--init", help=INIT_HELP + " Keeps its token normalisation.", rich_help_panel=RUN),
     device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
     precision: str = typer.Option("auto", "--precision", rich_help_panel=RUN),
     json_out: bool = typer.Option(False, "--json", rich_help_panel=RUN),
@@ -125,20 +167,27 @@ def gen(
         text_encoder = canonical_spec(text_encoder)
     over["generator.text_encoder"] = text_encoder
     over["generator.caption_dropout"] = caption_dropout
+    over["generator.token_norm"] = token_norm
+    over.update(_time_overrides("generator", time_sampler, time_loc, time_scale))
     if caption_dropout is not None and text_encoder is None and not resume:
         from reptok.errors import InputError
 
         raise InputError("--caption-dropout applies to text-to-image runs; add --text-encoder NAME")
     over.update(parse_set(set_))
+    _check_init(init, resume, **{"--text-encoder": text_encoder, "--num-classes": num_classes is not None,
+                                 "--token-norm": token_norm})
     if resume and (out / "config.json").exists():
         cfg = resolve_config(ckpt=str(out), overrides=over)
     else:
-        cfg = gen_config(tokens, resolve_config(preset=preset), over)
+        from reptok.train.run import init_run_config
+
+        init_cfg = init_run_config(init, "gen") if init is not None else None
+        cfg = gen_config(tokens, resolve_config(preset=preset), over, init=init_cfg)
     # Inputs are validated above, before the process group exists (a bad option fails every rank
     # at once instead of leaving the others waiting in a collective).
     dev, info = init_ranks(dev)
     summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not json_out,
-                        precision=precision)
+                        precision=precision, init=init)
     if info.is_main:
         if json_out:
             emit_json(summary)

@@ -111,7 +111,11 @@ def test_omegaconf_fixture_converts_identically(converted, tmp_path):
 @needs_fix
 def test_every_tensor_lands(converted, source):
     out, summary = converted
-    w = load_file(str(out / "model.safetensors"))
+    from reptok.checkpoint import read_weights
+
+    # What inference loads (ema.safetensors, the decoder from model.safetensors): the encode() DINO
+    # copy and the EMA generator. The training state (fp32 DINO, raw generator) is checked below.
+    w = read_weights(out)
     # decoder (official_key_map), generator (EMA, minus _orig_mod.)
     assert torch.equal(w["decoder.blocks.1.attn.qkv_proj.weight"], source[P_DEC + "backbone.mid_level.1.self_attn.qkv_proj.weight"])
     assert torch.equal(w["decoder.token_proj.fc.weight"], source[P_DEC + "encoder.dino.backbone.fc.weight"])
@@ -135,7 +139,16 @@ def test_every_tensor_lands(converted, source):
     # bookkeeping: every source tensor converted or deliberately ignored
     t = summary["tensors"]
     assert t["consumed"] + t["ignored"] == t["source"] == len(source)
-    assert summary["ignored"] == {"dino_fp32_copy": 36, "dino_mask_token": 1, "dino_target_model": 34, "generator_raw": 36}
+    # (the fp32 DINO copy and the raw generator are now kept as the training state; only the two
+    # mask tokens and the target's duplicate of the fp32 backbone are left)
+    assert summary["ignored"] == {"dino_mask_token": 2, "dino_target_model": 34}
+    raw = load_file(str(out / "model.safetensors"))
+    dup = P_DEC + "encoder.dino.model."
+    assert torch.equal(raw["encoder.vit.cls_token"], source[dup + "cls_token"] + source[dup + "pos_embed"][:, :1])
+    assert torch.equal(raw["encoder.vit.blocks.1.attn.qkv.weight"], source[dup + "blocks.1.attn.qkv.weight"])
+    assert torch.equal(raw["encoder.cls_token_frozen"], w["encoder.cls_token_frozen"])
+    assert torch.equal(raw["generator.mixer.1.1.fn.0.weight"], source["model.net.mixer._orig_mod.1.1.fn.0.weight"])
+    assert summary["dino_target"]["differs_only_in_cls_token"]
     assert summary["dino_copies"]["equal_up_to_rounding"] and 0 < summary["dino_copies"]["max_abs_diff"] < 0.01
     doc = json.loads((out / "conversion.json").read_text())
     assert doc["hyper_parameters"]["first_stage_cfg"]["params"]["scale_factor"] == 1.25

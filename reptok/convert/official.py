@@ -5,26 +5,36 @@ key names (official-checkpoint-spec.md sections 1.5-1.6, 3.8, 5, 6, 7.3)::
 
     first_stage.encoder.encoder.*                      DINOv2 with the fine-tuned cls token, the
                                                        copy encode() runs (bf16 in the release)
-                                                       -> encoder.vit.* (timm naming, spec 1.6)
+                                                       -> ema.safetensors encoder.vit.* (timm naming)
+    first_stage.decoder.decoder.encoder.dino.model.*   the same DINO in fp32, the copy training
+                                                       conditions the decoder on
+                                                       -> model.safetensors encoder.vit.*
     first_stage.decoder.decoder.encoder.dino.target_model.{cls_token,pos_embed}
-                                                       -> encoder.cls_token_frozen (cls + pos[:, 0])
+                                                       -> encoder.cls_token_frozen (cls + pos[:, 0]),
+                                                       the cosine target (both files)
     first_stage.decoder.decoder.{backbone,time_emb,time_in_proj,mapping,encoder.dino.{temp_pos_embed,
-        new_reg,backbone}}.*                           -> decoder.* (official_key_map)
+        new_reg,backbone}}.*                           -> model.safetensors decoder.* (official_key_map)
     first_stage.decoder.decoder.ae.ae.*                -> vae/ (a diffusers AutoencoderKL directory)
-    ema_model.net.* (default) or model.net.* (--raw)   -> generator.* (minus ``_orig_mod.``)
+    ema_model.net.* (default) or model.net.* (--raw)   -> ema.safetensors generator.* (sampling)
+    model.net.*                                        -> model.safetensors generator.* (training)
+
+So the run reads like every reptok run: ``ema.safetensors`` is what inference (encode, extract,
+sample, reconstruct, export) uses, exactly the official encode()/sampling weights;
+``model.safetensors`` is the training state ``train recon|gen --init`` continues, exactly the
+official training module's. The decoder exists once (the release has no EMA decoder):
+``checkpoint.read_weights`` takes components missing from the EMA file from the raw one.
 
 Deliberately ignored (counted in ``conversion.json``): ``...dino.target_model.*`` except its
-cls token / pos embed (the training-only cosine target), ``...dino.model.*`` (the fp32 duplicate
-of the encode() DINO; compared, max diff reported), ``first_stage.encoder.encoder.mask_token``
-(unused), ``metric_tracker.*`` (FID Inception), and the generator copy not converted (raw when
-EMA is used, EMA with ``--raw``). Any other key is an error, as is a missing key or a shape that
-does not match the inferred architecture: one-line ``InputError`` (CLI exit code 2).
+cls token / pos embed (identical to the fp32 copy otherwise, which is checked and reported in
+``dino_target``), the ``mask_token`` of each DINO copy (unused), ``metric_tracker.*`` (FID
+Inception), and with ``--raw`` the EMA generator. Any other key is an error, as is a missing key
+or a shape that does not match the inferred architecture: one-line ``InputError`` (exit code 2).
 
 The written ``config.json`` says ``encoder.weights = "random"``: the encoder is *constructed*
 with a seeded random init (no hub access) and ``load_pipeline`` then overwrites every one of its
-tensors from ``model.safetensors``, like every other component. Only ``model.safetensors`` is
-written (it already holds the EMA generator); ``load_pipeline`` falls back to it when there is
-no ``ema.safetensors``.
+tensors from the run's weights, like every other component. The generator space is the
+official ``cls / scale_factor`` (``token_norm = "scalar"``, buffers mean 0 and std
+scale_factor); the generator's training time sampler comes from ``flow_cfg``.
 """
 
 from __future__ import annotations
@@ -153,38 +163,40 @@ def _dig(d: dict, *path, default=None):
 
 # ----------------------------------------------------------------------------- encoder
 def _convert_encoder(src: _Keys, *, heads: Optional[int], patch: Optional[int], img_size: int, model: str,
-                     notes: List[str]) -> Tuple[EncoderConfig, Dict[str, torch.Tensor]]:
+                     notes: List[str], prefix: str = P_DINO) -> Tuple[EncoderConfig, Dict[str, torch.Tensor]]:
     """DINOv2 (hub naming) -> our SSLEncoder over timm (spec 1.6): cls folded with pos[:, 0],
     register_tokens -> reg_token, pos_embed[:, 1:] resampled to the model grid (timm's bicubic,
-    antialias, float32 — DINOv2's own per-forward interpolation), mask_token dropped."""
+    antialias, float32 — DINOv2's own per-forward interpolation), mask_token dropped.
+    ``prefix``: the DINO copy to convert (``P_DINO``, the encode() copy, or ``P_DINO_FP32``, the
+    fp32 training copy); ``cls_token_frozen`` comes from ``target_model`` for both."""
     import timm
     from timm.layers import resample_abs_pos_embed
 
     from ..models.encoder import SSLEncoder
 
     n = src.name
-    cls = src.peek(P_DINO + "cls_token", "encoder")
+    cls = src.peek(prefix + "cls_token", "encoder")
     if cls.dim() != 3 or cls.shape[:2] != (1, 1):
-        raise InputError(f"{n}: {P_DINO + 'cls_token'!r} has shape {tuple(cls.shape)}, expected (1, 1, D)")
+        raise InputError(f"{n}: {prefix + 'cls_token'!r} has shape {tuple(cls.shape)}, expected (1, 1, D)")
     dim = int(cls.shape[-1])
-    depth = len(src.indices(re.escape(P_DINO) + r"blocks\.(\d+)\.norm1\.weight"))
+    depth = len(src.indices(re.escape(prefix) + r"blocks\.(\d+)\.norm1\.weight"))
     if depth == 0:
-        raise InputError(f"{n}: missing key {P_DINO + 'blocks.0.norm1.weight'!r} (encoder)")
-    pw = src.peek(P_DINO + "patch_embed.proj.weight", "encoder")
+        raise InputError(f"{n}: missing key {prefix + 'blocks.0.norm1.weight'!r} (encoder)")
+    pw = src.peek(prefix + "patch_embed.proj.weight", "encoder")
     if pw.dim() != 4 or pw.shape[-1] != pw.shape[-2]:
-        raise InputError(f"{n}: {P_DINO + 'patch_embed.proj.weight'!r} has shape {tuple(pw.shape)}, expected (D, 3, p, p)")
+        raise InputError(f"{n}: {prefix + 'patch_embed.proj.weight'!r} has shape {tuple(pw.shape)}, expected (D, 3, p, p)")
     p = int(pw.shape[-1])
     if patch is not None and patch != p:
         raise InputError(f"--encoder-patch {patch}: the checkpoint's patch embedding has patch size {p}")
-    n_reg = int(src.peek(P_DINO + "register_tokens", "encoder").shape[1])
-    hidden = int(src.peek(P_DINO + "blocks.0.mlp.fc1.weight", "encoder").shape[0])
+    n_reg = int(src.peek(prefix + "register_tokens", "encoder").shape[1])
+    hidden = int(src.peek(prefix + "blocks.0.mlp.fc1.weight", "encoder").shape[0])
     heads = heads if heads is not None else max(dim // 64, 1)
     if heads <= 0 or dim % heads:
         raise InputError(f"--encoder-heads {heads}: does not divide the encoder width {dim}")
-    pos = src.peek(P_DINO + "pos_embed", "encoder")
+    pos = src.peek(prefix + "pos_embed", "encoder")
     old_grid = math.isqrt(max(int(pos.shape[1]) - 1, 0))
     if pos.dim() != 3 or old_grid * old_grid + 1 != pos.shape[1] or pos.shape[2] != dim:
-        raise InputError(f"{n}: {P_DINO + 'pos_embed'!r} has shape {tuple(pos.shape)}, expected (1, 1 + g*g, {dim})")
+        raise InputError(f"{n}: {prefix + 'pos_embed'!r} has shape {tuple(pos.shape)}, expected (1, 1 + g*g, {dim})")
     if img_size % p:
         raise InputError(f"--encoder-img-size {img_size} is not a multiple of the patch size {p}")
     grid = img_size // p
@@ -227,21 +239,21 @@ def _convert_encoder(src: _Keys, *, heads: Optional[int], patch: Optional[int], 
     own = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
 
     f32 = torch.float32
-    pos32 = src.take(P_DINO + "pos_embed", (1, old_grid * old_grid + 1, dim)).to(f32)
+    pos32 = src.take(prefix + "pos_embed", (1, old_grid * old_grid + 1, dim)).to(f32)
     out: Dict[str, torch.Tensor] = {}
     for k, shape in own.items():
         if not k.startswith("vit."):
             continue
         name = k[len("vit."):]
         if name == "cls_token":
-            t = src.take(P_DINO + "cls_token", (1, 1, dim)).to(f32) + pos32[:, :1]
+            t = src.take(prefix + "cls_token", (1, 1, dim)).to(f32) + pos32[:, :1]
         elif name == "reg_token":
-            t = src.take(P_DINO + "register_tokens", shape).to(f32)
+            t = src.take(prefix + "register_tokens", shape).to(f32)
         elif name == "pos_embed":
             t = resample_abs_pos_embed(pos32[:, 1:], new_size=(grid, grid), old_size=(old_grid, old_grid),
                                        num_prefix_tokens=0, interpolation="bicubic", antialias=True)
         else:
-            t = src.take(P_DINO + name, shape, "encoder").to(f32)
+            t = src.take(prefix + name, shape, "encoder").to(f32)
         if tuple(t.shape) != shape:
             raise InputError(f"{n}: encoder tensor {name!r} converts to shape {tuple(t.shape)}, the model expects {shape}")
         out[k] = t
@@ -282,6 +294,25 @@ def _compare_dino_copies(src: _Keys) -> dict:
             "encode_copy_dtype": str(src.state[P_DINO + "cls_token"].dtype).replace("torch.", "")
             if P_DINO + "cls_token" in src.state else None,
             "equal_up_to_rounding": exact and not missing}
+
+
+def _compare_target(src: _Keys) -> dict:
+    """The frozen target DINO vs the fp32 fine-tuned one: which tensors differ besides cls_token
+    (the converted encoder has one backbone and keeps only the target's folded cls token)."""
+    names = [k[len(P_DINO_TARGET):] for k in src.state if k.startswith(P_DINO_TARGET)]
+    if not names or not all(src.has(P_DINO_FP32 + k) for k in names):
+        return {"present": bool(names), "compared": False}
+    differing, max_diff = [], 0.0
+    for k in names:
+        if k == "cls_token":
+            continue
+        a, b = src.state[P_DINO_TARGET + k], src.state[P_DINO_FP32 + k]
+        if a.shape != b.shape or not torch.equal(a, b):
+            differing.append(k)
+            if a.shape == b.shape and a.numel():
+                max_diff = max(max_diff, float((a.float() - b.float()).abs().max()))
+    return {"present": True, "compared": True, "differs_only_in_cls_token": not differing,
+            "differing": differing, "max_abs_diff_besides_cls_token": max_diff}
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -489,16 +520,33 @@ def _convert_generator(src: _Keys, *, prefix: str, hp: dict, token_dim: int, sca
     return cfg, out
 
 
+def _time_sampler(hp: dict, notes: List[str]) -> Tuple[str, float, float]:
+    """The generator's training time sampler from ``flow_cfg.params.timestep_sampler``: absent /
+    None -> U(0, 1) (FlowModel's default), ``LogitNormalSampler(loc, scale)`` -> logit_normal."""
+    ts = _dig(hp, "flow_cfg", "params", "timestep_sampler")
+    if not ts:
+        return "uniform", 0.0, 1.0
+    target = str(ts.get("target", "")) if isinstance(ts, dict) else str(ts)
+    params = (ts.get("params") or {}) if isinstance(ts, dict) else {}
+    if target.endswith("LogitNormalSampler"):
+        return "logit_normal", float(params.get("loc", 0.0)), float(params.get("scale", 1.0))
+    if target.endswith("UniformSampler"):
+        return "uniform", 0.0, 1.0
+    notes.append(f"unknown flow_cfg timestep_sampler {target!r}: generator.time_sampler = uniform "
+                 "(matters only for further training)")
+    return "uniform", 0.0, 1.0
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 def _ignored_group(key: str, unused_gen: Optional[str]) -> Optional[str]:
     if key.startswith(P_METRICS):
         return "metric_tracker"
     if key.startswith(P_DINO_TARGET):
         return "dino_target_model"
+    if key in (P_DINO + "mask_token", P_DINO_FP32 + "mask_token"):
+        return "dino_mask_token"
     if key.startswith(P_DINO_FP32):
         return "dino_fp32_copy"
-    if key == P_DINO + "mask_token":
-        return "dino_mask_token"
     if unused_gen is not None and key.startswith(unused_gen):
         return "generator_raw" if unused_gen == P_GEN_RAW else "generator_ema"
     return None
@@ -576,12 +624,27 @@ def convert_official(
         image_size = int(_dig(hp, "first_stage_cfg", "params", "image_size", default=256) or 256)
 
     # --- components (all validation happens before anything is written)
-    ecfg, enc = _convert_encoder(src, heads=encoder_heads, patch=encoder_patch, img_size=encoder_img_size,
-                                 model=encoder_model, notes=notes)
+    enc_opts = dict(heads=encoder_heads, patch=encoder_patch, img_size=encoder_img_size, model=encoder_model)
+    ecfg, enc = _convert_encoder(src, notes=notes, **enc_opts)  # inference: the encode() copy
     dino_cmp = _compare_dino_copies(src)
-    if dino_cmp.get("present") and not dino_cmp["equal_up_to_rounding"]:
-        notes.append(f"the fp32 DINO copy ({P_DINO_FP32}*) differs from the encode() copy beyond rounding "
-                     f"(max |diff| {dino_cmp['max_abs_diff']:.3g}); the encode() copy was converted")
+    if dino_cmp.get("present"):  # training: the fp32 fine-tuned copy the decoder was trained on
+        ecfg32, enc_train = _convert_encoder(src, notes=[], prefix=P_DINO_FP32, **enc_opts)
+        if ecfg32 != ecfg:
+            raise InputError(f"{src.name}: the fp32 DINO copy ({P_DINO_FP32}*) has another architecture than "
+                             f"the encode() copy ({P_DINO}*)")
+        if not dino_cmp["equal_up_to_rounding"]:
+            notes.append(f"the fp32 DINO copy ({P_DINO_FP32}*) differs from the encode() copy beyond rounding "
+                         f"(max |diff| {dino_cmp['max_abs_diff']:.3g}); inference uses the encode() copy, "
+                         "training (--init) the fp32 copy")
+    else:
+        enc_train = enc
+        notes.append(f"no fp32 DINO copy ({P_DINO_FP32}*): training from this run (--init) uses the encode() copy")
+    target_cmp = _compare_target(src)
+    if target_cmp.get("compared") and not target_cmp["differs_only_in_cls_token"]:
+        notes.append(f"the target DINO ({P_DINO_TARGET}*) differs from the fine-tuned one in "
+                     f"{', '.join(target_cmp['differing'][:3])} besides cls_token (max |diff| "
+                     f"{target_cmp['max_abs_diff_besides_cls_token']:.3g}); the converted encoder keeps only the "
+                     "target's cls token, so its cosine target differs from the official one")
     vae_model, vae = _convert_vae(src, vae_config=vae_config, norm_groups=vae_norm_groups, image_size=image_size)
     vae_cfg = dict(vae_model.config)
     n_down = len(vae_cfg["block_out_channels"]) - 1
@@ -600,8 +663,20 @@ def convert_official(
         gen_prefix = P_GEN_RAW
     else:
         gen_prefix = P_GEN_EMA if use_ema else P_GEN_RAW
-    unused_gen = P_GEN_RAW if gen_prefix == P_GEN_EMA else P_GEN_EMA
     gcfg, gen = _convert_generator(src, prefix=gen_prefix, hp=hp, token_dim=ecfg.dim, scale_factor=scale_factor)
+    # Training (--init) continues the raw generator; the EMA one is what sampling uses.
+    train_prefix = P_GEN_RAW if has_raw else gen_prefix
+    if train_prefix != gen_prefix:
+        gcfg_raw, gen_train = _convert_generator(src, prefix=train_prefix, hp=hp, token_dim=ecfg.dim,
+                                                 scale_factor=scale_factor)
+        if gcfg_raw != gcfg:
+            raise InputError(f"{src.name}: the raw generator ({P_GEN_RAW}*) has another architecture than the EMA one")
+    else:
+        gen_train = gen
+    unused_gen = None if {gen_prefix, train_prefix} == {P_GEN_EMA, P_GEN_RAW} else (
+        P_GEN_RAW if gen_prefix == P_GEN_EMA else P_GEN_EMA)
+    gcfg.token_norm = "scalar"  # cls / scale_factor
+    gcfg.time_sampler, gcfg.time_loc, gcfg.time_scale = _time_sampler(hp, notes)
 
     # --- every source tensor is consumed or deliberately ignored
     ignored: Dict[str, int] = {}
@@ -633,11 +708,16 @@ def convert_official(
     ).validate()
 
     # --- write
+    # model.safetensors: the training state (fp32 fine-tuned DINO + original cls token, decoder,
+    # raw generator); ema.safetensors: what inference uses (the encode() copy, the EMA generator;
+    # the decoder, which has one copy, is read from model.safetensors).
     dt = DTYPES[dtype]
-    weights = {}
-    for comp, part in (("encoder", enc), ("decoder", dec), ("generator", gen)):
+    weights, infer = {}, {}
+    for comp, part in (("encoder", enc_train), ("decoder", dec), ("generator", gen_train)):
         weights.update({f"{comp}.{k}": v for k, v in part.items()})
-    weights = _materialise(weights, dt)
+    for comp, part in (("encoder", enc), ("generator", gen)):
+        infer.update({f"{comp}.{k}": v for k, v in part.items()})
+    weights, infer = _materialise(weights, dt), _materialise(infer, dt)
     vae_w = _materialise(vae, dt)
     sha = _sha256(ck.path) if hash_source else None
     summary = {
@@ -650,9 +730,18 @@ def convert_official(
         "out": str(out),
         "dtype": dtype,
         "generator_weights": "ema" if gen_prefix == P_GEN_EMA else "raw",
+        "weights": {
+            "inference (ema.safetensors)": {"encoder": P_DINO + "*", "generator": gen_prefix + "*",
+                                            "decoder": "model.safetensors"},
+            "training (model.safetensors, train --init)": {
+                "encoder": (P_DINO_FP32 if dino_cmp.get("present") else P_DINO) + "*",
+                "encoder.cls_token_frozen": P_DINO_TARGET + "{cls_token, pos_embed[:, 0]}",
+                "decoder": P_DEC + "*", "generator": train_prefix + "*"},
+        },
+        "dino_target": target_cmp,
         "scale_factor": scale_factor,
         "tensors": {"source": len(src.state), "consumed": len(src.used), "ignored": sum(ignored.values()),
-                    "written": len(weights) + len(vae_w)},
+                    "written": len(weights) + len(infer) + len(vae_w)},
         "ignored": dict(sorted(ignored.items())),
         "dino_copies": dino_cmp,
         "inferred": {
@@ -672,15 +761,16 @@ def convert_official(
                     "vae_norm_groups": vae_norm_groups, "use_ema": use_ema},
         "notes": notes,
     }
-    _write_run(out, overwrite, pcfg, weights, vae_model, vae_w, summary, jsonable(hp))
+    _write_run(out, overwrite, pcfg, weights, infer, vae_model, vae_w, summary, jsonable(hp))
     return summary
 
 
-def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[str, torch.Tensor], vae_model,
-               vae_w: Dict[str, torch.Tensor], summary: dict, hparams: dict) -> None:
+def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[str, torch.Tensor],
+               infer: Dict[str, torch.Tensor], vae_model, vae_w: Dict[str, torch.Tensor], summary: dict,
+               hparams: dict) -> None:
     from safetensors.torch import save_file
 
-    from ..checkpoint import MODEL, atomic_write_text, write_run_config
+    from ..checkpoint import EMA, MODEL, atomic_write_text, write_run_config
 
     _check_out(out, overwrite)  # again: the load may have taken minutes
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -690,6 +780,7 @@ def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[st
                          converted_from={"format": "official-lightning", "source": Path(summary["source"]).name,
                                          "sha256": summary["sha256"], "details": CONVERSION})
         save_file(weights, str(tmp / MODEL), metadata={"format": "pt", "source": "reptok convert official"})
+        save_file(infer, str(tmp / EMA), metadata={"format": "pt", "source": "reptok convert official"})
         vae_model.save_config(str(tmp / VAE_DIR))
         save_file(vae_w, str(tmp / VAE_DIR / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         atomic_write_text(tmp / CONVERSION, json.dumps({**summary, "hyper_parameters": hparams},

@@ -1,7 +1,9 @@
 """Stage (b): train the MLP-Mixer generator on extracted tokens with flow matching.
 
-Tokens are normalised per dimension with the extraction sidecar's mean/std; the statistics are
-stored in the generator (buffers) so sampling undoes them. The run records the tokenizer run
+Generator space (``generator.token_norm``): "scalar" divides the tokens by one number, the std of
+all training token elements (the official ``cls / scale_factor``, no mean); "per_dim" standardises
+each dimension with the extraction sidecar's mean/std. The statistics are stored in the generator
+(buffers) so sampling undoes them; ``--init RUN`` keeps the initial generator's. The run records the tokenizer run
 that produced the tokens (``tokenizer_run`` in config.json), so sampling finds the decoder.
 
 Text-to-image (``generator.text_encoder`` set): the captions of ``tokens.captions.json`` are
@@ -15,6 +17,7 @@ recorded by their spec only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,7 +31,7 @@ from ..models import build_generator
 from ..models.generator import TokenGenerator
 from .dist import DistInfo
 from .loop import _check_batch, fit
-from .run import prepare_run_dir
+from .run import load_init, prepare_run_dir, read_init
 
 
 class CaptionFeatures:
@@ -61,12 +64,11 @@ class CaptionFeatures:
 
 class GenTask(nn.Module):
     def __init__(self, generator: TokenGenerator, tokens: np.ndarray, labels: np.ndarray,
-                 time_sampler: str, class_dropout: float, text: CaptionFeatures = None, text_encoder=None):
+                 class_dropout: float, text: CaptionFeatures = None, text_encoder=None):
         super().__init__()
         self.generator = generator
         self.tokens = torch.from_numpy(np.array(tokens, dtype=np.float32))  # a copy: tokens may be a read-only memmap
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.time_sampler = time_sampler
         self.class_dropout = class_dropout if generator.null_class is not None else 0.0
         self.text = text  # plain attribute: the caption table stays on the CPU
         self.__dict__["text_encoder"] = text_encoder  # not a submodule (frozen, never on the training device)
@@ -94,7 +96,7 @@ class GenTask(nn.Module):
     def draw_noise(self, batch_size: int, g: torch.Generator) -> dict:
         cfg = self.generator.cfg
         return {
-            "t": flow.sample_time(batch_size, self.time_sampler, generator=g),
+            "t": flow.sample_time(batch_size, cfg.time_sampler, generator=g, loc=cfg.time_loc, scale=cfg.time_scale),
             "x0": torch.randn(batch_size, cfg.n_tokens, cfg.token_dim, generator=g),
             "drop": (torch.rand(batch_size, generator=g) < self.class_dropout).long(),
         }
@@ -113,8 +115,28 @@ class GenTask(nn.Module):
         return loss.mean(), {}
 
 
+def token_stats(tokens: np.ndarray, meta: dict, token_norm: str):
+    """Generator-space statistics (mean (D,), std (D,)) for ``token_norm``.
+
+    "scalar": mean 0 and every std = s, the standard deviation of all token elements (unbiased,
+    the Latent-Diffusion ``scale_factor`` rule: one number that brings the tokens to unit
+    variance; the official generator divides by it). "per_dim": the sidecar's per-dimension
+    mean / std (floored at 1e-6)."""
+    dim = int(meta["dim"])
+    if token_norm == "scalar":
+        flat = np.asarray(tokens, dtype=np.float64).reshape(-1)
+        s = max(float(flat.std(ddof=1)) if flat.size > 1 else 1.0, 1e-6)
+        return torch.zeros(dim), torch.full((dim,), s, dtype=torch.float64)
+    std = np.maximum(np.asarray(meta["std"], np.float64), 1e-6)
+    return torch.tensor(meta["mean"]), torch.tensor(std)
+
+
 def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool = False, device: str = "cpu",
-              info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto") -> dict:
+              info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto",
+              init: Optional[Path] = None) -> dict:
+    """Train a generator run in ``out`` on ``tokens_path``. ``init``: start from that run's raw
+    generator weights (a generator or pipeline run, e.g. converted official weights) and keep its
+    normalisation buffers, with a fresh optimizer and EMA."""
     data = load_tokens(tokens_path)
     meta = data["meta"]
     if cfg.generator is None:
@@ -136,12 +158,16 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
     tokenizer_run = meta.get("checkpoint")
     cfg.class_names = meta.get("class_names")
     _check_batch(cfg.train, info)  # before the run directory is created
-    cfg = prepare_run_dir(out, cfg, "generator", resume, info,
-                          extra={"tokenizer_run": tokenizer_run, "tokens": str(Path(tokens_path).resolve())})
+    init_state = read_init(init, "gen", cfg) if init is not None and not resume else None
+    extra = {"tokenizer_run": tokenizer_run, "tokens": str(Path(tokens_path).resolve())}
+    if init_state is not None:
+        extra["init"] = str(Path(init).resolve())
+    cfg = prepare_run_dir(out, cfg, "generator", resume, info, extra=extra)
     torch.manual_seed(cfg.train.seed)
     gen = build_generator(cfg.generator)
-    std = np.maximum(np.asarray(meta["std"], np.float64), 1e-6)
-    gen.set_token_stats(torch.tensor(meta["mean"]), torch.tensor(std))
+    gen.set_token_stats(*token_stats(data["tokens"], meta, cfg.generator.token_norm))
+    if init_state is not None:
+        load_init(init_state, {"generator": gen})
     feats = None
     if text_encoder is not None:
         if resume and text_encoder.stores_weights:  # the run's own random tower, before encoding
@@ -149,8 +175,12 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
 
             part = ckpt.split_prefix(ckpt.read_weights(Path(out), use_ema=False), "text_encoder")
             ckpt.load_into(text_encoder, part, str(Path(out) / ckpt.MODEL))
+        elif init_state is not None and text_encoder.stores_weights:  # the --init run's tower
+            if "text_encoder" not in init_state:
+                raise InputError(f"--init {init}: the run has no text_encoder weights for its random text tower")
+            load_init(init_state, {"text_encoder": text_encoder})
         feats = CaptionFeatures(text_encoder, data["captions"], device=device)
-    task = GenTask(gen, data["tokens"], labels, cfg.train.time_sampler, cfg.generator.class_dropout,
+    task = GenTask(gen, data["tokens"], labels, cfg.generator.class_dropout,
                    text=feats, text_encoder=text_encoder)
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
                   precision=precision)
@@ -182,8 +212,11 @@ def _text_encoder_for(tokens_path: Path, data: dict, cfg: PipelineConfig):
     return te
 
 
-def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict) -> PipelineConfig:
-    """The generator run's config: the tokenizer run's models + the preset's generator/training."""
+def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict,
+               init: Optional[PipelineConfig] = None) -> PipelineConfig:
+    """The generator run's config: the tokenizer run's models + the preset's generator/training.
+    ``init`` (the config of an ``--init`` run): its generator and sampling settings instead of the
+    preset's (the weights must fit), training still from the preset."""
     from .. import checkpoint as ckpt
 
     meta = load_tokens(tokens_path)["meta"]
@@ -193,9 +226,15 @@ def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict) -> Pi
     else:
         base = preset
     cfg = PipelineConfig.from_dict(base.to_dict())
-    gen = PipelineConfig.from_dict(preset.to_dict()).generator
-    gen.token_dim = int(meta["dim"])
-    gen.num_classes = int(meta.get("num_classes") or 0)
+    if init is not None:
+        if init.generator is None:
+            raise InputError("--init: that run has no generator")
+        gen = PipelineConfig.from_dict(init.to_dict()).generator  # token_dim / classes checked by train_gen
+        preset = PipelineConfig.from_dict({**preset.to_dict(), "sampling": init.to_dict()["sampling"]})
+    else:
+        gen = PipelineConfig.from_dict(preset.to_dict()).generator
+        gen.token_dim = int(meta["dim"])
+        gen.num_classes = int(meta.get("num_classes") or 0)
     if overrides.get("generator.text_encoder") is not None:  # text-to-image: no classes, spec canonical
         from ..models.text import canonical_spec
 

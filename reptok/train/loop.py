@@ -117,14 +117,27 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return lr
 
 
-def _param_groups(task, params: list) -> list:
+def _param_groups(task, params: list, weight_decay: float = 0.0) -> list:
     """AdamW groups: the parameters ``task.lr_scales()`` (optional) names, one group each, with
     their lr multiplier, and one group for the rest. The grouping does not depend on the values,
-    so a resumed run may change a multiplier (``load_checkpoint`` re-applies the config's)."""
+    so a resumed run may change a multiplier (``load_checkpoint`` re-applies the config's).
+
+    With ``weight_decay`` > 0 the rest splits in two: decay only on the weight matrices of linear
+    and convolution layers; norms, scales (attention scale, LayerScale), biases, embeddings
+    (positional, label table, registers) and the cls token get none. (With 0 there is one group,
+    as in runs saved before the split, so they still resume.)"""
     scales = task.lr_scales() if hasattr(task, "lr_scales") else {}
     named = [p for p in params if p in scales]
     rest = [p for p in params if p not in scales]
-    return [{"params": rest, "lr_scale": 1.0}] * bool(rest) + [{"params": [p], "lr_scale": float(scales[p])} for p in named]
+    named_groups = [{"params": [p], "lr_scale": float(scales[p]), "weight_decay": 0.0} for p in named]
+    if weight_decay <= 0:
+        return [{"params": rest, "lr_scale": 1.0}] * bool(rest) + named_groups
+    matrices = {id(m.weight) for m in task.modules()
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(m, "weight", None) is not None}
+    decay = [p for p in rest if id(p) in matrices]
+    no_decay = [p for p in rest if id(p) not in matrices]
+    return ([{"params": decay, "lr_scale": 1.0}] * bool(decay)
+            + [{"params": no_decay, "lr_scale": 1.0, "weight_decay": 0.0}] * bool(no_decay) + named_groups)
 
 
 def save_checkpoint(run: Path, task, ema: EMA, opt, step: int, extra: Optional[dict] = None) -> None:
@@ -195,7 +208,7 @@ def fit(
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise InputError("nothing to train: every parameter is frozen")
-    opt = torch.optim.AdamW(_param_groups(task, params), lr=cfg.lr, betas=tuple(cfg.betas),
+    opt = torch.optim.AdamW(_param_groups(task, params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay)
     ema = EMA(task.saved_modules(), cfg.ema)
     start = load_checkpoint(run, task, ema, opt) if resume else 0

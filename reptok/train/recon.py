@@ -22,20 +22,18 @@ from ..pipeline import Pipeline, STREAM_DECODER, index_noise
 from ..images import make_grid, save_png, tensor_to_uint8
 from .dist import DistInfo
 from .loop import _check_batch, fit
-from .run import prepare_run_dir
+from .run import load_init, prepare_run_dir, read_init
 
 
 class ReconTask(nn.Module):
     """One step of stage (a). Only the cls token and the decoder are trainable."""
 
-    def __init__(self, pipe: Pipeline, dataset, cos_weight: float, time_sampler: str, freeze_token: bool,
-                 token_lr_scale: float = 1.0):
+    def __init__(self, pipe: Pipeline, dataset, cos_weight: float, freeze_token: bool, token_lr_scale: float = 1.0):
         super().__init__()
         self.token_lr_scale = token_lr_scale
         self.encoder, self.decoder, self.latent = pipe.encoder, pipe.decoder, pipe.latent
         self.dataset = dataset
         self.cos_weight = cos_weight
-        self.time_sampler = time_sampler
         self.freeze_token = freeze_token
         self.latent_shape = pipe.latent_shape
         self.cached = getattr(dataset, "has_latents", False)
@@ -59,8 +57,9 @@ class ReconTask(nn.Module):
         return out
 
     def draw_noise(self, batch_size: int, g: torch.Generator) -> dict:
+        dc = self.decoder.cfg  # the stage's time sampler (official: logit-normal(0, 1))
         return {
-            "t": flow.sample_time(batch_size, self.time_sampler, generator=g),
+            "t": flow.sample_time(batch_size, dc.time_sampler, generator=g, loc=dc.time_loc, scale=dc.time_scale),
             "x0": torch.randn(batch_size, *self.latent_shape, generator=g),
             "eps": torch.randn(batch_size, *self.latent_shape, generator=g),  # VAE posterior sample
         }
@@ -91,9 +90,12 @@ def recon_grid(pipe_like: Pipeline, images: torch.Tensor, steps: int, seed: int 
 def train_recon(
     data: Path, out: Path, cfg: PipelineConfig, *, resume: bool = False, freeze_token: bool = False,
     device: str = "cpu", info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto",
-    grid_images: int = 8,
+    grid_images: int = 8, init: Optional[Path] = None,
 ) -> dict:
-    """Train a tokenizer run in ``out`` on the prepared dataset ``data``; returns a summary."""
+    """Train a tokenizer run in ``out`` on the prepared dataset ``data``; returns a summary.
+    ``init``: start from that run's raw encoder + decoder weights (a tokenizer or pipeline run;
+    a converted official run gives the fp32 fine-tuned DINO and the original cls token, i.e. the
+    official training computation), with a fresh optimizer and EMA."""
     from ..data.dataset import PreparedDataset
 
     dataset = PreparedDataset(data)
@@ -105,11 +107,16 @@ def train_recon(
         # A resumed baseline stays a baseline even without --freeze-token on the command line.
         freeze_token = freeze_token or bool(ckpt.read_run_config(Path(out)).get("freeze_token"))
     _check_batch(cfg.train, info)  # before the run directory is created
-    cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra={"freeze_token": freeze_token, "data": str(Path(data).resolve())})
+    init_state = read_init(init, "recon", cfg) if init is not None and not resume else None
+    extra = {"freeze_token": freeze_token, "data": str(Path(data).resolve())}
+    if init_state is not None:
+        extra["init"] = str(Path(init).resolve())
+    cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra=extra)
     torch.manual_seed(cfg.train.seed)  # the decoder's random init is part of the run's identity
-    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"))
-    task = ReconTask(pipe, dataset, cfg.train.cos_weight, cfg.train.time_sampler, freeze_token,
-                     cfg.train.token_lr_scale)
+    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"), load_weights=init_state is None)
+    if init_state is not None:
+        load_init(init_state, {"encoder": pipe.encoder, "decoder": pipe.decoder})
+    task = ReconTask(pipe, dataset, cfg.train.cos_weight, freeze_token, cfg.train.token_lr_scale)
     grid_src = torch.as_tensor(dataset.get_batch(list(range(min(grid_images, len(dataset)))))["image"])
 
     def on_sample(ema: dict, step: int) -> None:

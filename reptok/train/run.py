@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
+
+from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import PipelineConfig
@@ -41,3 +43,70 @@ def load_run_config_for_resume(out: Path) -> Optional[PipelineConfig]:
     if not (out / ckpt.CONFIG).exists():
         return None
     return ckpt.read_run_config(out)["config"]
+
+
+# ----------------------------------------------------------------------------- --init RUN
+# Which run kinds hold the weights a stage starts from, and which components it loads.
+INIT_KINDS = {"recon": ("tokenizer", "pipeline"), "gen": ("generator", "pipeline")}
+INIT_COMPONENTS = {"recon": ("encoder", "decoder"), "gen": ("generator",)}
+
+
+def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
+    """Check ``init`` for ``train <stage> --init`` before any work: a run of a fitting kind whose
+    raw weights (``model.safetensors``: the training state, for a converted official run the fp32
+    encoder, the original cls token and the raw generator) fit the models of ``cfg`` key for key
+    and shape for shape. Returns {component: state}; InputError (exit 2) otherwise."""
+    import torch
+
+    from ..models.decoder import FlowDecoder
+    from ..models.encoder import SSLEncoder
+    from ..models.generator import build_generator
+
+    init = Path(init)
+    init_run_config(init, stage)
+    state = ckpt.read_weights(init, use_ema=False)
+    comps = INIT_COMPONENTS[stage]
+    parts = {c: ckpt.split_prefix(state, c) for c in comps}
+    for c, part in parts.items():
+        if not part:
+            raise InputError(f"--init {init}: the run has no {c} weights")
+    build = {"encoder": lambda: SSLEncoder(cfg.encoder, load_weights=False),
+             "decoder": lambda: FlowDecoder(cfg.decoder), "generator": lambda: build_generator(cfg.generator)}
+    for c, part in parts.items():
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            module = build[c]()
+        ckpt.check_state(module, part, f"--init {init / ckpt.MODEL} ({c})")
+    text = ckpt.split_prefix(state, "text_encoder")
+    if stage == "gen" and text:  # a random ``tiny`` text tower travels with its generator
+        parts["text_encoder"] = text
+    return parts
+
+
+def init_run_config(init: Path, stage: str) -> PipelineConfig:
+    """The config of the ``--init`` run, after checking that its kind fits the stage (exit 2)."""
+    doc = ckpt.read_run_config(Path(init))
+    if doc["kind"] not in INIT_KINDS[stage]:
+        raise InputError(f"--init {init}: a {doc['kind']} run; train {stage} starts from a "
+                         f"{' or '.join(INIT_KINDS[stage])} run")
+    return doc["config"]
+
+
+def load_init(parts: Dict[str, dict], modules: Dict[str, nn.Module]) -> None:
+    """Copy the states of :func:`read_init` into the freshly built modules (checked already)."""
+    for name, module in modules.items():
+        ckpt.load_into(module, parts[name], f"--init ({name})")
+
+
+def init_config(init: Path, train_from: PipelineConfig) -> PipelineConfig:
+    """``train recon --init RUN``'s config: RUN's models, sampling and classes, the training
+    settings of ``train_from`` (the preset or --config). A VAE directory relative to RUN (a
+    converted run's ``vae/``) is recorded absolute so the new run finds it."""
+    from ..models.vae import resolve_vae_source
+
+    cfg = init_run_config(init, "recon")
+    cfg = PipelineConfig.from_dict({**cfg.to_dict(), "train": train_from.to_dict()["train"]})
+    if not cfg.vae.is_pixel:
+        location, local = resolve_vae_source(cfg.vae.source, Path(init))
+        if local:
+            cfg.vae.source = str(Path(location).resolve())
+    return cfg
