@@ -15,6 +15,7 @@ recorded by their spec only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -84,6 +85,9 @@ class GenTask(nn.Module):
     def num_examples(self) -> int:
         return len(self.tokens)
 
+    def compile_regions(self) -> list:
+        return [self.generator]
+
     def load_examples(self, indices: torch.Tensor) -> dict:
         out = {"z": self.tokens[indices], "y": self.labels[indices]}
         if self.text is not None:
@@ -113,7 +117,16 @@ class GenTask(nn.Module):
 
 
 def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool = False, device: str = "cpu",
-              info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto") -> dict:
+              info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto",
+              workers: Optional[int] = None, compile: bool = False, tensorboard: bool = True,
+              wandb: Optional[str] = None) -> dict:
+    """Train a generator run in ``out`` on extracted tokens. The tokens sit in memory, so the
+    loader reads them in the training process unless ``workers`` asks for more."""
+    from .logs import check_wandb
+    from .loop import amp_dtype_for
+
+    amp_dtype_for(precision, device)
+    check_wandb(wandb)
     data = load_tokens(tokens_path)
     meta = data["meta"]
     if cfg.generator is None:
@@ -152,7 +165,8 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
     task = GenTask(gen, data["tokens"], labels, cfg.train.time_sampler, cfg.generator.class_dropout,
                    text=feats, text_encoder=text_encoder)
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
-                  precision=precision)
+                  precision=precision, workers=workers, compile=compile, tensorboard=tensorboard, wandb=wandb,
+                  config=cfg.to_dict())
     summary["run"] = str(out)
     if feats is not None:
         summary.update(text_encoder=cfg.generator.text_encoder, unique_captions=feats.unique)
