@@ -43,6 +43,20 @@ def vae_identity(source: str, subfolder: Optional[str] = None) -> dict:
     return {"vae": str(p.resolve()) if p.exists() else str(source), "subfolder": subfolder or None}
 
 
+def load_vae(source: str, subfolder: Optional[str] = None):
+    """The frozen ``LatentVAE`` of a hub id or diffusers directory, sized from its own config."""
+    from ..config import VAEConfig
+    from ..models.vae import LatentVAE
+
+    if source in ("none", "", None):
+        raise InputError("--vae none is pixel space: there are no latents to cache")
+    cfg = VAEConfig(source=source, subfolder=subfolder)
+    module = LatentVAE._load(cfg, None)
+    c = module.config
+    cfg.latent_channels, cfg.downsample = int(c.latent_channels), 2 ** (len(c.block_out_channels) - 1)
+    return LatentVAE(cfg, module=module)
+
+
 class LatentCache:
     """Read side: ``cache.get(indices)`` -> float16 (B, V, 2C, h, w) from the memory map."""
 
