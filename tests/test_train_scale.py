@@ -290,4 +290,8 @@ def test_compile_trains_and_resumes_like_eager(work, tmp_path):
     cli("train", "gen", "--out", tmp_path / "eager", "--steps", 3, *common)
     cli("train", "gen", "--out", tmp_path / "c", "--steps", 2, "--compile", *common)
     cli("train", "gen", "--out", tmp_path / "c", "--steps", 3, "--compile", "--resume", *common)
-    same_weights(tmp_path / "eager", tmp_path / "c", atol=1e-5)
+    # Fused kernels re-associate floats; the gradient-free mixer biases (see test_distributed)
+    # then take AdamW steps of ~lr in either direction.
+    from test_distributed import assert_same_weights
+
+    assert_same_weights(tmp_path / "eager", tmp_path / "c")
