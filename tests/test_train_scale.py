@@ -282,9 +282,9 @@ def test_grad_checkpoint_gives_the_same_gradients():
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.skipif(not os.environ.get("REPTOK_TEST_COMPILE"),
-                    reason="torch.compile needs a C++ toolchain and minutes of inductor compilation on a CPU; "
-                           "set REPTOK_TEST_COMPILE=1 to run it (benchmarks/gpu_check.sh runs --compile on a GPU)")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")) or os.environ.get("REPTOK_SKIP_COMPILE"),
+                    reason="torch.compile (inductor) needs a C++ compiler on a CPU; the tiny model compiles in "
+                           "~15 s (REPTOK_SKIP_COMPILE=1 skips it; benchmarks/gpu_check.sh runs --compile on a GPU)")
 def test_compile_trains_and_resumes_like_eager(work, tmp_path):
     common = ["--tokens", work / "tokens.npy", "--preset", "tiny", "--batch-size", 8, "--ckpt-every", 100, "--json"]
     cli("train", "gen", "--out", tmp_path / "eager", "--steps", 3, *common)

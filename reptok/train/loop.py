@@ -289,6 +289,7 @@ def fit(
     keys = None
     window_loss = None  # summed over the steps since the last host read, on the device
     t_start, seen = time.perf_counter(), 0
+    t_first = seen_first = t_synced = seen_synced = None  # steady-state rate: after the first synced step
     last_saved = start
     sync_every = max(1, min(cfg.log_every, 10))  # ranks agree on a stop request this often
 
@@ -347,6 +348,9 @@ def fit(
                     values = host_check(stats, step)  # never checkpoint weights a NaN went through
                     window_loss = None
                     summary["last_loss"] = values["loss"]
+                    t_synced, seen_synced = time.perf_counter(), seen  # the device is idle here
+                    if t_first is None:
+                        t_first, seen_first = t_synced, seen
                 if is_log:
                     rate = seen / max(time.perf_counter() - t_start, 1e-9)
                     rec = {"step": done, **{k: round(v, 6) for k, v in values.items()},
@@ -378,4 +382,6 @@ def fit(
         del loader  # shuts the workers down
     elapsed = time.perf_counter() - t_start
     summary.update(seconds=round(elapsed, 2), images_per_s=round(seen / max(elapsed, 1e-9), 2))
+    if t_first is not None and t_synced > t_first:  # without start-up, compilation and the first step
+        summary["steady_images_per_s"] = round((seen_synced - seen_first) / (t_synced - t_first), 2)
     return summary
