@@ -229,6 +229,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(work, tmp_p
 
 
 def test_tensorboard_events_hold_every_metric_and_the_grids(work, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cli("train", "recon", "--data", work / "data_nocache", "--out", tmp_path / "r", "--preset", "tiny", "--steps", 4,
@@ -246,7 +247,6 @@ def test_tensorboard_events_hold_every_metric_and_the_grids(work, tmp_path):
 
 
 def test_wandb_without_the_package_exits_2(work, tmp_path):
-    pytest.importorskip("typer")
     try:
         import wandb  # noqa: F401
         pytest.skip("wandb is installed")
