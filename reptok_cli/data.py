@@ -182,6 +182,8 @@ def info(
         t.add_row("classes", "unlabelled")
     t.add_row("captions", "yes" if d.get("has_captions") else "no")
     t.add_row("latents", f"yes {tuple(d['latent_shape'])}" if d.get("has_latents") else "no")
+    lc = d.get("latent_cache")
+    t.add_row("latent cache", f"{lc['vae']} at {lc['resolution']} px, {'with' if lc['flips'] else 'no'} mirrors" if lc else "no")
     t.add_row("skipped", str(d.get("skipped", 0)) + (f" (see {d['skipped_report']})" if d.get("skipped") else ""))
     t.add_row("created", f"{d.get('created')} by reptok {d.get('reptok_version')}")
     err.print(t)

@@ -228,5 +228,6 @@ def dataset_info(path: Union[str, Path]) -> Dict[str, Any]:
         "size_bytes": int(size),
         "class_counts": [int(c) for c in counts],
         "unlabelled": int((labels < 0).sum()),
+        "latent_cache": ds.latent_cache.meta if ds.latent_cache is not None else None,
         "skipped_report": str(skipped_file) if skipped_file.exists() else None,
     }

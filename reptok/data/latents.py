@@ -69,6 +69,13 @@ class LatentCache:
             raise InputError(f"{self.dir}: unreadable latent cache ({e}); delete it and re-run "
                              f"'reptok data cache-latents'") from None
 
+    # A memory map pickles as a full copy: DataLoader workers started with spawn re-open it.
+    def __getstate__(self):
+        return {"dir": self.dir}
+
+    def __setstate__(self, state):
+        self.__init__(state["dir"].parent)
+
     @staticmethod
     def exists(data: Union[str, Path]) -> bool:
         return (Path(data) / CACHE_DIR / CACHE_META).is_file()
