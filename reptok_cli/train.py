@@ -81,7 +81,7 @@ def recon(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with loss scaling)", rich_help_panel=RUN),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips, seeded per step (default: on for base/large/xl).", rich_help_panel=OPT),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes per rank (default: min(8, CPUs / local ranks)).", rich_help_panel=RUN),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the encoder and each decoder block.", rich_help_panel=RUN),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each decoder and ViT block.", rich_help_panel=RUN),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Activation checkpointing of the decoder blocks (less memory, ~1/3 more compute).", rich_help_panel=RUN),
     no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard events to RUN/tensorboard.", rich_help_panel=RUN),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="Also log to this Weights & Biases project (needs wandb).", rich_help_panel=RUN),

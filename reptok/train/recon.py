@@ -75,9 +75,9 @@ class ReconTask(nn.Module):
         return {} if self.freeze_token else {self.encoder.vit.cls_token: self.token_lr_scale}
 
     def compile_regions(self) -> list:
-        """--compile: each decoder block on its own (identical blocks share one compiled graph),
-        plus the encoder's ViT."""
-        return list(self.decoder.blocks) + [self.encoder]
+        """--compile: each decoder block and each ViT block on its own (identical blocks share
+        one compiled graph; the encoder calls its blocks, not ``vit.forward``)."""
+        return list(self.decoder.blocks) + list(self.encoder.vit.blocks)
 
     def num_examples(self) -> int:
         return len(self.dataset)
