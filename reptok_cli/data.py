@@ -122,6 +122,7 @@ def cache_latents(
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Subfolder of the VAE repository / directory."),
     flips: bool = typer.Option(True, "--flips/--no-flips", help="Also store the mirror images' posteriors (needed by --hflip)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per VAE forward pass."),
+    chunk_size: int = typer.Option(256, "--chunk-size", help="Images per resumable unit (the units are split across ranks)."),
     device: str = typer.Option("auto", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another VAE / flips setting."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
@@ -136,8 +137,8 @@ def cache_latents(
     from .common import init_ranks, parse_device
 
     read_meta(directory)
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: expected 1 or more")
+    if batch_size < 1 or chunk_size < 1:
+        raise InputError(f"--batch-size {batch_size} / --chunk-size {chunk_size}: expected 1 or more")
     dev = parse_device(device)
     model = load_vae(vae, subfolder)  # before the process group: a bad --vae fails every rank at once
     dev, rank = init_ranks(dev)
@@ -145,7 +146,7 @@ def cache_latents(
                   TimeRemainingColumn(), console=err, transient=True, disable=not rank.is_main) as bar:
         task = bar.add_task("cache", total=None)
         summary = run_cache(directory, model, vae_identity(vae, subfolder), flips=flips, batch_size=batch_size,
-                            device=dev, info=rank, overwrite=overwrite,
+                            device=dev, info=rank, overwrite=overwrite, chunk=chunk_size,
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not rank.is_main:
         return

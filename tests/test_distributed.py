@@ -180,6 +180,27 @@ def test_collectives_get_tensors_on_the_training_device(work, tmp_path):
     assert "collective all_reduce got a tensor on cpu; the training device is meta" in res.stderr
 
 
+def test_cache_latents_two_ranks_write_the_one_process_cache(work, tmp_path):
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_vae import tiny_autoencoder
+
+    tiny_autoencoder().save_pretrained(tmp_path / "vae")
+    for name in ("one", "two"):
+        shutil.copytree(work / "data", tmp_path / name, ignore=shutil.ignore_patterns("latents*"))
+    args = ["--vae", tmp_path / "vae", "--batch-size", 4, "--chunk-size", 8, "--json"]
+    with one_thread():
+        cli("data", "cache-latents", tmp_path / "one", *args)
+    res = torchrun("data", "cache-latents", tmp_path / "two", *args)
+    out = json_lines(res.stdout)
+    assert len(out) == 1 and out[0]["count"] == 32 and out[0]["encoded"] == 16  # rank 0's half
+    a, b = (np.load(tmp_path / n / "latents" / "moments.npy") for n in ("one", "two"))
+    assert a.shape == (32, 2, 8, 4, 4)
+    np.testing.assert_array_equal(a, b)
+    assert not (tmp_path / "two" / "latents.partial").exists()
+
+
 # ----------------------------------------------------------------------------- sampling / extraction
 @pytest.mark.parametrize("out", ["s.npz", "pngs"])
 def test_sample_two_ranks_write_the_one_process_images(work, tmp_path, out):

@@ -66,23 +66,22 @@ def test_latent_cache_holds_the_posterior_of_each_image_and_its_mirror(work):
     np.testing.assert_allclose(cache.get(np.array([3, 17])).astype(np.float32), want.numpy(), atol=2e-2, rtol=1e-2)
 
 
-def test_latent_cache_resumes_after_an_interruption(work, tmp_path, monkeypatch):
+def test_latent_cache_resumes_after_an_interruption(work, tmp_path):
     from reptok.data import latents
 
     data = tmp_path / "data"
     shutil.copytree(work / "data_nocache", data)
     vae = latents.load_vae(str(work / "vae"))
     ident = latents.vae_identity(str(work / "vae"))
-    monkeypatch.setattr(latents, "CHUNK", 8)
 
     def stop_in_the_second_chunk(done, total):
         if done >= 16:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        latents.cache_latents(data, vae, ident, batch_size=8, progress=stop_in_the_second_chunk)
+        latents.cache_latents(data, vae, ident, batch_size=8, chunk=8, progress=stop_in_the_second_chunk)
     assert not (data / "latents").exists() and (data / "latents.partial" / "done" / "0").exists()
-    out = latents.cache_latents(data, vae, ident, batch_size=8)
+    out = latents.cache_latents(data, vae, ident, batch_size=8, chunk=8)
     assert out["encoded"] == 32 and out["skipped"] == 8
     full = np.load(work / "data" / "latents" / "moments.npy")
     # (the reference was encoded 16 images per pass: a float16 ulp apart at most)

@@ -114,11 +114,12 @@ class LatentCache:
 
 def cache_latents(
     data: Union[str, Path], vae, identity: dict, *, flips: bool = True, batch_size: int = 32,
-    device: str = "cpu", info=None, overwrite: bool = False,
+    device: str = "cpu", info=None, overwrite: bool = False, chunk: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> dict:
     """Encode every image of the prepared dataset ``data`` with ``vae`` (a ``LatentVAE``) into
-    ``data/latents``; ``identity`` is ``vae_identity(...)`` of it. Resumable; sharded by rank."""
+    ``data/latents``; ``identity`` is ``vae_identity(...)`` of it. Resumable in units of ``chunk``
+    images (default ``CHUNK``); the chunks are split across ranks."""
     from ..train.dist import DistInfo, barrier
     from .dataset import PreparedDataset
 
@@ -148,7 +149,10 @@ def cache_latents(
             ckpt.atomic_write_text(pmeta, json.dumps(meta))
     barrier()
     mm = np.load(partial / MOMENTS, mmap_mode="r+")
-    chunks = list(range(0, n, CHUNK))
+    chunk = int(chunk or CHUNK)
+    if chunk < 1:
+        raise InputError(f"chunk size {chunk}: expected 1 or more")
+    chunks = list(range(0, n, chunk))
     per = (len(chunks) + info.world_size - 1) // info.world_size
     mine = chunks[info.rank * per:(info.rank + 1) * per]
     todo = [s for s in mine if not (partial / "done" / str(s)).exists()]
@@ -156,7 +160,7 @@ def cache_latents(
     vae.to(device)
     with torch.no_grad():
         for s in todo:
-            e = min(n, s + CHUNK)
+            e = min(n, s + chunk)
             for b in range(s, e, batch_size):
                 idx = list(range(b, min(e, b + batch_size)))
                 img = torch.from_numpy(ds.get_uint8_chw(idx)).to(device).float().div_(127.5).sub_(1.0)
@@ -165,7 +169,7 @@ def cache_latents(
                     mm[b:b + len(idx), v] = vae.encode_moments(x).float().cpu().numpy().astype(np.float16)
                 encoded += len(idx)
                 if progress is not None:
-                    progress(encoded, sum(min(n, t + CHUNK) - t for t in todo))
+                    progress(encoded, sum(min(n, t + chunk) - t for t in todo))
             mm.flush()
             (partial / "done" / str(s)).touch()  # after the flush: a marker means the rows are on disk
     del mm
@@ -180,5 +184,5 @@ def cache_latents(
         partial.rename(final)
     barrier()
     seconds = time.perf_counter() - t0
-    return {**meta, "out": str(final), "encoded": encoded, "skipped": sum(min(n, t + CHUNK) - t for t in mine if t not in todo),
+    return {**meta, "out": str(final), "encoded": encoded, "skipped": sum(min(n, t + chunk) - t for t in mine if t not in todo),
             "seconds": round(seconds, 2), "images_per_s": round(encoded / max(seconds, 1e-9), 2)}
