@@ -15,6 +15,11 @@
 # 6. summary.md: every bench row in one table;
 # 7. `reptok quickstart --device cuda` (QUICKSTART=1): the whole method trained and judged on the
 #    GPU (bf16 autocast), its report in $OUT/quickstart.json.
+# 8. training at scale (TRAIN=1, issue 14): `torchrun --nproc-per-node 1` (a real 1-rank NCCL
+#    group: DDP + every collective, each checked to get a tensor on the training device by
+#    tests/collective_guard.py) `data cache-latents`, `train recon` and `train gen` at
+#    TRAIN_PRESET=base for TRAIN_STEPS=20 steps; then benchmarks/train_throughput.py at
+#    THROUGHPUT_PRESET=xl, bf16, cached latents, eager and --compile -> $OUT/train_throughput.md.
 #
 # Results (JSON + logs) land in $OUT. A failed step is recorded in $OUT/steps.tsv and the script
 # goes on, so a partial run still returns what it measured. Knobs (environment):
@@ -38,6 +43,11 @@ PY=${PY:-python}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PRESET=tiny: a plumbing dry run without a GPU
 CUDA_TESTS=${CUDA_TESTS:-1}
 QUICKSTART=${QUICKSTART:-1}
+TRAIN=${TRAIN:-1}
+TRAIN_PRESET=${TRAIN_PRESET:-$([ "$DEVICE" = cpu ] && echo tiny || echo base)}
+TRAIN_STEPS=${TRAIN_STEPS:-20}
+THROUGHPUT_PRESET=${THROUGHPUT_PRESET:-$([ "$DEVICE" = cpu ] && echo tiny || echo xl)}
+THROUGHPUT_BATCH=${THROUGHPUT_BATCH:-$([ "$DEVICE" = cpu ] && echo 8 || echo 64)}
 [ -x .venv/bin/python ] && [ "$PY" = python ] && PY=.venv/bin/python
 
 mkdir -p "$OUT" "$WORK"
@@ -168,8 +178,36 @@ if [ "$QUICKSTART" = 1 ]; then
   cat "$OUT/quickstart.json"
 fi
 
+# ---------------------------------------------------------------- 8. training at scale
+if [ "$TRAIN" = 1 ]; then
+  TW=$WORK/train
+  TRES=$("$PY" -c "from reptok.presets import get_preset; print(get_preset('$TRAIN_PRESET').image_size)")
+  TPIX=$("$PY" -c "from reptok.presets import get_preset; print(int(get_preset('$TRAIN_PRESET').vae.is_pixel))")
+  GUARD=("$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 --master-port 29517 tests/collective_guard.py)
+  export REPTOK_COLLECTIVE_DEVICE=$DEVICE
+  step train_prep "${REPTOK[@]}" data prep builtin:shapes:256 --out "$TW/data" --resolution "$TRES" --overwrite --json > "$OUT/train_prep.json"
+  TVAE=()
+  if [ "$TPIX" = 0 ]; then
+    step train_vae "$PY" -c "from reptok.bench import random_autoencoder; from reptok.presets import get_preset; random_autoencoder(get_preset('$TRAIN_PRESET').vae, 0).save_pretrained('$TW/vae')"
+    TVAE=(--vae "$TW/vae")
+    step train_cache "${GUARD[@]}" data cache-latents "$TW/data" "${TVAE[@]}" --device "$DEVICE" --json > "$OUT/train_cache.json"
+  fi
+  rm -rf "$TW/tok" "$TW/gen"
+  step train_recon "${GUARD[@]}" train recon --data "$TW/data" --out "$TW/tok" --preset "$TRAIN_PRESET" --encoder-weights random \
+    ${TVAE[@]+"${TVAE[@]}"} --steps "$TRAIN_STEPS" --batch-size 32 --sample-every 0 --device "$DEVICE" --json > "$OUT/train_recon.json"
+  step train_extract "${REPTOK[@]}" extract --ckpt "$TW/tok" --data "$TW/data" --out "$TW/tokens.npy" --device "$DEVICE" --json > "$OUT/train_extract.json"
+  step train_gen "${GUARD[@]}" train gen --tokens "$TW/tokens.npy" --out "$TW/gen" --preset "$TRAIN_PRESET" \
+    --steps "$TRAIN_STEPS" --batch-size 64 --device "$DEVICE" --json > "$OUT/train_gen.json"
+  cat "$OUT/train_recon.json" "$OUT/train_gen.json"
+  step train_throughput "$PY" benchmarks/train_throughput.py --preset "$THROUGHPUT_PRESET" --device "$DEVICE" \
+    --precision bf16 --cache --compile --batch-size "$THROUGHPUT_BATCH" --images 1024 --steps 20 > "$OUT/train_throughput.md"
+  cat "$OUT/train_throughput.md"
+  unset REPTOK_COLLECTIVE_DEVICE
+fi
+
 # ---------------------------------------------------------------- 6. summary
 "$PY" benchmarks/bench_backends.py --summarize "$OUT"/bench_*.json > "$OUT/summary.md" 2>/dev/null
 { echo; echo "## whole samples vs torch fp32 ($STEPS+$STEPS steps)"; cat "$OUT/sample_compare.json"; \
+  [ -f "$OUT/train_throughput.md" ] && { echo; echo "## training throughput"; cat "$OUT/train_throughput.md"; }; \
   echo; echo "## steps"; cat "$OUT/steps.tsv"; } >> "$OUT/summary.md"
 cat "$OUT/summary.md"

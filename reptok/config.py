@@ -161,6 +161,8 @@ class TrainConfig:
     sample_every: int = 500
     seed: int = 0
     grad_accum: int = 1
+    # Random horizontal flips (seeded with the rest of step s). On for the ImageNet presets.
+    hflip: bool = False
 
 
 @dataclass

@@ -119,7 +119,8 @@ def _imagenet(decoder: DecoderConfig, generator: GeneratorConfig) -> PipelineCon
         decoder=decoder,
         generator=generator,
         sampling=SamplingConfig(),
-        train=TrainConfig(steps=600_000, batch_size=256, lr=1e-4, ema=0.9999, ckpt_every=10_000, sample_every=10_000),
+        train=TrainConfig(steps=600_000, batch_size=256, lr=1e-4, ema=0.9999, ckpt_every=10_000, sample_every=10_000,
+                          hflip=True),
     )
 
 

@@ -105,6 +105,58 @@ def prep(
     err.print(t)
 
 
+CACHE_EPILOG = (
+    "Examples:\n\n"
+    "  reptok data cache-latents data/in256 --vae stabilityai/sd-vae-ft-mse\n\n"
+    "  torchrun --nproc-per-node 8 -m reptok_cli data cache-latents data/in256 --vae ./sd-vae   # one share per GPU\n\n"
+    "Interrupted? Run the same command again: finished chunks are kept. 'reptok train recon' on DATA then\n"
+    "reads the cache instead of running the VAE encoder (the run's VAE and resolution must match)."
+)
+
+
+@data_app.command("cache-latents", epilog=CACHE_EPILOG)
+@handle_errors
+def cache_latents(
+    directory: Path = typer.Argument(..., help="A dataset directory written by 'reptok data prep'."),
+    vae: str = typer.Option(..., "--vae", help="Hub id or local dir of a diffusers AutoencoderKL (the run's --vae)."),
+    subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Subfolder of the VAE repository / directory."),
+    flips: bool = typer.Option(True, "--flips/--no-flips", help="Also store the mirror images' posteriors (needed by --hflip)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per VAE forward pass."),
+    chunk_size: int = typer.Option(256, "--chunk-size", help="Images per resumable unit (the units are split across ranks)."),
+    device: str = typer.Option("auto", "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another VAE / flips setting."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+) -> None:
+    """Store the SD-VAE posterior (mean, logvar) of every image in DIRECTORY/latents (sharded across torchrun ranks)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from reptok.data.dataset import read_meta
+    from reptok.data.latents import cache_latents as run_cache, load_vae, vae_identity
+    from reptok.errors import InputError
+
+    from .common import init_ranks, parse_device
+
+    read_meta(directory)
+    if batch_size < 1 or chunk_size < 1:
+        raise InputError(f"--batch-size {batch_size} / --chunk-size {chunk_size}: expected 1 or more")
+    dev = parse_device(device)
+    model = load_vae(vae, subfolder)  # before the process group: a bad --vae fails every rank at once
+    dev, rank = init_ranks(dev)
+    with Progress(TextColumn("[bold]cache[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not rank.is_main) as bar:
+        task = bar.add_task("cache", total=None)
+        summary = run_cache(directory, model, vae_identity(vae, subfolder), flips=flips, batch_size=batch_size,
+                            device=dev, info=rank, overwrite=overwrite, chunk=chunk_size,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if not rank.is_main:
+        return
+    if json_out:
+        emit_json(summary)
+    else:
+        err.print(f"[green]cached[/] {summary['count']:,} images ({'with' if summary['flips'] else 'no'} mirrors) "
+                  f"in {summary['out']}: {summary['encoded']:,} encoded, {summary['images_per_s']:,.1f} img/s")
+
+
 @data_app.command("info", epilog=INFO_EPILOG)
 @handle_errors
 def info(
@@ -131,6 +183,8 @@ def info(
         t.add_row("classes", "unlabelled")
     t.add_row("captions", "yes" if d.get("has_captions") else "no")
     t.add_row("latents", f"yes {tuple(d['latent_shape'])}" if d.get("has_latents") else "no")
+    lc = d.get("latent_cache")
+    t.add_row("latent cache", f"{lc['vae']} at {lc['resolution']} px, {'with' if lc['flips'] else 'no'} mirrors" if lc else "no")
     t.add_row("skipped", str(d.get("skipped", 0)) + (f" (see {d['skipped_report']})" if d.get("skipped") else ""))
     t.add_row("created", f"{d.get('created')} by reptok {d.get('reptok_version')}")
     err.print(t)

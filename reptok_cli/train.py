@@ -18,6 +18,33 @@ MODEL = "Model"
 RUN = "Run"
 
 
+def _finish(summary: dict, info, json_out: bool, unit: str) -> None:
+    """Print the summary (rank 0); a run stopped by SIGTERM / SIGUSR1 exits 128 + signal."""
+    if info.is_main:
+        if json_out:
+            emit_json(summary)
+        elif summary.get("preempted"):
+            err.print(f"[yellow]stopped[/] {summary['run']} by {summary['preempted']} after step "
+                      f"{summary['stopped_at']}: checkpoint written; continue with --resume")
+        else:
+            err.print(f"[green]done[/] {summary['run']}: loss {summary['last_loss']:.4f}, {summary['images_per_s']} {unit}")
+    if summary.get("preempted"):
+        raise typer.Exit(summary["exit_code"])
+
+
+def _check_runtime(workers, precision, wandb) -> None:
+    """Runtime options, checked before any work (and before the process group exists)."""
+    from reptok.errors import InputError
+    from reptok.train.logs import check_wandb
+    from reptok.train.loop import PRECISIONS
+
+    if workers is not None and workers < 0:
+        raise InputError(f"--workers {workers}: expected 0 or more")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    check_wandb(wandb)
+
+
 def _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema) -> dict:
     return {"train.steps": steps, "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed,
             "train.grad_accum": grad_accum, "train.ckpt_every": ckpt_every, "train.sample_every": sample_every,
@@ -78,7 +105,13 @@ def recon(
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Reconstruction grid every K steps.", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.", rich_help_panel=RUN),
     device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16", rich_help_panel=RUN),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with loss scaling)", rich_help_panel=RUN),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips, seeded per step (default: on for base/large/xl).", rich_help_panel=OPT),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes per rank (default: min(8, CPUs / local ranks)).", rich_help_panel=RUN),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each decoder and ViT block.", rich_help_panel=RUN),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Activation checkpointing of the decoder blocks (less memory, ~1/3 more compute).", rich_help_panel=RUN),
+    no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard events to RUN/tensorboard.", rich_help_panel=RUN),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="Also log to this Weights & Biases project (needs wandb).", rich_help_panel=RUN),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=RUN),
 ):
     """Stage (a): train the encoder's \\[cls] token and the flow decoder jointly."""
@@ -89,6 +122,8 @@ def recon(
     over["train.cos_weight"] = cos_weight
     over["train.token_lr_scale"] = token_lr_scale
     over.update(_time_overrides("decoder", time_sampler, time_loc, time_scale))
+    over["train.hflip"] = hflip
+    _check_runtime(workers, precision, wandb)
     over.update(parse_set(set_))
     _check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
     if resume and (out / "config.json").exists():
@@ -108,12 +143,10 @@ def recon(
     # at once instead of leaving the others waiting in a collective).
     dev, info = init_ranks(dev)
     summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
-                          progress=not json_out, precision=precision, init=init)
-    if info.is_main:
-        if json_out:
-            emit_json(summary)
-        else:
-            err.print(f"[green]done[/] {summary['run']}: loss {summary['last_loss']:.4f}, {summary['images_per_s']} img/s")
+                          progress=not json_out, precision=precision, init=init, workers=workers, compile=compile_,
+                          grad_checkpoint=grad_checkpoint, tensorboard=not no_tensorboard, wandb=wandb,
+                          notify=lambda line: err.print(line, highlight=False))
+    _finish(summary, info, json_out, "img/s")
 
 
 @train_app.command("gen", epilog=(
@@ -151,7 +184,11 @@ def gen(
     resume: bool = typer.Option(False, "--resume", rich_help_panel=RUN),
     init: Optional[Path] = typer.Option(None, "--init", help=INIT_HELP + " Keeps its token normalisation.", rich_help_panel=RUN),
     device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
-    precision: str = typer.Option("auto", "--precision", rich_help_panel=RUN),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with loss scaling)", rich_help_panel=RUN),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes per rank (default 0: tokens are in memory).", rich_help_panel=RUN),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the generator.", rich_help_panel=RUN),
+    no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard events to RUN/tensorboard.", rich_help_panel=RUN),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="Also log to this Weights & Biases project (needs wandb).", rich_help_panel=RUN),
     json_out: bool = typer.Option(False, "--json", rich_help_panel=RUN),
 ):
     """Stage (b): train the MLP-Mixer generator on extracted tokens (class labels, or captions with --text-encoder)."""
@@ -169,6 +206,7 @@ def gen(
     over["generator.caption_dropout"] = caption_dropout
     over["generator.token_norm"] = token_norm
     over.update(_time_overrides("generator", time_sampler, time_loc, time_scale))
+    _check_runtime(workers, precision, wandb)
     if caption_dropout is not None and text_encoder is None and not resume:
         from reptok.errors import InputError
 
@@ -187,9 +225,6 @@ def gen(
     # at once instead of leaving the others waiting in a collective).
     dev, info = init_ranks(dev)
     summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not json_out,
-                        precision=precision, init=init)
-    if info.is_main:
-        if json_out:
-            emit_json(summary)
-        else:
-            err.print(f"[green]done[/] {summary['run']}: loss {summary['last_loss']:.4f}, {summary['images_per_s']} tokens/s")
+                        precision=precision, init=init, workers=workers, compile=compile_,
+                        tensorboard=not no_tensorboard, wandb=wandb)
+    _finish(summary, info, json_out, "tokens/s")

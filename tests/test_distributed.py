@@ -49,14 +49,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, nproc: int = 2, timeout: int = 180) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node N -m reptok_cli ARGS`` as a subprocess; asserts success."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def torchrun(*args, nproc: int = 2, timeout: int = 180, script=None, env=None, code=0) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node N -m reptok_cli ARGS`` (or ``SCRIPT ARGS``) as a subprocess;
+    asserts its exit code."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    target = [str(script)] if script else ["-m", "reptok_cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "reptok_cli",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target,
            *[str(a) for a in args]]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr[-4000:]}"
+    assert (res.returncode == 0) == (code == 0), f"exit {res.returncode}\n{res.stdout}\n{res.stderr[-4000:]}"
     return res
 
 
@@ -136,11 +138,13 @@ def test_grad_accum_single_process_equals_plain(work, tmp_path):
     assert_same_weights(tmp_path / "plain", tmp_path / "accum")
 
 
-def test_recon_resume_one_rank_run_on_two_ranks(work, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_recon_resume_one_rank_run_on_two_ranks(work, tmp_path, workers):
     """A 1-process tokenizer run continued by 2 ranks == 4 uninterrupted 1-process steps
-    (trainable cls token + decoder under DDP, frozen ViT backbone)."""
+    (trainable cls token + decoder under DDP, frozen ViT backbone), with the batches read in the
+    training process or by DataLoader workers."""
     common = ["--data", work / "data", "--preset", "tiny", "--batch-size", 8, "--ckpt-every", 2,
-              "--sample-every", 0, "--set", "train.log_every=1", "--json"]
+              "--sample-every", 0, "--set", "train.log_every=1", "--workers", workers, "--json"]
     with one_thread():
         cli("train", "recon", "--out", tmp_path / "ref", "--steps", 4, *common)
         cli("train", "recon", "--out", tmp_path / "run", "--steps", 2, *common)
@@ -152,6 +156,49 @@ def test_recon_resume_one_rank_run_on_two_ranks(work, tmp_path):
         assert_same_weights(tmp_path / "run", tmp_path / "ref", name)
     w = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert not torch.equal(w["encoder.vit.cls_token"], w["encoder.cls_token_frozen"])
+
+
+GUARD = Path(__file__).parent / "collective_guard.py"
+
+
+def test_collectives_get_tensors_on_the_training_device(work, tmp_path):
+    """2-rank recon and gen with every torch.distributed collective checking its tensor's device
+    (NCCL has no CPU backend: a CPU tensor stops a multi-GPU run at step 1). The control run,
+    told the training device is another one, fails: the check really sees the loop's collectives."""
+    recon = ["train", "recon", "--data", work / "data", "--preset", "tiny", "--batch-size", 8, "--steps", 2,
+             "--sample-every", 0, "--set", "train.log_every=1", "--json"]
+    log = tmp_path / "calls"
+    torchrun(*recon, "--out", tmp_path / "r", script=GUARD,
+             env={"REPTOK_COLLECTIVE_DEVICE": "cpu", "REPTOK_COLLECTIVE_LOG": str(log)})
+    gen = ["train", "gen", "--tokens", work / "tokens.npy", "--preset", "tiny", "--batch-size", 8, "--steps", 2,
+           "--set", "train.log_every=1", "--json"]
+    torchrun(*gen, "--out", tmp_path / "g", script=GUARD,
+             env={"REPTOK_COLLECTIVE_DEVICE": "cpu", "REPTOK_COLLECTIVE_LOG": str(log)})
+    calls = (tmp_path / "calls.0").read_text().splitlines()
+    assert calls.count("all_reduce cpu") >= 4, calls  # stats (+ the stop flag) of 2 steps x 2 runs
+    res = torchrun(*gen, "--out", tmp_path / "x", script=GUARD, env={"REPTOK_COLLECTIVE_DEVICE": "meta"}, code=1)
+    assert "collective all_reduce got a tensor on cpu; the training device is meta" in res.stderr
+
+
+def test_cache_latents_two_ranks_write_the_one_process_cache(work, tmp_path):
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_vae import tiny_autoencoder
+
+    tiny_autoencoder().save_pretrained(tmp_path / "vae")
+    for name in ("one", "two"):
+        shutil.copytree(work / "data", tmp_path / name, ignore=shutil.ignore_patterns("latents*"))
+    args = ["--vae", tmp_path / "vae", "--batch-size", 4, "--chunk-size", 8, "--json"]
+    with one_thread():
+        cli("data", "cache-latents", tmp_path / "one", *args)
+    res = torchrun("data", "cache-latents", tmp_path / "two", *args)
+    out = json_lines(res.stdout)
+    assert len(out) == 1 and out[0]["count"] == 32 and out[0]["encoded"] == 16  # rank 0's half
+    a, b = (np.load(tmp_path / n / "latents" / "moments.npy") for n in ("one", "two"))
+    assert a.shape == (32, 2, 8, 4, 4)
+    np.testing.assert_array_equal(a, b)
+    assert not (tmp_path / "two" / "latents.partial").exists()
 
 
 # ----------------------------------------------------------------------------- sampling / extraction

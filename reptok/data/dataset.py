@@ -172,6 +172,17 @@ class PreparedDataset(torch.utils.data.Dataset):
             raise IndexError(f"index out of range for a dataset of {n} images")
         return np.where(idx < 0, idx + n, idx)
 
+    def get_uint8_chw(self, indices) -> np.ndarray:
+        """Raw images as stored, uint8 (B, 3, R, R): what the training loader ships to the device."""
+        return self._images.get(self._indices(indices))
+
+    @property
+    def latent_cache(self):
+        """The ``reptok data cache-latents`` cache (a ``LatentCache``), or None."""
+        from .latents import LatentCache
+
+        return LatentCache(self.path) if LatentCache.exists(self.path) else None
+
     def get_uint8(self, indices) -> np.ndarray:
         """Raw images, uint8 (B, R, R, 3) (for FID reference statistics, previews)."""
         return np.ascontiguousarray(self._images.get(self._indices(indices)).transpose(0, 2, 3, 1))
@@ -217,5 +228,6 @@ def dataset_info(path: Union[str, Path]) -> Dict[str, Any]:
         "size_bytes": int(size),
         "class_counts": [int(c) for c in counts],
         "unlabelled": int((labels < 0).sum()),
+        "latent_cache": ds.latent_cache.meta if ds.latent_cache is not None else None,
         "skipped_report": str(skipped_file) if skipped_file.exists() else None,
     }

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -249,7 +250,11 @@ class FlowDecoder(nn.Module):
         h = self.patch_in(self.patchify(x))  # (B, N, D)
         h = self.in_proj(torch.cat([cond, h], dim=1))  # latent token first: (B, 1 + N, D)
         for blk in self.blocks:
-            h = blk(h, c, self.pos)
+            if getattr(self, "grad_checkpoint", False) and self.training and torch.is_grad_enabled():
+                # --grad-checkpoint: keep only block inputs, recompute the rest in backward
+                h = torch.utils.checkpoint.checkpoint(blk, h, c, self.pos, use_reentrant=False)
+            else:
+                h = blk(h, c, self.pos)
         h = self.patch_out(self.out_norm(h[:, 1:]))  # drop the latent token: (B, N, p*p*C)
         return self.unpatchify(h)
 

@@ -19,6 +19,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Launched by torchrun: a process group exists even for one process (``--nproc-per-node 1``
+    # runs the real DDP / collective path, e.g. NCCL on one GPU).
+    launched: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -26,16 +29,18 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
 
 def env_info() -> DistInfo:
     """Rank / world size from torchrun's environment, without initialising anything (so inputs
     can be validated before the process group exists)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun sets both
+    if world <= 1 and not launched:
         return DistInfo()
-    return DistInfo(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), launched=launched)
 
 
 def _destroy() -> None:
@@ -66,7 +71,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def current() -> DistInfo:
     if tdist.is_available() and tdist.is_initialized():
-        return DistInfo(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return DistInfo(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), launched=True)
     return DistInfo()
 
 

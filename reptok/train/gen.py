@@ -87,6 +87,9 @@ class GenTask(nn.Module):
     def num_examples(self) -> int:
         return len(self.tokens)
 
+    def compile_regions(self) -> list:
+        return [self.generator]
+
     def load_examples(self, indices: torch.Tensor) -> dict:
         out = {"z": self.tokens[indices], "y": self.labels[indices]}
         if self.text is not None:
@@ -133,10 +136,17 @@ def token_stats(tokens: np.ndarray, meta: dict, token_norm: str):
 
 def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool = False, device: str = "cpu",
               info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto",
-              init: Optional[Path] = None) -> dict:
+              init: Optional[Path] = None, workers: Optional[int] = None, compile: bool = False,
+              tensorboard: bool = True, wandb: Optional[str] = None) -> dict:
     """Train a generator run in ``out`` on ``tokens_path``. ``init``: start from that run's raw
     generator weights (a generator or pipeline run, e.g. converted official weights) and keep its
-    normalisation buffers, with a fresh optimizer and EMA."""
+    normalisation buffers, with a fresh optimizer and EMA. The tokens sit in memory, so the
+    loader reads them in the training process unless ``workers`` asks for more."""
+    from .logs import check_wandb
+    from .loop import amp_dtype_for
+
+    amp_dtype_for(precision, device)
+    check_wandb(wandb)
     data = load_tokens(tokens_path)
     meta = data["meta"]
     if cfg.generator is None:
@@ -183,7 +193,8 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
     task = GenTask(gen, data["tokens"], labels, cfg.generator.class_dropout,
                    text=feats, text_encoder=text_encoder)
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
-                  precision=precision)
+                  precision=precision, workers=workers, compile=compile, tensorboard=tensorboard, wandb=wandb,
+                  config=cfg.to_dict())
     summary["run"] = str(out)
     if feats is not None:
         summary.update(text_encoder=cfg.generator.text_encoder, unique_captions=feats.unique)

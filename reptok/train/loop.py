@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -30,8 +31,11 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..errors import InputError, TrainingDiverged
 from .dist import DistInfo
+from .feed import default_workers, local_slice, step_loader
+from .logs import METRICS, TrainLogger
 
-METRICS = "metrics.jsonl"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # a scheduler's stop / SLURM's warning before the time limit
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -92,12 +96,6 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------- the loop
-def _local_slice(batch_size: int, info: DistInfo, accum: int, micro: int) -> slice:
-    per_rank = batch_size // info.world_size
-    start = info.rank * per_rank + micro * (per_rank // accum)
-    return slice(start, start + per_rank // accum)
-
-
 def _check_batch(cfg: TrainConfig, info: DistInfo) -> None:
     if cfg.batch_size % (info.world_size * cfg.grad_accum):
         raise InputError(
@@ -148,7 +146,7 @@ def save_checkpoint(run: Path, task, ema: EMA, opt, step: int, extra: Optional[d
     ckpt.atomic_save(run / ckpt.TRAIN_STATE, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(run: Path, task, ema: EMA, opt) -> int:
+def load_checkpoint(run: Path, task, ema: EMA, opt, scaler=None) -> int:
     from safetensors import safe_open
 
     path = run / ckpt.TRAIN_STATE
@@ -174,6 +172,12 @@ def load_checkpoint(run: Path, task, ema: EMA, opt) -> int:
                          f"restart the run without --resume") from None
     for g, s in zip(opt.param_groups, scales):
         g["lr_scale"] = s
+    if scaler is not None and scaler.is_enabled():
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        elif step > 0:
+            raise InputError(f"{run}: saved without fp16 loss scaling; resume it with the precision it was "
+                             f"trained with (or restart without --resume)")
     return step
 
 
@@ -184,6 +188,57 @@ def _truncate_metrics(path: Path, step: int) -> None:
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
+# ----------------------------------------------------------------------------- precision
+def amp_dtype_for(precision: str, device: str) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--precision`` on ``device`` (None = fp32); InputError if unknown.
+
+    auto: bf16 on CUDA, fp32 elsewhere. bf16 / fp16 autocast on CPU too (torch's CPU autocast);
+    fp16 always trains with a GradScaler (its state is part of the checkpoint).
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# ----------------------------------------------------------------------------- preemption
+class _StopRequest:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and returns."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            for name in PREEMPT_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _agree_to_stop(stop: _StopRequest, info: DistInfo, device: str) -> Optional[int]:
+    """The signal number if any rank was asked to stop (every rank gets the same answer)."""
+    if not info.enabled:
+        return stop.signum
+    flag = torch.tensor([stop.signum or 0], dtype=torch.int64, device=device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+# ----------------------------------------------------------------------------- the loop
 def fit(
     task: nn.Module,
     run: Path,
@@ -194,111 +249,152 @@ def fit(
     resume: bool = False,
     precision: str = "auto",
     progress: bool = True,
-    on_sample: Optional[Callable[[Dict[str, nn.Module], int], None]] = None,
+    on_sample: Optional[Callable[[Dict[str, nn.Module], int], Optional[np.ndarray]]] = None,
     extra_state: Optional[dict] = None,
+    workers: Optional[int] = None,
+    compile: bool = False,
+    tensorboard: bool = True,
+    wandb: Optional[str] = None,
+    config: Optional[dict] = None,
 ) -> dict:
     """Train ``task`` for ``cfg.steps`` optimizer steps; returns a summary dict.
 
-    ``task`` provides: ``saved_modules()``, ``num_examples()``, ``load_examples(indices)``,
-    ``draw_noise(batch_size, generator)`` and ``forward(batch, noise) -> (loss, metrics)``.
+    ``task`` provides: ``saved_modules()``, ``num_examples()``, ``load_examples(indices)`` (or
+    ``example_source()``, a picklable callable for DataLoader workers), ``draw_noise(batch_size,
+    generator)`` and ``forward(batch, noise) -> (loss, metrics)``; optionally ``compile_regions()``
+    (the modules ``--compile`` compiles, e.g. one per transformer block) and ``reads_files``
+    (True: the loader uses worker processes by default).
+
+    Host synchronisation happens only at logging / checkpoint steps (losses are summed on the
+    device); ``on_sample`` may return a uint8 grid, logged as an image.
     """
     run = Path(run)
     _check_batch(cfg, info)
+    amp_dtype = amp_dtype_for(precision, device)
+    dev_type = torch.device(device).type
     task.to(device)
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise InputError("nothing to train: every parameter is frozen")
     opt = torch.optim.AdamW(_param_groups(task, params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(dev_type, enabled=amp_dtype is torch.float16)
     ema = EMA(task.saved_modules(), cfg.ema)
-    start = load_checkpoint(run, task, ema, opt) if resume else 0
+    start = load_checkpoint(run, task, ema, opt, scaler) if resume else 0
     if info.is_main:
         _truncate_metrics(run / METRICS, start)
+    if compile:
+        for region in (task.compile_regions() if hasattr(task, "compile_regions") else [task]):
+            region.compile()  # in place: parameter names (and so checkpoints) do not change
     model = task
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(
-            task, device_ids=[info.local_rank] if str(device).startswith("cuda") else None)
-    amp_dtype = None
-    if precision in ("auto", "bf16") and str(device).startswith("cuda"):
-        amp_dtype = torch.bfloat16
-    elif precision == "fp16":
-        amp_dtype = torch.float16
+            task, device_ids=[info.local_rank] if dev_type == "cuda" else None)
     order = BatchOrder(task.num_examples(), cfg.batch_size, cfg.seed)
-    summary = {"start_step": start, "steps": cfg.steps, "last_loss": None}
-
-    bar = None
-    if progress and info.is_main:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.console import Console
-
-        bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                       console=Console(stderr=True), transient=False)
-        bar_task = bar.add_task("train", total=cfg.steps, completed=start, info="")
-        bar.start()
+    if workers is None:
+        workers = default_workers() if getattr(task, "reads_files", False) else 0
+    source = task.example_source() if hasattr(task, "example_source") else task.load_examples
+    loader = iter(step_loader(source, order, cfg, info, start, workers, pin=dev_type == "cuda"))
+    pin = dev_type == "cuda"
+    summary = {"start_step": start, "steps": cfg.steps, "last_loss": None, "workers": workers}
+    log = TrainLogger(run, enabled=info.is_main, start=start, total=cfg.steps, progress=progress,
+                      tensorboard=tensorboard, wandb=wandb, config=config)
+    keys = None
+    window_loss = None  # summed over the steps since the last host read, on the device
     t_start, seen = time.perf_counter(), 0
+    t_first = seen_first = t_synced = seen_synced = None  # steady-state rate: after the first synced step
     last_saved = start
+    sync_every = max(1, min(cfg.log_every, 10))  # ranks agree on a stop request this often
+
+    def host_check(stats: torch.Tensor, step: int) -> Dict[str, float]:
+        values = dict(zip(keys, stats.tolist()))
+        if not math.isfinite(values["loss"]) or not math.isfinite(float(window_loss)):
+            raise TrainingDiverged(
+                f"loss became {values['loss']} by step {step + 1}; the last good checkpoint "
+                f"(step {last_saved}) is kept in {run}. Lower --lr or raise --grad-clip, then --resume")
+        return values
+
     try:
-        model.train()
-        for step in range(start, cfg.steps):
-            g = step_generator(cfg.seed, step)
-            torch.manual_seed(rank_seed(cfg.seed, step, info.rank))
-            idx = order.indices(step)
-            noise = task.draw_noise(cfg.batch_size, g)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, step) * group.get("lr_scale", 1.0)
-            opt.zero_grad(set_to_none=True)
-            totals: Dict[str, float] = {}
-            for a in range(cfg.grad_accum):
-                sl = _local_slice(cfg.batch_size, info, cfg.grad_accum, a)
-                batch = {k: v.to(device, non_blocking=True) for k, v in task.load_examples(idx[sl]).items()}
-                nz = {k: v[sl].to(device) for k, v in noise.items()}
-                sync = contextlib.nullcontext()
-                if info.enabled and a < cfg.grad_accum - 1:
-                    sync = model.no_sync()
-                amp = torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with sync, amp:
-                    loss, metrics = model(batch, nz)
-                (loss.float() / cfg.grad_accum).backward()
-                for k, v in {"loss": loss, **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            stats = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
-            if info.enabled:
-                tdist.all_reduce(stats)
-                stats /= info.world_size
-            totals = dict(zip(sorted(totals), stats.tolist()))
-            if not math.isfinite(totals["loss"]):
-                raise TrainingDiverged(
-                    f"loss became {totals['loss']} at step {step + 1}; the last good checkpoint "
-                    f"(step {last_saved}) is kept in {run}. Lower --lr or raise --grad-clip, then --resume")
-            gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-            opt.step()
-            ema.update()
-            seen += cfg.batch_size
-            done = step + 1
-            summary["last_loss"] = totals["loss"]
-            if info.is_main and (done % cfg.log_every == 0 or done == 1 or done == cfg.steps):
-                rate = seen / max(time.perf_counter() - t_start, 1e-9)
-                rec = {"step": done, **{k: round(v, 6) for k, v in totals.items()},
-                       "grad_norm": round(float(gnorm), 6), "lr": _lr_at(cfg, step), "images_per_s": round(rate, 2)}
-                with open(run / METRICS, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if bar is not None:
-                    shown = " ".join(f"{k} {v:.4f}" for k, v in totals.items())
-                    bar.update(bar_task, info=f"{shown}  {rate:.1f} img/s")
-            if bar is not None:
-                bar.update(bar_task, completed=done)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                if info.is_main:
-                    save_checkpoint(run, task, ema, opt, done, extra_state)
-                last_saved = done
-            if on_sample is not None and info.is_main and cfg.sample_every and (
-                    done % cfg.sample_every == 0 or done == cfg.steps):
-                on_sample(ema.modules, done)
-                model.train()
+        with _StopRequest() as stop:
+            model.train()
+            for step in range(start, cfg.steps):
+                g = step_generator(cfg.seed, step)
+                torch.manual_seed(rank_seed(cfg.seed, step, info.rank))
+                noise = task.draw_noise(cfg.batch_size, g)
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(cfg, step) * group.get("lr_scale", 1.0)
+                opt.zero_grad(set_to_none=True)
+                totals: Dict[str, torch.Tensor] = {}
+                for a in range(cfg.grad_accum):
+                    sl = local_slice(cfg.batch_size, info, cfg.grad_accum, a)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+                    # Pinned, so the copy does not wait for the device (no per-step host sync).
+                    nz = {k: (v[sl].pin_memory() if pin else v[sl]).to(device, non_blocking=True) for k, v in noise.items()}
+                    sync = contextlib.nullcontext()
+                    if info.enabled and a < cfg.grad_accum - 1:
+                        sync = model.no_sync()
+                    amp = torch.autocast(dev_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                    with sync, amp:
+                        loss, metrics = model(batch, nz)
+                    scaler.scale(loss.float() / cfg.grad_accum).backward()
+                    for k, v in {"loss": loss, **metrics}.items():
+                        v = v.detach().float() / cfg.grad_accum
+                        totals[k] = totals[k] + v if k in totals else v
+                keys = sorted(totals)
+                stats = torch.stack([totals[k].to(torch.float64) for k in keys])  # on the training device
+                if info.enabled:
+                    tdist.all_reduce(stats)
+                    stats /= info.world_size
+                window_loss = stats[keys.index("loss")] + (0 if window_loss is None else window_loss)
+                scaler.unscale_(opt)  # clip the true gradients (no-op without fp16)
+                gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                scaler.step(opt)
+                scaler.update()
+                ema.update()
+                seen += cfg.batch_size
+                done = step + 1
+                is_log = done % cfg.log_every == 0 or done == 1 or done == cfg.steps
+                is_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+                signum = _agree_to_stop(stop, info, device) if (done % sync_every == 0 or is_log or is_ckpt
+                                                                or not info.enabled) else None
+                if is_log or is_ckpt or signum:
+                    values = host_check(stats, step)  # never checkpoint weights a NaN went through
+                    window_loss = None
+                    summary["last_loss"] = values["loss"]
+                    t_synced, seen_synced = time.perf_counter(), seen  # the device is idle here
+                    if t_first is None:
+                        t_first, seen_first = t_synced, seen
+                if is_log:
+                    rate = seen / max(time.perf_counter() - t_start, 1e-9)
+                    rec = {"step": done, **{k: round(v, 6) for k, v in values.items()},
+                           "grad_norm": round(float(gnorm), 6) if gnorm is not None else 0.0,
+                           "lr": _lr_at(cfg, step), "images_per_s": round(rate, 2)}
+                    if scaler.is_enabled():
+                        rec["loss_scale"] = float(scaler.get_scale())
+                    if dev_type == "cuda":
+                        rec["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
+                    log.record(rec)
+                log.advance(done)
+                if is_ckpt or signum:
+                    if info.is_main:
+                        state = {**(extra_state or {}), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                        save_checkpoint(run, task, ema, opt, done, state)
+                    last_saved = done
+                if signum:
+                    name = signal.Signals(signum).name
+                    log.message(f"{name}: stopped after step {done}, checkpoint written to {run}; "
+                                f"continue with --resume")
+                    summary.update(preempted=name, exit_code=128 + signum, stopped_at=done)
+                    break
+                if on_sample is not None and info.is_main and cfg.sample_every and (
+                        done % cfg.sample_every == 0 or done == cfg.steps):
+                    log.image("samples", on_sample(ema.modules, done), done)
+                    model.train()
     finally:
-        if bar is not None:
-            bar.stop()
+        log.close()
+        del loader  # shuts the workers down
     elapsed = time.perf_counter() - t_start
     summary.update(seconds=round(elapsed, 2), images_per_s=round(seen / max(elapsed, 1e-9), 2))
+    if t_first is not None and t_synced > t_first:  # without start-up, compilation and the first step
+        summary["steady_images_per_s"] = round((seen_synced - seen_first) / (t_synced - t_first), 2)
     return summary

@@ -8,7 +8,7 @@ SSL space). ``freeze_token`` trains the decoder on the unmodified SSL token (the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -25,10 +25,35 @@ from .loop import _check_batch, fit
 from .run import load_init, prepare_run_dir, read_init
 
 
-class ReconTask(nn.Module):
-    """One step of stage (a). Only the cls token and the decoder are trainable."""
+class ReconSource:
+    """Picklable batch reader for DataLoader workers: raw uint8 images (B, 3, R, R) and, with a
+    latent cache, its float16 moments (B, V, 2C, h, w) (V = 2: [image, mirror image])."""
 
-    def __init__(self, pipe: Pipeline, dataset, cos_weight: float, freeze_token: bool, token_lr_scale: float = 1.0):
+    def __init__(self, dataset, cache=None):
+        self.dataset, self.cache = dataset, cache
+        self.arrow_moments = cache is None and getattr(dataset, "has_latents", False)
+
+    def __call__(self, indices: torch.Tensor) -> dict:
+        idx = indices.numpy()
+        out = {"image": torch.from_numpy(self.dataset.get_uint8_chw(idx))}
+        if self.cache is not None:
+            out["moments"] = torch.from_numpy(self.cache.get(idx))
+        elif self.arrow_moments:  # moments written by prepare(latent_encoder=...): one view
+            out["moments"] = self.dataset.get_batch(idx)["latent_moments"].half()[:, None]
+        return out
+
+
+class ReconTask(nn.Module):
+    """One step of stage (a). Only the cls token and the decoder are trainable.
+
+    Batches arrive as uint8 and are converted on the training device; ``hflip`` mirrors each
+    image with probability 1/2, drawn with the rest of step s (and then uses the mirror image's
+    cached posterior)."""
+
+    reads_files = True  # the loader uses worker processes by default
+
+    def __init__(self, pipe: Pipeline, dataset, cos_weight: float, freeze_token: bool,
+                 token_lr_scale: float = 1.0, hflip: bool = False, cache=None):
         super().__init__()
         self.token_lr_scale = token_lr_scale
         self.encoder, self.decoder, self.latent = pipe.encoder, pipe.decoder, pipe.latent
@@ -36,7 +61,9 @@ class ReconTask(nn.Module):
         self.cos_weight = cos_weight
         self.freeze_token = freeze_token
         self.latent_shape = pipe.latent_shape
-        self.cached = getattr(dataset, "has_latents", False)
+        self.hflip = hflip
+        self.source = ReconSource(dataset, cache)
+        self.cached = cache is not None or self.source.arrow_moments
         if freeze_token:  # the baseline: the whole encoder stays as it is
             self.encoder.requires_grad_(False)
 
@@ -46,28 +73,47 @@ class ReconTask(nn.Module):
     def lr_scales(self) -> dict:
         return {} if self.freeze_token else {self.encoder.vit.cls_token: self.token_lr_scale}
 
+    def compile_regions(self) -> list:
+        """--compile: each decoder block and each ViT block on its own (identical blocks share
+        one compiled graph; the encoder calls its blocks, not ``vit.forward``)."""
+        return list(self.decoder.blocks) + list(self.encoder.vit.blocks)
+
     def num_examples(self) -> int:
         return len(self.dataset)
 
+    def example_source(self) -> ReconSource:
+        return self.source
+
     def load_examples(self, indices: torch.Tensor) -> dict:
-        b = self.dataset.get_batch(indices.tolist())
-        out = {"image": torch.as_tensor(b["image"])}
-        if self.cached and "latent_moments" in b:
-            out["moments"] = torch.as_tensor(b["latent_moments"]).float()
-        return out
+        return self.source(indices)
 
     def draw_noise(self, batch_size: int, g: torch.Generator) -> dict:
         dc = self.decoder.cfg  # the stage's time sampler (official: logit-normal(0, 1))
-        return {
+        out = {
             "t": flow.sample_time(batch_size, dc.time_sampler, generator=g, loc=dc.time_loc, scale=dc.time_scale),
             "x0": torch.randn(batch_size, *self.latent_shape, generator=g),
             "eps": torch.randn(batch_size, *self.latent_shape, generator=g),  # VAE posterior sample
         }
+        if self.hflip:  # drawn last: runs without flips keep their exact noise
+            out["flip"] = torch.rand(batch_size, generator=g) < 0.5
+        return out
 
     def forward(self, batch: dict, noise: dict):
         images = batch["image"]
+        if images.dtype == torch.uint8:
+            images = images.float().div_(127.5).sub_(1.0)
+        flip = noise.get("flip")
+        if flip is not None:
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         with torch.no_grad():
-            moments = batch["moments"] if "moments" in batch else self.latent.encode_moments(images)
+            if "moments" in batch:
+                moments = batch["moments"]
+                if flip is not None:
+                    moments = moments[torch.arange(len(flip), device=flip.device), flip.long()]
+                else:
+                    moments = moments[:, 0]
+            else:
+                moments = self.latent.encode_moments(images)
             x1 = self.latent.latents_from_moments(moments.float(), noise=noise["eps"]).float()
         if self.freeze_token:
             z = self.encoder.forward_frozen(images)
@@ -90,18 +136,35 @@ def recon_grid(pipe_like: Pipeline, images: torch.Tensor, steps: int, seed: int 
 def train_recon(
     data: Path, out: Path, cfg: PipelineConfig, *, resume: bool = False, freeze_token: bool = False,
     device: str = "cpu", info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto",
-    grid_images: int = 8, init: Optional[Path] = None,
+    grid_images: int = 8, init: Optional[Path] = None, workers: Optional[int] = None, compile: bool = False,
+    grad_checkpoint: bool = False, tensorboard: bool = True, wandb: Optional[str] = None,
+    notify: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Train a tokenizer run in ``out`` on the prepared dataset ``data``; returns a summary.
+
     ``init``: start from that run's raw encoder + decoder weights (a tokenizer or pipeline run;
     a converted official run gives the fp32 fine-tuned DINO and the original cls token, i.e. the
-    official training computation), with a fresh optimizer and EMA."""
+    official training computation), with a fresh optimizer and EMA. A latent cache of ``data``
+    (``reptok data cache-latents``) is used when it matches the run's VAE and resolution (a
+    mismatch is an InputError); ``notify`` receives one line saying so."""
     from ..data.dataset import PreparedDataset
+    from .logs import check_wandb
+    from .loop import amp_dtype_for
 
     dataset = PreparedDataset(data)
     if dataset.resolution != cfg.image_size:
         raise InputError(f"{data}: images are {dataset.resolution}px but the config wants {cfg.image_size}px; "
                          f"re-run 'reptok data prep --resolution {cfg.image_size}' or pick a matching preset")
+    amp_dtype_for(precision, device)
+    check_wandb(wandb)
+    hflip = bool(cfg.train.hflip)
+    cache = None if cfg.vae.is_pixel else dataset.latent_cache
+    if cache is not None:
+        down = cfg.image_size // cfg.vae.downsample
+        cache.check(cfg.vae.source, cfg.vae.subfolder, cfg.image_size, (2 * cfg.vae.latent_channels, down, down), hflip)
+    elif hflip and getattr(dataset, "has_latents", False) and not cfg.vae.is_pixel:
+        raise InputError(f"{data}: its in-dataset latents have no mirrored images; train with --no-hflip or "
+                         f"build a cache with 'reptok data cache-latents {data} --vae ...'")
     cfg.class_names = dataset.class_names
     if resume and (Path(out) / ckpt.CONFIG).exists():
         # A resumed baseline stays a baseline even without --freeze-token on the command line.
@@ -116,15 +179,23 @@ def train_recon(
     pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"), load_weights=init_state is None)
     if init_state is not None:
         load_init(init_state, {"encoder": pipe.encoder, "decoder": pipe.decoder})
-    task = ReconTask(pipe, dataset, cfg.train.cos_weight, freeze_token, cfg.train.token_lr_scale)
+    pipe.decoder.grad_checkpoint = grad_checkpoint
+    task = ReconTask(pipe, dataset, cfg.train.cos_weight, freeze_token, cfg.train.token_lr_scale,
+                     hflip=hflip, cache=cache)
+    if notify is not None and info.is_main and cache is not None:
+        notify(f"using the latent cache {cache.dir} ({'with' if cache.flips else 'no'} mirrored views): "
+               f"no VAE encoder pass during training")
     grid_src = torch.as_tensor(dataset.get_batch(list(range(min(grid_images, len(dataset)))))["image"])
 
-    def on_sample(ema: dict, step: int) -> None:
+    def on_sample(ema: dict, step: int):
         view = Pipeline(cfg, encoder=ema["encoder"], decoder=ema["decoder"], latent=pipe.latent)
         grid = recon_grid(view, grid_src.to(device), cfg.sampling.decoder_steps)
         save_png(Path(out) / "samples" / f"recon_{step:07d}.png", grid)
+        return grid
 
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
-                  on_sample=on_sample, precision=precision)
+                  on_sample=on_sample, precision=precision, workers=workers, compile=compile,
+                  tensorboard=tensorboard, wandb=wandb, config=cfg.to_dict())
     summary["run"] = str(out)
+    summary["latent_cache"] = str(cache.dir) if cache is not None else None
     return summary
