@@ -8,7 +8,7 @@ The fast path (``apply_fast_path``), the default of ``reptok sample`` / ``recons
 
 - CUDA, torch backend: bf16 autocast and CUDA graphs for the decoder, the generator and the VAE
   decode (one captured graph per batch shape; the sampler pads a last partial batch to the full
-  batch so no second graph is captured); ``--compile`` adds regional ``torch.compile`` (opt-in:
+  batch, so no second graph is captured); ``--compile`` adds regional ``torch.compile`` (opt-in:
   minutes of compile time at XL pay off only for long jobs).
 - CPU, torch backend: eager float32 (bf16 autocast is slower on most CPUs; see README "Fast
   inference" for the measured ORT vs torch figures that keep torch the CPU default).
@@ -70,8 +70,7 @@ def apply_fast_path(pipe, fast: bool = True, precision: Optional[str] = None, co
 
         pipe = fast_variant(pipe, cuda_graphs=cuda_graphs, compile=compile)
     pipe.fast_path = {"backend": "torch", "device": str(pipe.device), "precision": precision,
-                      "cuda_graphs": bool(cuda_graphs), "compile": bool(compile),
-                      "pad_batches": bool(cuda_graphs)}
+                      "cuda_graphs": bool(cuda_graphs), "compile": bool(compile)}
     return pipe
 
 
@@ -112,6 +111,5 @@ def load_sampling_pipeline(ckpt: Path, device: str = "cpu", backend: Optional[st
     pipe = load_runtime_pipeline(ckpt, engine, backend=backend, device=device)
     provider = getattr(pipe.decoder, "provider", None) or ("TensorRT" if backend == "trt" else "?")
     pipe.fast_path = {"backend": backend, "device": str(pipe.device), "provider": provider,
-                      "precision": pipe.manifest.get("dtype", "fp32"), "cuda_graphs": False, "compile": False,
-                      "pad_batches": False}
+                      "precision": pipe.manifest.get("dtype", "fp32"), "cuda_graphs": False, "compile": False}
     return pipe

@@ -170,10 +170,9 @@ def sample_to(
     ``batch_size`` is the decoder's batch (and the VAE's), ``gen_batch_size`` the generator's
     (default: the same); the generator's tokens are buffered between them. The noise of the next
     batches is drawn on a prefetch thread while the networks run, and PNGs are encoded and
-    written by ``writers`` threads (atomic per file), so the networks never wait on PIL. With
-    ``pipe.fast_path["pad_batches"]`` (CUDA graphs) a last partial batch is padded to the full
-    size (one captured graph per stage) and the padding discarded. Images depend on (seed, index)
-    only, so shards and any batch sizes reproduce one run."""
+    written by ``writers`` threads (atomic per file), so the networks never wait on PIL. A last
+    partial batch is padded to the full size and the padding discarded. Images depend on (seed, index) only, so shards run with the
+    same batch sizes reproduce one run byte for byte (other batch sizes: within float rounding)."""
     from concurrent.futures import ThreadPoolExecutor
 
     out = Path(out)
@@ -195,9 +194,15 @@ def sample_to(
     indices = list(range(start, start + count))
     mine = [indices[i] for i in shard_range(len(indices), info)]
     labels_of = lambda idx: [classes[i // n] for i in idx]  # noqa: E731
-    pad = bool((getattr(pipe, "fast_path", None) or {}).get("pad_batches"))
+    # Every network call sees exactly batch_size rows (a partial batch is padded, the padding
+    # dropped): row results then do not depend on where a shard starts, so shards equal one run
+    # byte for byte (float kernels give last-bit differences between batch sizes), and CUDA
+    # graphs capture one shape. Batches are capped at the job's size (a 1-image job is batch 1).
+    batch_size, gen_batch_size = min(batch_size, total), min(gen_batch_size, total)
 
     todo = mine
+    if total == 0:
+        raise InputError("nothing to sample: the job has no images")
     if kind == "folder":
         out.mkdir(parents=True, exist_ok=True)
         if prompts is not None and info.is_main:
@@ -206,7 +211,7 @@ def sample_to(
 
     def generate(idx, noise):
         """Tokens (len(idx), D) of generator batch ``idx``."""
-        b = gen_batch_size if pad else len(idx)
+        b = gen_batch_size
         lab = labels_of(idx)
         if prompts is not None:
             z = pipe.generate_from(None, _pad(noise, b), prompts=_pad([prompts[c] for c in lab], b), **sampler_kw)
@@ -215,7 +220,7 @@ def sample_to(
         return z[: len(idx)]
 
     def decode(tokens, noise, k):
-        b = batch_size if pad else k
+        b = batch_size
         return tensor_to_uint8(pipe.decode_from(_pad(tokens, b), _pad(noise, b), **sampler_kw)[:k])
 
     gen_batches = [todo[b: b + gen_batch_size] for b in range(0, len(todo), gen_batch_size)]
