@@ -171,6 +171,9 @@ for prec in ("fp16", "bf16"):
 print(json.dumps(out, indent=2))
 EOF
 
+# ---------------------------------------------------------------- 5b. reptok sample fast paths (issue 15)
+step sample_fast env OUT="$OUT/sample_fast" PRESET="$PRESET" DEVICE="$DEVICE" PY="$PY" bash benchmarks/gpu_sample_check.sh
+
 # ---------------------------------------------------------------- 7. quickstart
 if [ "$QUICKSTART" = 1 ]; then
   step quickstart "${REPTOK[@]}" quickstart --out "$WORK/quickstart" --overwrite --device "$DEVICE" --json \

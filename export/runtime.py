@@ -1,4 +1,6 @@
-"""Runtime modules with the torch call signature, and the Pipeline built from them.
+"""Runtime modules with the torch call signature, and the Pipeline built from them; the torch
+fast paths (CUDA graphs, regional ``torch.compile``) live here too, so ``reptok sample`` and
+``reptok bench`` share one implementation of every fast path.
 
 ``OrtModule`` (ONNX Runtime) and ``TrtModule`` (TensorRT) take and return torch tensors, so the
 one sampling loop in ``reptok.pipeline.Pipeline`` drives them exactly as it drives the torch
@@ -22,11 +24,14 @@ generator through the same call as the torch module.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from reptok.errors import InputError
 
@@ -210,6 +215,150 @@ class TrtModule:
         return outs[0].float()
 
 
+# ----------------------------------------------------------------------------- torch fast paths
+# The same torch modules, called faster: CUDA graphs (one captured graph per input signature)
+# and regional torch.compile (each repeated block compiled once, the compiled code reused by the
+# identical blocks). ``fast_variant`` hands a Pipeline whose networks are wrapped this way back to
+# the one sampling loop; ``reptok.backends.apply_fast_path`` decides which path a command gets.
+class CudaGraphed:
+    """Calls ``fn`` through a CUDA graph captured once per input signature (shapes, dtypes).
+
+    Inputs are copied into static buffers, the graph is replayed, the static output cloned.
+    Removes per-kernel launch overhead (large for small batches); needs fixed shapes, which the
+    sampling loop has (one graph per batch size, plus the CFG-doubled generator batch; the
+    sampler pads a last partial batch to the full size, see ``reptok.sample``).
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.graphs: Dict[tuple, tuple] = {}
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        amp = _autocast_state()
+        key = tuple((tuple(a.shape), a.dtype) for a in args) + (amp,)
+        if key not in self.graphs:
+            static = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with _uncached_autocast(amp):
+                with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS handles, workspaces)
+                    for _ in range(2):
+                        self.fn(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self.fn(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, args):
+            dst.copy_(src)
+        graph.replay()
+        return out.clone()
+
+
+def _autocast_state() -> Optional[torch.dtype]:
+    """The CUDA autocast dtype in force, or None."""
+    try:
+        enabled = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+    except (TypeError, AttributeError):  # torch < 2.4
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else None
+
+
+def _uncached_autocast(dtype: Optional[torch.dtype]):
+    """Autocast without its weight-cast cache, for graph capture: the cache's bf16 copies of the
+    weights would be captured by address and freed when the caller's autocast block exits, and
+    every later replay would read freed memory (an illegal memory access; PyTorch's CUDA graphs
+    notes say to capture with ``cache_enabled=False``)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
+
+def _block_signature(m: nn.Module) -> tuple:
+    return (type(m),) + tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
+
+
+def regional_compile(module: nn.Module, **compile_kw) -> Tuple[nn.Module, int]:
+    """A shallow copy of ``module`` whose repeated blocks are ``torch.compile``d one by one.
+
+    Direct children that are ``nn.ModuleList`` / ``nn.Sequential`` are scanned for blocks with the
+    same type and parameter shapes (the decoder's 28 transformer blocks, the generator's mixer
+    blocks); each such block gets its own compiled wrapper, and dynamo compiles the block's code
+    once and reuses it for the identical blocks (parameters are graph inputs), so compile time is
+    one block's instead of the whole network's. The wrappers share the original parameters; the
+    original module is left untouched. Returns (copy, number of compiled blocks).
+    """
+    copy_ = copy.copy(module)
+    copy_._modules = dict(module._modules)  # the copy's own child registry
+    compiled = 0
+    for name, child in module.named_children():
+        if not isinstance(child, (nn.ModuleList, nn.Sequential)):
+            continue
+        counts: Dict[tuple, int] = {}
+        for m in child:
+            counts[_block_signature(m)] = counts.get(_block_signature(m), 0) + 1
+        repeated = [counts[_block_signature(m)] > 1 for m in child]
+        if not any(repeated):
+            continue
+        items = [torch.compile(m, **compile_kw) if rep else m for m, rep in zip(child, repeated)]
+        compiled += sum(repeated)
+        copy_._modules[name] = type(child)(*items) if isinstance(child, nn.Sequential) else nn.ModuleList(items)
+    return copy_, compiled
+
+
+class _Proxy:
+    """Delegates attributes to ``base`` except the overridden ones (keeps .null_class etc.)."""
+
+    def __init__(self, base, **overrides):
+        self._base = base
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+class _CallProxy(_Proxy):
+    def __call__(self, *args):
+        return self._call(*args)
+
+
+def fast_variant(pipe, cuda_graphs: bool = False, compile: bool = False, compile_kw: Optional[dict] = None,
+                 latent: bool = True):
+    """A shallow copy of ``pipe`` (same weights, same sampling loop) whose decoder, generator and
+    (``latent``) VAE decode run regionally compiled (``compile``) and / or through CUDA graphs.
+    The copy's device is pinned (its networks become proxies without parameters). The
+    original pipeline is left as it was. ``variant.fast_blocks`` counts the compiled blocks."""
+    v = copy.copy(pipe)
+    object.__setattr__(v, "_modules", dict(pipe._modules))  # the copy's own child registry
+    v.pin_device(pipe.device)
+    v.fast_blocks = 0
+
+    def put(name, value):
+        # A proxy is not an nn.Module: unregister the child, then set a plain attribute.
+        v._modules.pop(name, None)
+        object.__setattr__(v, name, value)
+
+    def wrap(net):
+        call = net
+        if compile:
+            call, n = regional_compile(net, **(compile_kw or {}))
+            v.fast_blocks += n
+            if n == 0:  # no repeated blocks (e.g. a VAE): compile the whole call
+                call = torch.compile(net, **(compile_kw or {}))
+        return CudaGraphed(call) if cuda_graphs else call
+
+    for name in ("decoder", "generator"):
+        net = getattr(pipe, name, None)
+        if isinstance(net, nn.Module):
+            put(name, _CallProxy(net, _call=wrap(net)))
+    lat = pipe.latent
+    if latent and cuda_graphs and isinstance(lat, nn.Module) and not getattr(lat, "is_pixel", False):
+        put("latent", _Proxy(lat, decode=CudaGraphed(lat.decode)))
+    return v
+
+
 # ----------------------------------------------------------------------------- pipeline shims
 class RuntimeGenerator:
     """The generator as the pipeline sees it: ``__call__(x, t, y)`` (or ``(x, t, text, text_mask)``
@@ -259,28 +408,6 @@ class RuntimeLatent:
         return self.net(latents)
 
 
-def _runtime_pipeline_class():
-    from reptok.pipeline import Pipeline
-
-    class RuntimePipeline(Pipeline):
-        """The reptok Pipeline (same sampling loop) whose networks are runtime modules.
-
-        Only ``device`` differs: it is the runtime's device, since runtime modules have no
-        torch parameters to infer it from.
-        """
-
-        def __init__(self, cfg, device, backend, **components):
-            super().__init__(cfg, **components)
-            self._runtime_device = torch.device(device)
-            self.backend = backend
-
-        @property
-        def device(self) -> torch.device:
-            return self._runtime_device
-
-    return RuntimePipeline
-
-
 def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str = "cpu", manifest: Optional[dict] = None,
                            text_encoder=None):
     """A Pipeline over the graphs (onnx) or engines (trt) in ``engine_dir``, for config ``cfg``.
@@ -316,17 +443,20 @@ def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str =
             return OrtModule(path, device, input_names=names, output_shapes=shapes)
         return TrtModule(path, device, input_names=names)
 
+    from reptok.pipeline import Pipeline
+
     gen = make("generator")
     vae = make("vae")
-    cls = _runtime_pipeline_class()
-    pipe = cls(
-        cfg, device, backend,
+    pipe = Pipeline(
+        cfg,
         encoder=make("encoder"),
         decoder=make("decoder"),
         latent=PixelSpace(cfg.vae) if cfg.vae.is_pixel else (RuntimeLatent(vae) if vae is not None else None),
         generator=RuntimeGenerator(gen, manifest["generator"], device) if gen is not None else None,
         text_encoder=text_encoder,
     )
+    pipe.pin_device(device)  # runtime modules have no torch parameters to infer it from
+    pipe.backend = backend
     pipe.engine_dir = engine_dir
     pipe.manifest = manifest
     return pipe.eval()
@@ -388,4 +518,5 @@ def check_engines_match_gpu(sidecar: dict, engine_dir, device: str) -> None:
 
 
 __all__ = ["OrtModule", "TrtModule", "RuntimeGenerator", "RuntimeLatent", "build_runtime_pipeline",
-           "load_runtime_pipeline", "require_trt", "ort_providers", "SIDECAR"]
+           "load_runtime_pipeline", "require_trt", "ort_providers", "SIDECAR", "CudaGraphed", "regional_compile",
+           "fast_variant"]

@@ -1,7 +1,21 @@
-"""Pick the backend that runs the networks of a sampling Pipeline: torch, onnx or trt.
+"""Pick the backend and the fast path that run the networks of a sampling Pipeline.
 
 Every backend returns the same ``Pipeline`` object; ONNX Runtime / TensorRT sessions replace the
 torch modules with callables of the same signature (see ``export/runtime.py``).
+
+The fast path (``apply_fast_path``), the default of ``reptok sample`` / ``reconstruct`` /
+``eval recon`` / ``quickstart``; ``--no-fast`` gives torch eager float32:
+
+- CUDA, torch backend: bf16 autocast and CUDA graphs for the decoder, the generator and the VAE
+  decode (one captured graph per batch shape; the sampler pads a last partial batch to the full
+  batch, so no second graph is captured); ``--compile`` adds regional ``torch.compile`` (opt-in:
+  minutes of compile time at XL pay off only for long jobs).
+- CPU, torch backend: eager float32 (bf16 autocast is slower on most CPUs; see README "Fast
+  inference" for the measured ORT vs torch figures that keep torch the CPU default).
+- ``--backend onnx|trt`` (or ``--engine DIR`` alone, which implies onnx unless the folder holds
+  TensorRT engines): the exported graphs, as they are.
+
+``pipe.fast_path`` records what was chosen (``describe_fast_path`` makes the one-line summary).
 """
 
 from __future__ import annotations
@@ -17,20 +31,85 @@ BACKENDS = ("torch", "onnx", "trt")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_sampling_pipeline(ckpt: Path, device: str = "cpu", backend: str = "torch", engine: Optional[Path] = None,
-                           precision: str = "fp32"):
+def resolve_backend(backend: Optional[str], engine: Optional[Path]) -> str:
+    """``auto`` (or None): onnx / trt when ``--engine DIR`` is given (trt if DIR holds TensorRT
+    engines), torch otherwise."""
+    if backend not in (None, "auto"):
+        if backend not in BACKENDS:
+            raise InputError(f"--backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
+        return backend
+    if engine is None:
+        return "torch"
+    from export.runtime import SIDECAR
+
+    return "trt" if (Path(engine) / SIDECAR).is_file() else "onnx"
+
+
+def apply_fast_path(pipe, fast: bool = True, precision: Optional[str] = None, compile: bool = False,
+                    cuda_graphs: Optional[bool] = None):
+    """The fastest correct way to run ``pipe`` (a torch-backend Pipeline) on its device.
+
+    ``precision``: None = auto (bf16 on CUDA when ``fast``, else fp32) or fp32 | bf16 | fp16
+    autocast. ``cuda_graphs``: None = on with ``fast`` on CUDA. ``compile``: regional
+    torch.compile (opt-in). Returns the pipeline to sample with (a wrapped copy when graphs or
+    compile are on) with ``fast_path`` filled in."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    cuda = pipe.device.type == "cuda"
+    if precision is None:
+        precision = "bf16" if (fast and cuda) else "fp32"
+    if cuda_graphs is None:
+        cuda_graphs = fast and cuda
+    if cuda_graphs and not cuda:
+        raise InputError("--cuda-graphs needs a CUDA device (--device cuda)")
+    if not fast:
+        compile = cuda_graphs = False
+    pipe.autocast_dtype = PRECISIONS[precision]
+    if cuda_graphs or compile:
+        from export.runtime import fast_variant
+
+        pipe = fast_variant(pipe, cuda_graphs=cuda_graphs, compile=compile)
+    pipe.fast_path = {"backend": "torch", "device": str(pipe.device), "precision": precision,
+                      "cuda_graphs": bool(cuda_graphs), "compile": bool(compile)}
+    return pipe
+
+
+def describe_fast_path(fp: Optional[dict]) -> str:
+    """'torch bf16 + CUDA graphs on cuda:0', 'onnx (CPUExecutionProvider) on cpu', ..."""
+    if not fp:
+        return "torch fp32 eager"
+    if fp["backend"] != "torch":
+        return f"{fp['backend']} ({fp.get('provider', '?')}) on {fp['device']}"
+    parts = [f"torch {fp['precision']}"]
+    parts += ["CUDA graphs"] if fp["cuda_graphs"] else []
+    parts += ["regional compile"] if fp["compile"] else []
+    return " + ".join(parts) + ("" if fp["cuda_graphs"] or fp["compile"] else " eager") + f" on {fp['device']}"
+
+
+def load_sampling_pipeline(ckpt: Path, device: str = "cpu", backend: Optional[str] = "torch",
+                           engine: Optional[Path] = None, precision: Optional[str] = None, fast: bool = False,
+                           compile: bool = False, cuda_graphs: Optional[bool] = None,
+                           components=("decoder", "generator", "vae")):
+    """The sampling pipeline of a run on ``device`` with the chosen backend and fast path.
+
+    ``fast=False`` (library default: the exact torch modules) keeps eager torch at ``precision``
+    (default fp32); the CLI passes ``fast=True`` unless ``--no-fast``."""
     from .checkpoint import load_pipeline
 
-    if backend not in BACKENDS:
-        raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
+    backend = resolve_backend(backend, engine)
+    if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend == "torch":
-        pipe = load_pipeline(ckpt, device, components=("decoder", "generator", "vae"))
-        pipe.autocast_dtype = PRECISIONS[precision]
-        return pipe
+        pipe = load_pipeline(ckpt, device, components=components)
+        return apply_fast_path(pipe, fast=fast, precision=precision, compile=compile, cuda_graphs=cuda_graphs)
     if engine is None:
         raise InputError(f"--backend {backend} needs --engine DIR (written by 'reptok export {backend}')")
+    if compile or cuda_graphs:
+        raise InputError(f"--compile / --cuda-graphs apply to the torch backend, not --backend {backend}")
     from export.runtime import load_runtime_pipeline
 
-    return load_runtime_pipeline(ckpt, engine, backend=backend, device=device)
+    pipe = load_runtime_pipeline(ckpt, engine, backend=backend, device=device)
+    provider = getattr(pipe.decoder, "provider", None) or ("TensorRT" if backend == "trt" else "?")
+    pipe.fast_path = {"backend": backend, "device": str(pipe.device), "provider": provider,
+                      "precision": pipe.manifest.get("dtype", "fp32"), "cuda_graphs": False, "compile": False}
+    return pipe

@@ -11,7 +11,8 @@ backends are timed in alternation, so background load skews none of them in part
 - ``end_to_end``: ``Pipeline.sample`` of B images (generator steps with CFG, decoder steps,
   VAE), the run's default steps unless ``steps`` shortens both.
 
-images/s = B / latency. ``max_abs_err`` compares each backend's NFE output with torch eager
+images/s = B / median latency; each row also has the min and max latency of its ``iters``
+timed calls (``latency_min_ms`` / ``latency_max_ms``). ``max_abs_err`` compares each backend's NFE output with torch eager
 float32 on identical inputs (same weights: the runtimes are exported from the same pipeline).
 ``vs_torch`` is the throughput relative to torch eager at the same stage and batch.
 
@@ -134,110 +135,6 @@ def make_random_run(preset: str, out, seed: int = 0) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------- CUDA graphs
-class CudaGraphed:
-    """Calls ``fn`` through a CUDA graph captured once per input signature (shapes, dtypes).
-
-    Inputs are copied into static buffers, the graph is replayed, the static output cloned.
-    Removes per-kernel launch overhead (large for small batches); needs fixed shapes, which the
-    sampling loop has (one graph per batch size, plus the CFG-doubled generator batch).
-    """
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-        self.graphs: Dict[tuple, tuple] = {}
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        amp = _autocast_state()
-        key = tuple((tuple(a.shape), a.dtype) for a in args) + (amp,)
-        if key not in self.graphs:
-            static = [a.clone() for a in args]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with _uncached_autocast(amp):
-                with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS handles, workspaces)
-                    for _ in range(2):
-                        self.fn(*static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = self.fn(*static)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
-        for dst, src in zip(static, args):
-            dst.copy_(src)
-        graph.replay()
-        return out.clone()
-
-
-def _autocast_state() -> Optional[torch.dtype]:
-    """The CUDA autocast dtype in force, or None."""
-    try:
-        enabled = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
-    except (TypeError, AttributeError):  # torch < 2.4
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return dtype if enabled else None
-
-
-def _uncached_autocast(dtype: Optional[torch.dtype]):
-    """Autocast without its weight-cast cache, for graph capture: the cache's bf16 copies of the
-    weights would be captured by address and freed when the caller's autocast block exits, and
-    every later replay would read freed memory (an illegal memory access; PyTorch's CUDA graphs
-    notes say to capture with ``cache_enabled=False``)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
-
-
-class _Proxy:
-    """Delegates attributes to ``base`` except the overridden ones (keeps .null_class etc.)."""
-
-    def __init__(self, base, **overrides):
-        self._base = base
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-
-class _CallProxy(_Proxy):
-    def __call__(self, *args):
-        return self._call(*args)
-
-
-def _variant(pipe, wrap: Callable[[Callable], Callable]):
-    """A shallow copy of ``pipe`` whose networks are ``wrap``ped (compile / CUDA graphs)."""
-    v = copy.copy(pipe)
-    object.__setattr__(v, "_modules", dict(pipe._modules))  # the copy's own child registry
-
-    def put(name, value):
-        # A proxy is not an nn.Module: unregister the child, then set a plain attribute.
-        v._modules.pop(name, None)
-        object.__setattr__(v, name, value)
-
-    if pipe.decoder is not None:
-        put("decoder", _CallProxy(pipe.decoder, _call=wrap(pipe.decoder)))
-    if pipe.generator is not None:
-        put("generator", _CallProxy(pipe.generator, _call=wrap(pipe.generator)))
-    if pipe.latent is not None and not getattr(pipe.latent, "is_pixel", False):
-        put("latent", _Proxy(pipe.latent, decode=wrap(pipe.latent.decode)))
-    return v
-
-
-def _device_pipeline_class():
-    from .pipeline import Pipeline
-
-    class _Fixed(Pipeline):
-        """Pipeline whose device is fixed (its networks may be proxies without parameters)."""
-
-        @property
-        def device(self):
-            return self._fixed_device
-
-    return _Fixed
-
-
 # ----------------------------------------------------------------------------- timing
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -311,13 +208,12 @@ def run_bench(
     trt_dir: Optional[Path] = None,
     stages: Sequence[str] = STAGES,
     seed: int = 0,
+    threads: Optional[int] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Benchmark a run (``ckpt``) or a preset with random weights; returns a JSON-able report
-    {"rows": [...], "notes": [...], ...}. See the module docstring for what is measured."""
-    from .backends import load_sampling_pipeline
-    from .presets import get_preset
-
+    {"rows": [...], "notes": [...], ...}. See the module docstring for what is measured.
+    ``threads``: torch (and ONNX Runtime) intra-op threads for the run (default: torch's)."""
     log = log or (lambda msg: None)
     backends = _parse_list(backends, BACKENDS)
     batch_sizes = parse_batch_sizes(batch_sizes)
@@ -329,6 +225,25 @@ def run_bench(
         raise InputError("--warmup must be >= 0 and --iters >= 1")
     if preset is not None and (onnx_dir or trt_dir):
         raise InputError("--onnx-dir / --trt-dir need --ckpt: a preset's random weights differ between processes")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: must be >= 1")
+    threads_before = torch.get_num_threads()
+    if threads is not None:  # torch intra-op threads; ORT sessions take the same count
+        torch.set_num_threads(int(threads))
+    try:
+        return _run_bench(ckpt, preset, backends, batch_sizes, steps, warmup, iters, compile, cuda_graphs, device,
+                          precision, onnx_dir, trt_dir, stages, seed, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_bench(ckpt, preset, backends, batch_sizes, steps, warmup, iters, compile, cuda_graphs, device,
+               precision, onnx_dir, trt_dir, stages, seed, log) -> dict:
+    from export.runtime import fast_variant
+
+    from .backends import load_sampling_pipeline
+    from .presets import get_preset
+
     dev = torch.device(device)
     notes: List[str] = []
     if "trt" in backends:
@@ -365,12 +280,13 @@ def run_bench(
             eager.autocast_dtype = PRECISIONS[precision]
             pipelines.append(("torch", eager, precision, "eager"))
             if compile:
-                pipelines.append(("torch+compile", _with_device(_variant(eager, _compile), dev), precision, "inductor"))
+                pipelines.append(("torch+compile", fast_variant(eager, compile=True), precision,
+                                  "inductor (regional)"))
             if cuda_graphs:
                 if dev.type != "cuda":
                     notes.append("--cuda-graphs skipped: CUDA graphs need --device cuda")
                 else:
-                    pipelines.append(("torch+cudagraphs", _with_device(_variant(eager, CudaGraphed), dev),
+                    pipelines.append(("torch+cudagraphs", fast_variant(eager, cuda_graphs=True),
                                       precision, "cuda graphs"))
         elif compile or cuda_graphs:
             notes.append("--compile / --cuda-graphs apply to the torch backend, which is not selected")
@@ -387,16 +303,6 @@ def run_bench(
         "warmup": warmup, "iters": iters, "end_to_end_steps": e2e_steps, "threads": torch.get_num_threads(),
         "image_size": cfg.image_size, "rows": rows, "notes": notes,
     }
-
-
-def _compile(fn):
-    return torch.compile(fn)
-
-
-def _with_device(pipe, dev):
-    pipe.__class__ = _device_pipeline_class()
-    pipe._fixed_device = dev
-    return pipe
 
 
 def _runtime_pipelines(ref, ckpt, backends, precision, onnx_dir, trt_dir, batch_sizes, dev, tmp, notes, log):
@@ -518,6 +424,9 @@ def _measure(pipelines, ref, batch_sizes, stages, warmup, iters, e2e_steps, dev,
             for _fn, row, times in calls:
                 sec = statistics.median(times)
                 row["latency_ms"] = round(sec * 1e3, 3)
+                # The spread, so one noisy iteration (a shared CPU, a busy GPU) cannot pass for a speed-up.
+                row["latency_min_ms"] = round(min(times) * 1e3, 3)
+                row["latency_max_ms"] = round(max(times) * 1e3, 3)
                 row["images_per_s"] = round(b / sec, 2)
                 rows.append(row)
     order = {p[0]: i for i, p in enumerate(pipelines)}

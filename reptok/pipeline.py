@@ -60,6 +60,8 @@ class Pipeline(nn.Module):
         self.run_dir = None
         self.run_doc = None
         self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 on CUDA
+        self._pinned_device: Optional[torch.device] = None
+        self.fast_path: Optional[dict] = None  # set by reptok.backends.apply_fast_path
 
     @classmethod
     def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),
@@ -90,8 +92,16 @@ class Pipeline(nn.Module):
         )
 
     # ------------------------------------------------------------------ helpers
+    def pin_device(self, device) -> "Pipeline":
+        """Fix ``device`` (for networks that are runtime sessions or proxies without torch
+        parameters to infer it from)."""
+        self._pinned_device = torch.device(device)
+        return self
+
     @property
     def device(self) -> torch.device:
+        if getattr(self, "_pinned_device", None) is not None:
+            return self._pinned_device
         for m in (self.decoder, self.generator, self.encoder):
             if isinstance(m, nn.Module):
                 for p in m.parameters():
@@ -205,17 +215,49 @@ class Pipeline(nn.Module):
         """Prompts (B strings) -> tokens (B,D); kw as :meth:`generate`."""
         return self.generate(None, noise, prompts=prompts, **kw)
 
+    # ------------------------------------------------------------------ both stages
+    def generator_noise(self, indices: Sequence[int], seed: int = 0) -> torch.Tensor:
+        """(B, n, D) generator-space noise of images ``indices`` (CPU, float32)."""
+        return index_noise(seed, indices, (self.cfg.generator.n_tokens, self.cfg.generator.token_dim),
+                           STREAM_GENERATOR)
+
+    def decoder_noise(self, indices: Sequence[int], seed: int = 0) -> torch.Tensor:
+        """(B, C, S, S) decoder noise of images ``indices`` (CPU, float32)."""
+        return index_noise(seed, indices, self.latent_shape, STREAM_DECODER)
+
+    def generate_from(self, labels: Optional[torch.Tensor], noise: torch.Tensor,
+                      prompts: Optional[Sequence[str]] = None, **kw) -> torch.Tensor:
+        """Stage (b) of :meth:`sample` on given generator noise: -> tokens (B, D)."""
+        return self.generate(labels, noise, kw.get("steps"), kw.get("cfg"), kw.get("cfg_interval", "default"),
+                             kw.get("solver"), prompts=prompts)
+
+    def decode_from(self, tokens: torch.Tensor, noise: torch.Tensor, **kw) -> torch.Tensor:
+        """The decoder + VAE half of :meth:`sample` on given decoder noise: -> images."""
+        return self.decode(tokens, noise, kw.get("decoder_steps"), kw.get("decoder_solver"))
+
+    def nfe(self, **kw) -> dict:
+        """Network evaluations per image of :meth:`sample` with sampler kw: ``generator`` /
+        ``decoder`` calls (Heun: 2 a step) and ``generator_guided`` (calls inside the CFG interval,
+        which run the batch twice: null and class rows)."""
+        s = self.cfg.sampling
+        steps, solver = kw.get("steps") or s.steps, kw.get("solver") or s.solver
+        dsteps, dsolver = kw.get("decoder_steps") or s.decoder_steps, kw.get("decoder_solver") or s.decoder_solver
+        scale = s.cfg if kw.get("cfg") is None else kw["cfg"]
+        interval = kw.get("cfg_interval", "default")
+        interval = tuple(s.cfg_interval) if interval == "default" else interval
+        grid = flow.time_grid(steps)
+        times = [grid[i] for i in range(steps)] + ([grid[i + 1] for i in range(steps)] if solver == "heun" else [])
+        guided = 0 if scale == 1.0 else sum(flow.in_interval(t, interval) for t in times)
+        per = {"euler": 1, "heun": 2}
+        return {"generator": steps * per[solver], "generator_guided": int(guided), "decoder": dsteps * per[dsolver]}
+
     @torch.no_grad()
     def sample(self, labels: Optional[torch.Tensor], indices: Sequence[int], seed: int = 0,
                prompts: Optional[Sequence[str]] = None, **kw) -> torch.Tensor:
         """Class labels (or, for a text generator, ``prompts``: one string per image) -> images,
         noise from (seed, index). kw: steps, cfg, cfg_interval, solver, decoder_steps, decoder_solver."""
-        gen_shape = (self.cfg.generator.n_tokens, self.cfg.generator.token_dim)
-        z = self.generate(labels, index_noise(seed, indices, gen_shape, STREAM_GENERATOR),
-                          kw.get("steps"), kw.get("cfg"), kw.get("cfg_interval", "default"), kw.get("solver"),
-                          prompts=prompts)
-        noise = index_noise(seed, indices, self.latent_shape, STREAM_DECODER)
-        return self.decode(z, noise, kw.get("decoder_steps"), kw.get("decoder_solver"))
+        z = self.generate_from(labels, self.generator_noise(indices, seed), prompts=prompts, **kw)
+        return self.decode_from(z, self.decoder_noise(indices, seed), **kw)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, indices: Sequence[int], seed: int = 0,

@@ -104,15 +104,82 @@ def read_prompts(prompts: Optional[Sequence[str]] = None, prompts_file: Optional
 
 
 # ----------------------------------------------------------------------------- the job
+def _pad(x, n: int):
+    """Repeat the last row of a tensor (or list) until it has ``n`` rows (CUDA graphs: one shape)."""
+    k = len(x)
+    if k >= n:
+        return x
+    if isinstance(x, list):
+        return x + [x[-1]] * (n - k)
+    return torch.cat([x, x[-1:].expand(n - k, *x.shape[1:])])
+
+
+class _Writer:
+    """PNG encoding + atomic writes on a small thread pool, off the sampling loop's critical path.
+
+    Each file is written atomically (``save_png``: temp file + rename), so an interrupted job
+    leaves every file complete or absent. At most ``max_pending`` batches are in flight
+    (backpressure: memory stays bounded when PIL is slower than the networks); a writer error is
+    raised in the sampling loop at the next submit or at ``close``."""
+
+    def __init__(self, workers: int = 2, max_pending: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reptok-writer")
+        self.pending: list = []
+        self.max_pending = max_pending
+
+    def submit(self, items) -> None:
+        """items: [(path, uint8 HWC image)] of one batch."""
+        self.pending.append(self.pool.submit(lambda: [save_png(p, im) for p, im in items]))
+        while len(self.pending) > self.max_pending:
+            self.pending.pop(0).result()
+        for f in [f for f in self.pending if f.done()]:
+            self.pending.remove(f)
+            f.result()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Write every image already handed over (also when the job was interrupted: no sampled
+        image is lost), then stop the threads. ``raise_errors=False`` on the error path, so a
+        writer error cannot mask the exception in flight."""
+        try:
+            for f in self.pending:
+                try:
+                    f.result()
+                except Exception:
+                    if raise_errors:
+                        raise
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _prefetch(pool, fn, *args):
+    """``fn(*args)`` on the prefetch thread (noise for the next batches while the networks run)."""
+    return pool.submit(fn, *args)
+
+
 def sample_to(
     pipe, classes: Optional[Sequence[int]], n: int, out: Path, *, seed: int = 0, start: int = 0,
-    count: Optional[int] = None, batch_size: int = 16, info: DistInfo = DistInfo(),
-    progress: Optional[Callable[[int], None]] = None, prompts: Optional[Sequence[str]] = None, **sampler_kw,
+    count: Optional[int] = None, batch_size: int = 16, gen_batch_size: Optional[int] = None,
+    info: DistInfo = DistInfo(), progress: Optional[Callable[[int], None]] = None,
+    prompts: Optional[Sequence[str]] = None, writers: int = 2, **sampler_kw,
 ) -> dict:
     """Sample images ``[start, start + count)`` of the job (classes x n, or prompts x n for a
-    text-to-image run) and write them to ``out``."""
+    text-to-image run) and write them to ``out``.
+
+    ``batch_size`` is the decoder's batch (and the VAE's), ``gen_batch_size`` the generator's
+    (default: the same); the generator's tokens are buffered between them. The noise of the next
+    batches is drawn on a prefetch thread while the networks run, and PNGs are encoded and
+    written by ``writers`` threads (atomic per file), so the networks never wait on PIL. A last
+    partial batch is padded to the full size and the padding discarded. Images depend on (seed, index) only, so shards run with the
+    same batch sizes reproduce one run byte for byte (other batch sizes: within float rounding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     out = Path(out)
     kind = check_output(out)
+    if batch_size < 1 or (gen_batch_size is not None and gen_batch_size < 1):
+        raise InputError("--batch-size and --gen-batch-size must be >= 1")
+    gen_batch_size = gen_batch_size or batch_size
     if prompts is not None:
         prompts = [str(p) for p in prompts]
         if not prompts:
@@ -127,30 +194,71 @@ def sample_to(
     indices = list(range(start, start + count))
     mine = [indices[i] for i in shard_range(len(indices), info)]
     labels_of = lambda idx: [classes[i // n] for i in idx]  # noqa: E731
+    # Every network call sees exactly batch_size rows (a partial batch is padded, the padding
+    # dropped): row results then do not depend on where a shard starts, so shards equal one run
+    # byte for byte (float kernels give last-bit differences between batch sizes), and CUDA
+    # graphs capture one shape. Batches are capped at the job's size (a 1-image job is batch 1).
+    batch_size, gen_batch_size = min(batch_size, total), min(gen_batch_size, total)
 
     todo = mine
+    if total == 0:
+        raise InputError("nothing to sample: the job has no images")
     if kind == "folder":
         out.mkdir(parents=True, exist_ok=True)
         if prompts is not None and info.is_main:
             ckpt.atomic_write_text(out / "prompts.txt", "".join(p.replace("\n", " ") + "\n" for p in prompts))
         todo = [i for i in mine if not (out / png_name_(i, labels_of([i])[0])).exists()]
+
+    def generate(idx, noise):
+        """Tokens (len(idx), D) of generator batch ``idx``."""
+        b = gen_batch_size
+        lab = labels_of(idx)
+        if prompts is not None:
+            z = pipe.generate_from(None, _pad(noise, b), prompts=_pad([prompts[c] for c in lab], b), **sampler_kw)
+        else:
+            z = pipe.generate_from(_pad(torch.tensor(lab).clamp(min=0), b), _pad(noise, b), **sampler_kw)
+        return z[: len(idx)]
+
+    def decode(tokens, noise, k):
+        b = batch_size
+        return tensor_to_uint8(pipe.decode_from(_pad(tokens, b), _pad(noise, b), **sampler_kw)[:k])
+
+    gen_batches = [todo[b: b + gen_batch_size] for b in range(0, len(todo), gen_batch_size)]
+    dec_batches = [todo[b: b + batch_size] for b in range(0, len(todo), batch_size)]
     t0 = time.perf_counter()
     arrays = []
-    for b in range(0, len(todo), batch_size):
-        idx = todo[b: b + batch_size]
-        lab = torch.tensor(labels_of(idx)).clamp(min=0)
-        if prompts is not None:
-            imgs = tensor_to_uint8(pipe.sample(None, idx, seed=seed, prompts=[prompts[c] for c in labels_of(idx)],
-                                               **sampler_kw))
-        else:
-            imgs = tensor_to_uint8(pipe.sample(lab, idx, seed=seed, **sampler_kw))
-        if kind == "folder":
-            for i, label, im in zip(idx, labels_of(idx), imgs):
-                save_png(out / png_name_(i, label), im)
-        else:
-            arrays.append(imgs)
-        if progress is not None:
-            progress(len(idx))
+    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reptok-noise")
+    writer = _Writer(writers) if kind == "folder" else None
+    finished = False
+    try:
+        gen_noise = [_prefetch(prefetcher, pipe.generator_noise, idx, seed) for idx in gen_batches[:2]]
+        dec_noise = [_prefetch(prefetcher, pipe.decoder_noise, idx, seed) for idx in dec_batches[:2]]
+        tokens = torch.zeros(0)
+        g = 0  # next generator batch
+        for d, idx in enumerate(dec_batches):
+            while len(tokens) < len(idx):  # buffer the generator's tokens up to this decoder batch
+                z = generate(gen_batches[g], gen_noise[g].result())
+                gen_noise[g] = None
+                if g + 2 < len(gen_batches):
+                    gen_noise.append(_prefetch(prefetcher, pipe.generator_noise, gen_batches[g + 2], seed))
+                tokens = z if len(tokens) == 0 else torch.cat([tokens, z.to(tokens.device)])
+                g += 1
+            tok, tokens = tokens[: len(idx)], tokens[len(idx):]
+            imgs = decode(tok, dec_noise[d].result(), len(idx))
+            dec_noise[d] = None
+            if d + 2 < len(dec_batches):
+                dec_noise.append(_prefetch(prefetcher, pipe.decoder_noise, dec_batches[d + 2], seed))
+            if writer is not None:
+                writer.submit([(out / png_name_(i, label), im) for i, label, im in zip(idx, labels_of(idx), imgs)])
+            else:
+                arrays.append(imgs)
+            if progress is not None:
+                progress(len(idx))
+        finished = True
+    finally:
+        prefetcher.shutdown(wait=True, cancel_futures=True)
+        if writer is not None:
+            writer.close(raise_errors=finished)
     seconds = time.perf_counter() - t0
     local = np.concatenate(arrays) if arrays else None
     written: List[str] = []
@@ -184,9 +292,12 @@ def sample_to(
         generated, skipped = sum(p[0] for p in parts), sum(p[1] for p in parts)
         files = sum(p[2] for p in parts) if kind == "folder" else 1
         seconds = max(p[3] for p in parts)
+    from .backends import describe_fast_path
+
     return {
         "out": str(out), "kind": kind, "images": len(indices), "generated": generated,
         "skipped_existing": skipped, "files": files,
         "seconds": round(seconds, 3), "images_per_s": round(generated / seconds, 3) if seconds > 0 and generated else None,
-        "seed": seed, "start": start, "count": count,
+        "seed": seed, "start": start, "count": count, "batch_size": batch_size, "gen_batch_size": gen_batch_size,
+        "nfe": pipe.nfe(**sampler_kw), "fast_path": describe_fast_path(getattr(pipe, "fast_path", None)),
     }

@@ -18,6 +18,7 @@ H = "How"
     "  reptok bench --ckpt runs/gen --backend torch,onnx,trt --batch-sizes 1,8,64 --precision bf16 --compile --cuda-graphs\n\n"
     "  reptok bench --preset tiny --backend torch,onnx --batch-sizes 1,2 --iters 2 --json\n\n"
     "Stages: generator / decoder = one network call (NFE), vae = one decode, end_to_end = sampling B images. "
+    "ms: the median of --iters timed calls (min-max beside it). "
     "max_abs_err: vs torch eager fp32 on the same inputs; vs_torch: throughput / torch eager."))
 @handle_errors
 def bench(
@@ -28,7 +29,8 @@ def bench(
     stages: str = typer.Option("generator,decoder,vae,end_to_end", "--stages", help="Subset of the stages.", rich_help_panel=W),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="End-to-end steps for both stages (default: the run's).", rich_help_panel=W),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed calls first (compile, autotune).", rich_help_panel=H),
-    iters: int = typer.Option(5, "--iters", min=1, help="Timed calls (the median is reported).", rich_help_panel=H),
+    iters: int = typer.Option(5, "--iters", min=1, help="Timed calls (median reported, with min-max).", rich_help_panel=H),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and ONNX Runtime (default: torch's, i.e. OMP_NUM_THREADS).", rich_help_panel=H),
     compile_: bool = typer.Option(False, "--compile", help="Add torch.compile rows.", rich_help_panel=H),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Add CUDA-graph rows (torch, CUDA only).", rich_help_panel=H),
     device: str = typer.Option("auto", "--device", rich_help_panel=H),
@@ -49,7 +51,7 @@ def bench(
     report = run_bench(ckpt=ckpt, preset=preset, backends=backend, batch_sizes=batch_sizes, steps=steps,
                        warmup=warmup, iters=iters, compile=compile_, cuda_graphs=cuda_graphs,
                        device=parse_device(device), precision=precision, onnx_dir=onnx_dir, trt_dir=trt_dir,
-                       stages=stage_list, log=log)
+                       stages=stage_list, threads=threads, log=log)
     if json_out:
         emit_json(report)
         return
@@ -62,14 +64,14 @@ def print_table(report: dict) -> None:
 
     what = report.get("preset") or report.get("ckpt")
     t = Table(title=f"reptok bench: {what} on {report['device']} ({report['threads']} threads)")
-    for col in ("backend", "prec", "stage", "batch", "ms", "img/s", "vs torch", "max err", "note"):
-        t.add_column(col, justify="right" if col in ("batch", "ms", "img/s", "vs torch", "max err") else "left",
-                     no_wrap=col in ("backend", "stage"))
+    num = ("batch", "ms", "min-max ms", "img/s", "vs torch", "max err")
+    for col in ("backend", "prec", "stage", "batch", "ms", "min-max ms", "img/s", "vs torch", "max err", "note"):
+        t.add_column(col, justify="right" if col in num else "left", no_wrap=col in ("backend", "stage"))
     short = {"CPUExecutionProvider": "ort-cpu", "CUDAExecutionProvider": "ort-cuda", "TensorRT": "trt"}
     for r in report["rows"]:
         name = short.get(r["provider"], r["backend"]) if r["backend"] in ("onnx", "trt") else r["backend"]
         t.add_row(name, r["precision"], r["stage"], str(r["batch"]), f"{r['latency_ms']:.2f}",
-                  f"{r['images_per_s']:.1f}", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
+                  f"{r['latency_min_ms']:.2f}-{r['latency_max_ms']:.2f}", f"{r['images_per_s']:.1f}", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
                   f"{r['max_abs_err']:.1e}" if r["max_abs_err"] is not None else "", r["note"])
     Console().print(t)
     for n in report["notes"]:

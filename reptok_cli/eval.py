@@ -93,6 +93,7 @@ def recon(
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP, rich_help_panel=F),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: RUN/eval_recon.json).", rich_help_panel=J),
     device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
@@ -102,7 +103,8 @@ def recon(
     with _progress() as bar:
         results = eval_recon(ckpt, data, limit=limit, decoder_steps=decoder_steps, solver=solver,
                              batch_size=batch_size, seed=seed, features=features,
-                             inception_weights=inception_weights, device=dev, progress=bar)
+                             inception_weights=inception_weights, device=dev, progress=bar, fast=not no_fast)
+    err.print(f"decoded with {results['fast_path']}", highlight=False)
     written = _save(out or recon_results_path(ckpt), results)
     results["results_file"] = str(written) if written else None
     _report(f"reconstruction: {results['n']} images, {results['decoder_steps']} decoder steps ({results['solver']})",

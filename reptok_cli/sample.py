@@ -31,16 +31,20 @@ def sample(
     start: int = typer.Option(0, "--start", help="First global image index of this shard.", rich_help_panel=J),
     count: Optional[int] = typer.Option(None, "--count", help="Images in this shard (default: to the end).", rich_help_panel=J),
     seed: int = typer.Option(0, "--seed", rich_help_panel=J),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", rich_help_panel=J),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Decoder (and VAE) batch.", rich_help_panel=J),
+    gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", min=1, help="Generator batch (default: --batch-size).", rich_help_panel=J),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="CFG scale (default from the run, official 1.5).", rich_help_panel=S),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="t_begin,t_end (official 0.3,0.9); 'none' = always.", rich_help_panel=S),
     steps: Optional[int] = typer.Option(None, "--steps", help="Generator steps (official 50).", rich_help_panel=S),
     decoder_steps: Optional[int] = typer.Option(None, "--decoder-steps", help="Decoder steps (official 50).", rich_help_panel=S),
     solver: Optional[str] = typer.Option(None, "--solver", help="euler | heun (both stages).", rich_help_panel=S),
-    backend: str = typer.Option("torch", "--backend", help="torch | onnx | trt", rich_help_panel=S),
+    backend: str = typer.Option("auto", "--backend", help="auto | torch | onnx | trt (auto: onnx/trt with --engine, else torch).", rich_help_panel=S),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported engine folder for --backend onnx|trt.", rich_help_panel=S),
     device: str = typer.Option("auto", "--device", rich_help_panel=S),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 autocast (torch backend).", rich_help_panel=S),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 autocast (torch; default bf16 on CUDA, fp32 on CPU).", rich_help_panel=S),
+    no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (no bf16, no CUDA graphs).", rich_help_panel=S),
+    compile_: bool = typer.Option(False, "--compile", help="Regional torch.compile (torch backend; opt-in).", rich_help_panel=S),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs (default: on with CUDA).", rich_help_panel=S),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """Generate images: generator (a class or a prompt) -> token -> decoder -> (VAE) -> pixels."""
@@ -74,7 +78,12 @@ def sample(
     dev, info = init_ranks(dev)
     from reptok.backends import load_sampling_pipeline
 
-    pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision)
+    pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision, fast=not no_fast,
+                                  compile=compile_, cuda_graphs=cuda_graphs)
+    if info.is_main:  # stderr: stdout stays one JSON line with --json
+        from reptok.backends import describe_fast_path
+
+        err.print(f"sampling with {describe_fast_path(pipe.fast_path)}", highlight=False)
     if pipe.generator is None:
         raise InputError(f"{ckpt}: this run has no generator; pass a generator run (reptok train gen)")
     class_ids = None if is_text else parse_classes(
@@ -89,7 +98,8 @@ def sample(
         bar.start()
     try:
         summary = sample_to(
-            pipe, class_ids, n, out, seed=seed, start=start, count=count, batch_size=batch_size, info=info,
+            pipe, class_ids, n, out, seed=seed, start=start, count=count, batch_size=batch_size,
+            gen_batch_size=gen_batch_size, info=info,
             progress=(lambda k: bar.advance(task, k)) if bar else None,
             prompts=prompts, steps=steps, cfg=cfg, cfg_interval=interval, solver=solver,
             decoder_steps=decoder_steps, decoder_solver=solver)
@@ -97,9 +107,10 @@ def sample(
         if bar:
             bar.stop()
     if info.is_main:
-        summary["backend"] = backend
+        summary["backend"] = pipe.fast_path["backend"]
         if json_out:
             emit_json(summary)
         else:
             err.print(f"[green]wrote[/] {summary['out']}: {summary['images']} images "
-                      f"({summary['images_per_s']} img/s)")
+                      f"({summary['images_per_s']} img/s, {summary['fast_path']}, NFE per image: generator "
+                      f"{summary['nfe']['generator']}, decoder {summary['nfe']['decoder']})")

@@ -53,14 +53,18 @@ def reconstruct(
     solver: str = typer.Option(None, "--solver", help="euler | heun"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
+    no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs)."),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Image -> token -> image; prints the PSNR of each reconstruction."""
+    from reptok.backends import apply_fast_path, describe_fast_path
     from reptok.checkpoint import load_pipeline
     from reptok.evaluate.metrics import psnr as psnr_db
     from reptok.images import make_grid, save_png, tensor_to_uint8
 
-    pipe = load_pipeline(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
+    pipe = apply_fast_path(load_pipeline(ckpt, parse_device(device), components=("encoder", "decoder", "vae")),
+                           fast=not no_fast)
+    err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
     x = _load_images(images, pipe.cfg.image_size)
     rec = pipe.reconstruct(x, list(range(len(x))), seed=seed, steps=decoder_steps, solver=solver)
     a, b = tensor_to_uint8(x), tensor_to_uint8(rec)
@@ -73,7 +77,8 @@ def reconstruct(
         if not json_out:
             err.print(f"{p}: PSNR {v:.2f} dB -> {dst}")
     if json_out:
-        emit_json({"images": rows, "mean_psnr": round(float(psnr.mean()), 3)})
+        emit_json({"images": rows, "mean_psnr": round(float(psnr.mean()), 3),
+                   "fast_path": describe_fast_path(pipe.fast_path)})
 
 
 @app.command("interpolate", epilog="Example:\n\n  reptok interpolate a.png b.png --ckpt runs/tok --frames 8 --out ab.png")

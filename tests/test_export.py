@@ -328,7 +328,7 @@ def test_trt_engines_parity(tiny_run, vae_run, vae_onnx, tmp_path, precision, to
 def test_cuda_graphed_decoder_matches_eager(tiny_run, amp):
     """Also under bf16 autocast, entered and left around every call as the pipeline does: a
     graph captured with autocast's weight cache replays freed memory (it did, on an H200)."""
-    from reptok.bench import CudaGraphed
+    from export.runtime import CudaGraphed
 
     dec = checkpoint.load_pipeline(tiny_run, "cuda", components=("decoder",)).decoder
     fast = CudaGraphed(dec)

@@ -376,11 +376,14 @@ def eval_recon(
     device: str = "cpu",
     progress: Progress = None,
     extractor=None,
+    fast: bool = True,
 ) -> dict:
     """Reconstruct the first ``limit`` images of a prepared dataset (in order) with the
     tokenizer of ``ckpt`` (image -> token -> decoder) and report PSNR, SSIM (uint8, per image,
     averaged) and rFID (reconstructions vs originals), plus IS of the reconstructions and
     precision/recall against the originals. Decoder noise comes from (seed, image index).
+    ``fast``: the fast path of ``reptok.backends.apply_fast_path`` (bf16 + CUDA graphs on CUDA;
+    a no-op on a CPU); False = torch eager fp32.
     """
     from .. import flow
     from ..data.dataset import PreparedDataset
@@ -412,9 +415,12 @@ def eval_recon(
     if extractor is None:
         choice = resolve_features(features, inception_weights)
     # 3. models
+    from ..backends import apply_fast_path, describe_fast_path
+
     pipe = _checkpoint.load_pipeline(ckpt, device, components=("encoder", "decoder", "vae"))
     if pipe.encoder is None or pipe.decoder is None:
         raise InputError(f"--ckpt {ckpt}: needs a tokenizer (encoder + decoder)")
+    pipe = apply_fast_path(pipe, fast=fast)
     if extractor is None:
         extractor = build_extractor(choice, device, progress)
     notes: List[str] = []
@@ -457,6 +463,7 @@ def eval_recon(
         "n_ref": n,
         "decoder_steps": steps,
         "solver": solver,
+        "fast_path": describe_fast_path(pipe.fast_path),
         "seed": seed,
         "ckpt": str(ckpt),
         "data": str(data),

@@ -94,7 +94,10 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         gcfg = gen_config(out / "tokens.npy", base, {"train.steps": plan.gen_steps, "train.batch_size": plan.gen_batch,
                                                      "train.ckpt_every": plan.gen_steps})
         train_gen(out / "tokens.npy", out / "generator", gcfg, device=device, progress=progress)
-    pipe = load_pipeline(out / "generator", device)
+    from .backends import apply_fast_path
+
+    # The fast path of `reptok sample` (bf16 + CUDA graphs on CUDA; torch eager fp32 on a CPU).
+    pipe = apply_fast_path(load_pipeline(out / "generator", device))
     classes = list(range(pipe.num_classes))
     with stage("sample"):
         sample_to(pipe, classes, plan.grid_per_class, out / "samples_grid.png", seed=plan.seed, batch_size=96)
@@ -106,7 +109,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
     with stage("reconstruct"):
         held = make_shapes(plan.eval_recon, pipe.cfg.image_size, seed=plan.seed + 10_000)
         images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        tokpipe = load_pipeline(out / "tokenizer", device, components=("encoder", "decoder", "vae"))
+        tokpipe = apply_fast_path(load_pipeline(out / "tokenizer", device, components=("encoder", "decoder", "vae")))
         rec = tensor_to_uint8(tokpipe.reconstruct(images, list(range(len(images))), seed=plan.seed))
         psnr = float(psnr_db(held["images"], rec).mean())
         recon_acc = float((judge.predict(rec).cpu().numpy() == held["labels"]).mean())
