@@ -27,9 +27,10 @@ import torch
 
 from reptok.backends import apply_fast_path
 from reptok.checkpoint import load_pipeline
-from reptok.data.shapes import make_shapes
-from reptok.evaluate.judge import load_judge, shape_accuracy
-from reptok.images import psnr_uint8, tensor_to_uint8
+from reptok.shapes.render import make_shapes
+from reptok.shapes.judge import load_judge, shape_accuracy
+from reptok.evaluate.metrics import psnr
+from reptok.images import tensor_to_uint8
 
 
 def _timed(fn):
@@ -81,7 +82,7 @@ def main() -> None:
     for solver, steps in settings:
         nfe = steps * (2 if solver == "heun" else 1)
         rec, rsec = _timed(lambda: decode_all(tok, tokens_rec, list(range(len(images))), args.seed, solver, steps))
-        psnr = float(psnr_uint8(held["images"], rec).mean())
+        psnr = float(psnr(held["images"], rec).mean())
         smp, ssec = _timed(lambda: decode_all(gen, z, idx, args.seed + 1, solver, steps))
         pred = judge.predict(smp).cpu().numpy()
         acc = float((pred == labels.numpy()).mean())

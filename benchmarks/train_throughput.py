@@ -99,7 +99,7 @@ def recon_task(cfg: PipelineConfig, data: Path, device: str, grad_checkpoint: bo
 
 
 def gen_task(cfg: PipelineConfig, n: int):
-    from reptok.models.generator import build_generator
+    from reptok.models import build_generator
     from reptok.train.gen import GenTask
 
     g = cfg.generator

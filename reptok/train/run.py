@@ -60,7 +60,7 @@ def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
 
     from ..models.decoder import FlowDecoder
     from ..models.encoder import SSLEncoder
-    from ..models.generator import build_generator
+    from ..models import build_generator
 
     init = Path(init)
     init_run_config(init, stage)
