@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="Where the students go (default: a temp dir).")
     ap.add_argument("--ks", default="4,2,1", help="One student per K.")
     ap.add_argument("--teacher-steps", type=int, default=50)
-    ap.add_argument("--teacher-rows", default="50,25,8,4")
+    ap.add_argument("--teacher-rows", default="50,25,8,4,2,1")
     ap.add_argument("--method", default="reflow")
     ap.add_argument("--steps", type=int, default=150, help="Distillation steps per student.")
     ap.add_argument("--batch-size", type=int, default=32)

@@ -29,25 +29,9 @@ DEVICE=${DEVICE:-cuda}
 STEP_TIMEOUT=${STEP_TIMEOUT:-600}
 WORK=${WORK:-/tmp/reptok-gpu-distill}
 PY=${PY:-python}
-[ -x .venv/bin/python ] && [ "$PY" = python ] && PY=.venv/bin/python
 if [ "$DEVICE" = cpu ]; then BATCH=${BATCH_CPU:-4}; N_BATCHES=1; fi
 
-mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-printf 'step\trc\tseconds\n' > "$OUT/steps.tsv"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-REPTOK=("$PY" -m reptok_cli)
-
-step() {  # step NAME CMD... : run with a timeout, log rc and time, never abort the script
-  local name=$1; shift
-  echo "=== $name: $*" >&2
-  local t0=$SECONDS
-  timeout "$STEP_TIMEOUT" "$@"
-  local rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$OUT/steps.tsv"
-  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" >&2
-  return $rc
-}
+. "$(dirname "$0")/gpu_steps.sh"
 
 # ---------------------------------------------------------------- 1. random-weight run
 RUN=$WORK/run-$PRESET
