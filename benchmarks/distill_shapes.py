@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--method", default="reflow")
     ap.add_argument("--steps", type=int, default=150, help="Distillation steps per student.")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="Default: train distill's (the teacher's lr).")
+    ap.add_argument("--ema", type=float, default=None, help="Default: train distill's (0.99).")
     ap.add_argument("--eval-images", type=int, default=256)
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
@@ -63,15 +64,16 @@ def main() -> None:
     for k in ks:
         over = {**distill_defaults(qs / "tokenizer"), "train.steps": args.steps, "train.batch_size": args.batch_size,
                 "train.log_every": 10, "train.ckpt_every": args.steps}
-        if args.lr is not None:
-            over["train.lr"] = args.lr
+        for key, value in (("train.lr", args.lr), ("train.ema", args.ema)):
+            if value is not None:
+                over[key] = value
         cfg = distill_config(qs / "tokenizer", k, over)
         t = time.perf_counter()
         s = train_distill(qs / "tokenizer", out / f"student{k}", cfg, student_steps=k,
                           teacher_steps=args.teacher_steps, method=args.method, progress=False)
         train_rows.append((k, s["last_loss"], s["images_per_s"], time.perf_counter() - t))
         students[k] = load_pipeline(out / f"student{k}", components=("encoder", "decoder", "vae"))
-        print(f"student K={k}: {args.steps} steps x {args.batch_size}, lr {cfg.train.lr:g}, loss {s['last_loss']:.5f}, "
+        print(f"student K={k}: {args.steps} steps x {args.batch_size}, lr {cfg.train.lr:g}, EMA {cfg.train.ema:g}, loss {s['last_loss']:.5f}, "
               f"{s['images_per_s']:.1f} img/s, {time.perf_counter() - t:.0f} s", flush=True)
 
     # ------------------------------------------------------------------ evaluation inputs
