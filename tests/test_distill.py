@@ -213,3 +213,20 @@ def test_attach_refuses_a_different_encoder(dwork, tmp_path):
     res = cli("train", "attach", "--generator", dwork / "st", "--tokenizer", dwork / "st", "--out", tmp_path / "g",
               code=2)
     assert "needs a generator run" in res.output
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_two_ranks_equal_one_process(dwork, tmp_path):
+    """torchrun (gloo, 2 ranks, half the batch each) trains the same student as one process."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is required")
+    from test_distributed import assert_same_weights, one_thread, torchrun
+
+    args = ["train", "distill", "--ckpt", dwork / "tok", "--steps", 3, "--device", "cpu", *DISTILL]
+    torchrun(*args, "--out", tmp_path / "ddp")
+    with one_thread():
+        cli(*args, "--out", tmp_path / "one")
+    assert_same_weights(tmp_path / "ddp", tmp_path / "one")
+    assert_same_weights(tmp_path / "ddp", tmp_path / "one", "ema.safetensors")
