@@ -13,7 +13,7 @@ reports for the teacher at 50 / 25 / 8 / 4 Euler steps and for every student at 
   builtin classifier;
 - decoder images/s (batch of all the evaluation images, this process's threads).
 
-    python benchmarks/distill_shapes.py --quickstart /work/qs [--ks 4,2,1] [--steps 150] [--batch-size 32]
+    python benchmarks/distill_shapes.py --quickstart /work/qs [--ks 4,2,1] [--steps 200] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=50)
     ap.add_argument("--teacher-rows", default="50,25,8,4,2,1")
     ap.add_argument("--method", default="reflow")
-    ap.add_argument("--steps", type=int, default=150, help="Distillation steps per student.")
+    ap.add_argument("--steps", type=int, default=200, help="Distillation steps per student.")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None, help="Default: train distill's (the teacher's lr).")
     ap.add_argument("--ema", type=float, default=None, help="Default: train distill's (0.99).")
