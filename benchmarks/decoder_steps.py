@@ -82,11 +82,11 @@ def main() -> None:
     for solver, steps in settings:
         nfe = steps * (2 if solver == "heun" else 1)
         rec, rsec = _timed(lambda: decode_all(tok, tokens_rec, list(range(len(images))), args.seed, solver, steps))
-        psnr = float(psnr(held["images"], rec).mean())
+        psnr_db = float(psnr(held["images"], rec).mean())
         smp, ssec = _timed(lambda: decode_all(gen, z, idx, args.seed + 1, solver, steps))
         pred = judge.predict(smp).cpu().numpy()
         acc = float((pred == labels.numpy()).mean())
-        print(f"| {solver} {steps} | {nfe} | {psnr:.2f} | {len(images) / rsec:.1f} | {acc:.3f} | "
+        print(f"| {solver} {steps} | {nfe} | {psnr_db:.2f} | {len(images) / rsec:.1f} | {acc:.3f} | "
               f"{shape_accuracy(pred, labels.numpy()):.3f} | {len(idx) / ssec:.1f} |", flush=True)
 
 

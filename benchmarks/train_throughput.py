@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reptok.config import PipelineConfig, with_encoder  # noqa: E402
+from reptok.data.latents import LatentCache  # noqa: E402
 from reptok.presets import get_preset  # noqa: E402
 from reptok.train.dist import DistInfo  # noqa: E402
 from reptok.train.feed import default_workers, step_loader  # noqa: E402
@@ -91,7 +92,7 @@ def recon_task(cfg: PipelineConfig, data: Path, device: str, grad_checkpoint: bo
     from reptok.train.recon import ReconTask
 
     ds = PreparedDataset(data)
-    cache = None if cfg.vae.is_pixel else ds.latent_cache
+    cache = None if cfg.vae.is_pixel else LatentCache.of(ds.path)
     torch.manual_seed(0)
     pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"))
     pipe.decoder.grad_checkpoint = grad_checkpoint

@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "info",
     "data",
     "train",
+    "distill",  # registers into the train group
     "tokens",
     "sample",
     "quickstart",

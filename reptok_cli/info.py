@@ -25,8 +25,10 @@ def info(
 
     cfg = resolve_config(preset=preset or (None if ckpt else "xl"), ckpt=ckpt)
     rows = model_report(cfg)
+    distilled = _distilled(ckpt)
     if json_out:
-        emit_json({"preset": cfg.preset, "components": rows, "presets": list_presets()})
+        emit_json({"preset": cfg.preset, "components": rows, "presets": list_presets(),
+                   **({"distilled": distilled} if distilled else {})})
         return
     t = Table(title=f"reptok {cfg.preset or ckpt} ({cfg.image_size}px)")
     for col in ("component", "params", "trainable", "GFLOPs / call", "note"):
@@ -34,3 +36,18 @@ def info(
     for r in rows:
         t.add_row(r["component"], f"{r['params']:,}", f"{r['trainable']:,}", f"{r['gflops']:.3f}", r["note"])
     Console().print(t)
+    if distilled:
+        Console().print(f"distilled: a {distilled['student_steps']}-step decoder from the teacher {distilled['teacher']} "
+                        f"({distilled['teacher_steps']} steps, method {distilled['method']})", highlight=False, soft_wrap=True)
+
+
+def _distilled(ckpt: Optional[str]) -> Optional[dict]:
+    """The ``distilled`` record of a run made by ``reptok train distill`` (or a generator run
+    attached to one), else None."""
+    if not ckpt:
+        return None
+    from pathlib import Path
+
+    from reptok.checkpoint import read_run_config
+
+    return read_run_config(Path(ckpt)).get("distilled")

@@ -18,6 +18,10 @@ import torch
 from ..errors import InputError
 from .prep import FORMAT, META_FILE, SKIPPED_FILE
 
+# The latent cache of ``reptok data cache-latents`` (written and read by ``latents.py``).
+CACHE_DIR = "latents"
+CACHE_META = "latents.json"
+
 
 def read_meta(path: Union[str, Path]) -> dict:
     """The ``reptok_data.json`` of a prepared dataset; InputError if ``path`` is not one."""
@@ -176,13 +180,6 @@ class PreparedDataset(torch.utils.data.Dataset):
         """Raw images as stored, uint8 (B, 3, R, R): what the training loader ships to the device."""
         return self._images.get(self._indices(indices))
 
-    @property
-    def latent_cache(self):
-        """The ``reptok data cache-latents`` cache (a ``LatentCache``), or None."""
-        from .latents import LatentCache
-
-        return LatentCache(self.path) if LatentCache.exists(self.path) else None
-
     def get_uint8(self, indices) -> np.ndarray:
         """Raw images, uint8 (B, R, R, 3) (for FID reference statistics, previews)."""
         return np.ascontiguousarray(self._images.get(self._indices(indices)).transpose(0, 2, 3, 1))
@@ -221,6 +218,7 @@ def dataset_info(path: Union[str, Path]) -> Dict[str, Any]:
     counts = np.bincount(labels[labels >= 0], minlength=ds.num_classes) if ds.num_classes else np.zeros(0, np.int64)
     size = sum(f.stat().st_size for f in ds.path.iterdir() if f.is_file())
     skipped_file = ds.path / SKIPPED_FILE
+    cache_meta = ds.path / CACHE_DIR / CACHE_META
     return {
         **meta,
         "path": str(ds.path),
@@ -228,6 +226,6 @@ def dataset_info(path: Union[str, Path]) -> Dict[str, Any]:
         "size_bytes": int(size),
         "class_counts": [int(c) for c in counts],
         "unlabelled": int((labels < 0).sum()),
-        "latent_cache": ds.latent_cache.meta if ds.latent_cache is not None else None,
+        "latent_cache": json.loads(cache_meta.read_text()) if cache_meta.is_file() else None,
         "skipped_report": str(skipped_file) if skipped_file.exists() else None,
     }

@@ -29,11 +29,12 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import InputError
+from .dataset import CACHE_DIR, CACHE_META, PreparedDataset
 
-CACHE_DIR = "latents"
+
+
 PARTIAL_DIR = "latents.partial"
 MOMENTS = "moments.npy"
-CACHE_META = "latents.json"
 CHUNK = 256  # images per resumable unit
 
 
@@ -80,6 +81,11 @@ class LatentCache:
     def exists(data: Union[str, Path]) -> bool:
         return (Path(data) / CACHE_DIR / CACHE_META).is_file()
 
+    @classmethod
+    def of(cls, data: Union[str, Path]) -> Optional["LatentCache"]:
+        """The ``reptok data cache-latents`` cache of the prepared dataset ``data``, or None."""
+        return cls(data) if cls.exists(data) else None
+
     @property
     def flips(self) -> bool:
         return bool(self.meta.get("flips"))
@@ -121,7 +127,6 @@ def cache_latents(
     ``data/latents``; ``identity`` is ``vae_identity(...)`` of it. Resumable in units of ``chunk``
     images (default ``CHUNK``); the chunks are split across ranks."""
     from ..train.dist import DistInfo, barrier
-    from .dataset import PreparedDataset
 
     info = info or DistInfo()
     ds = PreparedDataset(data)

@@ -16,6 +16,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from .. import flow
 from ..config import PipelineConfig
+from ..data.latents import LatentCache
 from ..errors import InputError
 from ..models.encoder import cos_anchor_loss
 from ..pipeline import Pipeline, STREAM_DECODER, index_noise
@@ -158,7 +159,7 @@ def train_recon(
     amp_dtype_for(precision, device)
     check_wandb(wandb)
     hflip = bool(cfg.train.hflip)
-    cache = None if cfg.vae.is_pixel else dataset.latent_cache
+    cache = None if cfg.vae.is_pixel else LatentCache.of(dataset.path)
     if cache is not None:
         down = cfg.image_size // cfg.vae.downsample
         cache.check(cfg.vae.source, cfg.vae.subfolder, cfg.image_size, (2 * cfg.vae.latent_channels, down, down), hflip)
