@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from reptok.checkpoint import load_pipeline
-from reptok.data.shapes import make_shapes
-from reptok.evaluate.judge import load_judge
-from reptok.images import psnr_uint8, tensor_to_uint8
+from reptok.shapes.render import make_shapes
+from reptok.shapes.judge import load_judge
+from reptok.evaluate.metrics import psnr as psnr_db
+from reptok.images import tensor_to_uint8
 from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
 from reptok.train.distill import distill_config, distill_defaults, train_distill
 
@@ -103,8 +104,8 @@ def main() -> None:
     for name, steps, pipe in rows:
         rec, rate = decode_timed(pipe, z_rec, noise_rec, steps)
         rec_u8 = tensor_to_uint8(rec)
-        psnr = float(psnr_uint8(held["images"], rec_u8).mean())
-        vs_ref = float(psnr_uint8(ref_u8, rec_u8).mean())
+        psnr = float(psnr_db(held["images"], rec_u8).mean())
+        vs_ref = float(psnr_db(ref_u8, rec_u8).mean())
         imgs, _ = decode_timed(pipe, z_gen, noise_gen, steps)
         acc = float((judge.predict(imgs) == labels).float().mean())
         print(f"| {name:<13} | {steps:>5} | {psnr:>7.2f} | {vs_ref:>9.2f} | {acc:>9.3f} | {rate:>8.1f} |", flush=True)

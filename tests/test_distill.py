@@ -133,7 +133,7 @@ def test_reconstruct_uses_the_student_steps(dwork, tmp_path):
 
 def test_eval_recon_defaults_to_the_student_steps(dwork, monkeypatch):
     from reptok.checkpoint import save_tensors
-    from reptok.evaluate.judge import JudgeNet, judge_cache_path
+    from reptok.shapes.judge import JudgeNet, judge_cache_path
 
     cache = dwork / "cache"
     if not judge_cache_path(cache).exists():  # a random judge: nothing trains

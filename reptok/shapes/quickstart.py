@@ -94,7 +94,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         gcfg = gen_config(out / "tokens.npy", base, {"train.steps": plan.gen_steps, "train.batch_size": plan.gen_batch,
                                                      "train.ckpt_every": plan.gen_steps})
         train_gen(out / "tokens.npy", out / "generator", gcfg, device=device, progress=progress)
-    from .backends import apply_fast_path
+    from ..backends import apply_fast_path
 
     # The fast path of `reptok sample` (bf16 + CUDA graphs on CUDA; torch eager fp32 on a CPU).
     pipe = apply_fast_path(load_pipeline(out / "generator", device))
