@@ -36,13 +36,11 @@ sampler never see half tensors (the flow state stays float32, as with torch auto
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as _dt
 import hashlib
 import json
 import math
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ import torch
 from torch import nn
 
 from reptok.errors import InputError
+from reptok.io import atomic_dir
 
 MANIFEST = "manifest.json"
 FORMAT = "reptok-onnx/1"
@@ -101,34 +100,6 @@ def read_manifest(folder: Path) -> dict:
     if doc.get("format") != FORMAT:
         raise InputError(f"{path}: unknown export format {doc.get('format')!r} (expected {FORMAT})")
     return doc
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False):
-    """Yield a temp folder beside ``out``; on success it replaces ``out`` in one rename.
-
-    A non-empty ``out`` is refused unless ``overwrite`` (then it is replaced only after the new
-    content is complete, so a failed export never leaves a half-written folder behind).
-    """
-    out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out {out}: folder is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -528,7 +499,7 @@ def _export(pipe, run, cfg_hash, comps, out_dir, opset, dtype, atol, overwrite, 
                 "text_len": _text_len(pipe), "text_mask_dtype": "float32 (1 = valid, 0 = padding)",
             })
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         for spec in specs:
             # Verification reference: the float32 torch network (for fp16, a copy is halved).
             reference = spec.module

@@ -29,8 +29,9 @@ from typing import Callable, Dict, Optional
 import torch
 
 from reptok.errors import InputError
+from reptok.io import atomic_dir
 
-from .onnx import MANIFEST, atomic_output_dir, read_manifest
+from .onnx import MANIFEST, read_manifest
 from .runtime import SIDECAR, require_trt
 
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -141,7 +142,7 @@ def build_engines(
         "config_sha256": manifest.get("config_sha256"),
         "engines": {},
     }
-    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+    with atomic_dir(Path(out_dir), overwrite) as tmp:
         for comp, graph in manifest["graphs"].items():
             t0 = time.perf_counter()
             builder = trt.Builder(logger)

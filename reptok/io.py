@@ -82,15 +82,23 @@ def atomic_dir(out: Path, overwrite: bool = False, what: str = "--out") -> Itera
         raise InputError(f"{what} {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{what} {out}: folder is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
-        _apply_umask(tmp, is_dir=True)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)
+
+
+def temp_dir_beside(out: Path) -> Path:
+    """A new empty folder next to ``out`` (same filesystem, so a rename publishes it), with the
+    permissions the umask gives a plain ``mkdir``."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _apply_umask(tmp, is_dir=True)
+    return tmp
 
 
 def replace_dir(src: Path, out: Path) -> None:

@@ -50,3 +50,13 @@ def test_atomic_dir_leaves_nothing_on_failure_and_refuses_non_empty(tmp_path):
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "v2").write_text("2")
     assert os.listdir(out) == ["v2"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_prepared_dataset_follows_the_umask(tmp_path, umask):
+    from reptok.data import prepare
+
+    umask(0o022)
+    out = tmp_path / "shapes"
+    prepare("builtin:shapes:16", out, resolution=16)
+    assert mode(out) == 0o755
+    assert all(mode(f) == 0o644 for f in out.iterdir() if f.is_file())

@@ -150,7 +150,8 @@ def test_hflip_draw_is_a_function_of_the_step():
     from reptok.train.recon import ReconTask
 
     task = ReconTask.__new__(ReconTask)
-    task.time_sampler, task.latent_shape, task.hflip = "uniform", (3, 4, 4), True
+    task.time_sampler, task.time_loc, task.time_scale = "uniform", 0.0, 1.0
+    task.latent_shape, task.hflip = (3, 4, 4), True
     a, b = task.draw_noise(64, step_generator(0, 5)), task.draw_noise(64, step_generator(0, 5))
     assert torch.equal(a["flip"], b["flip"]) and 10 < int(a["flip"].sum()) < 54
     task.hflip = False

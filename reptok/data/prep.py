@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ..io import replace_dir, temp_dir_beside
 from ..images import center_crop_arr, load_image, uint8_to_tensor
 from ..shapes import render as _shapes
 
@@ -520,17 +521,6 @@ def _resolve_out(out: Path, overwrite: bool, source: str) -> None:
             raise InputError(f"--out {out}: would replace the source {source}; choose another folder")
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir onto OUT (replacing an old OUT only now, at the very end)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "d")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextmanager
 def _quiet_datasets():
     """Silence datasets' own tqdm bars (loading, casting, saving) while we show ours."""
@@ -621,7 +611,7 @@ def _prepare(source, out, resolution, limit, split, image_column, label_column, 
 
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     writer = _ShardWriter(tmp, res)
     skipped: List[Tuple[str, str]] = list(src.pre_skipped)
     n_bad = 0
@@ -714,7 +704,7 @@ def _prepare(source, out, resolution, limit, split, image_column, label_column, 
         meta["reptok_version"] = __version__
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         (tmp / SKIPPED_FILE).write_text("".join(f"{k}\t{r}\n" for k, r in skipped))
-        _commit(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         # Ctrl-C, a failure, or "nothing usable": leave nothing half-written behind.
         for fn in cleanup:

@@ -60,6 +60,8 @@ class ReconTask(nn.Module):
         self.encoder, self.decoder, self.latent = pipe.encoder, pipe.decoder, pipe.latent
         self.dataset = dataset
         self.cos_weight = cos_weight
+        dc = pipe.decoder.cfg  # the stage's time sampler (official: logit-normal(0, 1))
+        self.time_sampler, self.time_loc, self.time_scale = dc.time_sampler, dc.time_loc, dc.time_scale
         self.freeze_token = freeze_token
         self.latent_shape = pipe.latent_shape
         self.hflip = hflip
@@ -89,9 +91,8 @@ class ReconTask(nn.Module):
         return self.source(indices)
 
     def draw_noise(self, batch_size: int, g: torch.Generator) -> dict:
-        dc = self.decoder.cfg  # the stage's time sampler (official: logit-normal(0, 1))
         out = {
-            "t": flow.sample_time(batch_size, dc.time_sampler, generator=g, loc=dc.time_loc, scale=dc.time_scale),
+            "t": flow.sample_time(batch_size, self.time_sampler, generator=g, loc=self.time_loc, scale=self.time_scale),
             "x0": torch.randn(batch_size, *self.latent_shape, generator=g),
             "eps": torch.randn(batch_size, *self.latent_shape, generator=g),  # VAE posterior sample
         }
