@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from reptok.backends import apply_fast_path
-from reptok.checkpoint import load_pipeline
+from reptok.pipeline import Pipeline
 from reptok.shapes.render import make_shapes
 from reptok.shapes.judge import load_judge, shape_accuracy
 from reptok.evaluate.metrics import psnr
@@ -53,8 +53,8 @@ def main() -> None:
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings.split(",")]
     judge = load_judge(args.device)
 
-    tok = apply_fast_path(load_pipeline(qs / "tokenizer", args.device, components=("encoder", "decoder", "vae")))
-    gen = apply_fast_path(load_pipeline(qs / "generator", args.device))
+    tok = apply_fast_path(Pipeline.from_run(qs / "tokenizer", args.device, components=("encoder", "decoder", "vae")))
+    gen = apply_fast_path(Pipeline.from_run(qs / "generator", args.device))
     held = make_shapes(args.recon, tok.cfg.image_size, seed=args.seed + 10_000)  # quickstart's held-out seed
     images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     tokens_rec = torch.cat([tok.encode(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)])

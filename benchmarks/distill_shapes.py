@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from reptok.checkpoint import load_pipeline
+from reptok.pipeline import Pipeline
 from reptok.shapes.render import make_shapes
 from reptok.shapes.judge import load_judge
 from reptok.evaluate.metrics import psnr as psnr_db
@@ -73,13 +73,13 @@ def main() -> None:
         s = train_distill(qs / "tokenizer", out / f"student{k}", cfg, student_steps=k,
                           teacher_steps=args.teacher_steps, method=args.method, progress=False)
         train_rows.append((k, s["last_loss"], s["images_per_s"], time.perf_counter() - t))
-        students[k] = load_pipeline(out / f"student{k}", components=("encoder", "decoder", "vae"))
+        students[k] = Pipeline.from_run(out / f"student{k}", components=("encoder", "decoder", "vae"))
         print(f"student K={k}: {args.steps} steps x {args.batch_size}, lr {cfg.train.lr:g}, EMA {cfg.train.ema:g}, loss {s['last_loss']:.5f}, "
               f"{s['images_per_s']:.1f} img/s, {time.perf_counter() - t:.0f} s", flush=True)
 
     # ------------------------------------------------------------------ evaluation inputs
-    teacher = load_pipeline(qs / "tokenizer", components=("encoder", "decoder", "vae"))
-    gen = load_pipeline(qs / "generator", components=("generator",))
+    teacher = Pipeline.from_run(qs / "tokenizer", components=("encoder", "decoder", "vae"))
+    gen = Pipeline.from_run(qs / "generator", components=("generator",))
     judge = load_judge()
     n = args.eval_images
     held = make_shapes(n, teacher.cfg.image_size, seed=123_457)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from reptok.checkpoint import load_pipeline
+from reptok.pipeline import Pipeline
 from reptok.shapes.render import COLOURS, SHAPES
 from reptok.shapes.judge import load_judge, shape_accuracy
 from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cfg-interval", default=None, help="t_begin,t_end (default: the run's sampling config)")
     args = ap.parse_args()
-    pipe = load_pipeline(Path(args.quickstart) / "generator")
+    pipe = Pipeline.from_run(Path(args.quickstart) / "generator")
     judge = load_judge()
     k = pipe.num_classes
     labels = torch.arange(k).repeat_interleave(args.per_class)

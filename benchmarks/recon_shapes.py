@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from reptok import flow
-from reptok.checkpoint import load_pipeline
+from reptok.pipeline import Pipeline
 from reptok.data.dataset import PreparedDataset
 from reptok.data.prep import prepare
 from reptok.shapes.render import make_shapes
@@ -48,7 +48,7 @@ def held_out(run: Path, n: int, steps: int, t_points: int = 10) -> dict:
     """On n held-out shapes: reconstruction PSNR (sampled with ``steps`` decoder steps) and the
     flow loss (the training objective with fixed noise, averaged over a grid of t: how well the
     token lets the decoder predict the image, without the variance of sampling)."""
-    pipe = load_pipeline(run, components=("encoder", "decoder", "vae"))
+    pipe = Pipeline.from_run(run, components=("encoder", "decoder", "vae"))
     held = make_shapes(n, pipe.cfg.image_size, seed=123_457)
     x = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = pipe.encode(x)

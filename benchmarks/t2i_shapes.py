@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reptok.checkpoint import load_pipeline
+from reptok.pipeline import Pipeline
 from reptok.shapes.render import COLOURS, SHAPES, class_of
 from reptok.shapes.judge import colour_accuracy, load_judge, shape_accuracy
 from reptok.pipeline import STREAM_DECODER, STREAM_GENERATOR, index_noise
@@ -69,7 +69,7 @@ def build_tokens(args, work: Path) -> Path:
     tokens = work / "tokens.npy"
     if not tokens.exists():
         t = time.perf_counter()
-        extract_tokens(load_pipeline(tok_run, components=("encoder",)), data, tokens, batch_size=256)
+        extract_tokens(Pipeline.from_run(tok_run, components=("encoder",)), data, tokens, batch_size=256)
         log(f"[extract] {time.perf_counter() - t:.0f} s")
     return tokens
 
@@ -120,7 +120,7 @@ def main() -> None:
     t = time.perf_counter()
     judge = load_judge()
     log(f"[judge] {'cached' if judge.from_cache else 'trained'} in {time.perf_counter() - t:.0f} s")
-    pipe = load_pipeline(gen_run)
+    pipe = Pipeline.from_run(gen_run)
     g = pipe.cfg.generator
     combos = [(s, c) for s in SHAPES for c in COLOURS]
     styles = {

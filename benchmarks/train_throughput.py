@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reptok.config import PipelineConfig, with_encoder  # noqa: E402
 from reptok.data.latents import LatentCache  # noqa: E402
 from reptok.presets import get_preset  # noqa: E402
-from reptok.train.dist import DistInfo  # noqa: E402
+from reptok.dist import DistInfo  # noqa: E402
 from reptok.train.feed import default_workers, step_loader  # noqa: E402
 from reptok.train.loop import BatchOrder, fit  # noqa: E402
 

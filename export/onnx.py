@@ -18,7 +18,7 @@ Conventions are the torch modules' (``reptok/pipeline.py``): the decoder uses re
 ``generator.text_len`` (the text encoder's max tokens), the mask is float 0/1 (simplest for
 TensorRT; valid = mask > 0.5 inside the graph). The frozen text encoder is *not* exported:
 prompts (and the empty prompt, CFG's null condition) are encoded in torch at sampling time
-(``reptok.checkpoint.load_text_encoder``), once per call, and their hidden states are fed to the
+(``reptok.run.load_text_encoder``), once per call, and their hidden states are fed to the
 graph. The manifest's ``generator`` entry records ``text_conditioned``, ``text_encoder`` (the
 spec), ``text_dim`` and ``text_len``; ``null_class`` is None.
 
@@ -83,7 +83,7 @@ def pipeline_config_sha256(cfg) -> str:
 
 def run_config_sha256(run: Path) -> str:
     """sha256 of a run directory's config.json bytes: what an export is tied to."""
-    from reptok.checkpoint import CONFIG
+    from reptok.run import CONFIG
 
     path = Path(run) / CONFIG if Path(run).is_dir() else Path(run)
     return sha256_bytes(path.read_bytes())
@@ -94,7 +94,7 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise InputError(f"{folder}: not a reptok export folder (no {MANIFEST}); write one with 'reptok export onnx'")
-    from reptok.checkpoint import read_json
+    from reptok.io import read_json
 
     doc = read_json(path, "manifest")
     if doc.get("format") != FORMAT:
@@ -394,12 +394,12 @@ def _verify(spec: GraphSpec, path: Path, reference: nn.Module, atol: float) -> L
 # ----------------------------------------------------------------------------- the export
 def _load(run_dir_or_pipeline, components: Sequence[str]):
     """(pipeline on CPU in eval mode, run dir or None, config_sha256 or None)."""
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
     if isinstance(run_dir_or_pipeline, (str, Path)):
         run = Path(run_dir_or_pipeline).absolute()
         wanted = {"decoder", "generator", "vae", "encoder"} & set(components)
-        pipe = load_pipeline(run, "cpu", components=wanted)
+        pipe = Pipeline.from_run(run, "cpu", components=wanted)
         return pipe, run, run_config_sha256(run)
     pipe = run_dir_or_pipeline
     run = getattr(pipe, "run_dir", None)
@@ -492,7 +492,7 @@ def _export(pipe, run, cfg_hash, comps, out_dir, opset, dtype, atol, overwrite, 
             "text_conditioned": cfg.generator.text_encoder is not None,
         }
         if cfg.generator.text_encoder is not None:
-            # The text encoder stays in torch (``reptok.checkpoint.load_text_encoder``): prompts are
+            # The text encoder stays in torch (``reptok.run.load_text_encoder``): prompts are
             # encoded once per sampling call, outside the graphs; CFG's null is the prompt "".
             manifest["generator"].update({
                 "text_encoder": cfg.generator.text_encoder, "text_dim": int(cfg.generator.text_dim),

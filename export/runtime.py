@@ -17,7 +17,7 @@ machine without CUDA or the ``tensorrt`` package, ``--backend trt`` fails at onc
 InputError (exit code 2).
 
 Text-to-image runs: the graph / engine replaces only the generator network; prompts are still
-encoded by the run's frozen **torch** text encoder (``reptok.checkpoint.load_text_encoder``),
+encoded by the run's frozen **torch** text encoder (``reptok.run.load_text_encoder``),
 once per sampling call, and ``Pipeline._condition`` feeds their hidden states to the runtime
 generator through the same call as the torch module.
 """
@@ -468,7 +468,7 @@ def load_runtime_pipeline(ckpt, engine_dir, backend: str = "onnx", device: str =
     The export must come from this run: the sha256 of the run's config.json must equal the
     manifest's (InputError otherwise, with the fix in the message).
     """
-    from reptok.checkpoint import read_run_config
+    from reptok.run import read_run_config
 
     if backend == "trt":
         require_trt(device)  # fail at once, before reading anything
@@ -486,7 +486,7 @@ def load_runtime_pipeline(ckpt, engine_dir, backend: str = "onnx", device: str =
                          f"re-export with 'reptok export onnx --ckpt {ckpt} --out DIR'")
     text_encoder = None
     if cfg.generator is not None and cfg.generator.text_encoder is not None and "generator" in manifest["graphs"]:
-        from reptok.checkpoint import load_text_encoder
+        from reptok.pipeline import load_text_encoder
 
         text_encoder = load_text_encoder(ckpt, device)  # torch: prompts are encoded outside the graphs
     pipe = build_runtime_pipeline(cfg, engine_dir, backend, device, manifest, text_encoder=text_encoder)

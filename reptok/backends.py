@@ -94,13 +94,13 @@ def load_sampling_pipeline(ckpt: Path, device: str = "cpu", backend: Optional[st
 
     ``fast=False`` (library default: the exact torch modules) keeps eager torch at ``precision``
     (default fp32); the CLI passes ``fast=True`` unless ``--no-fast``."""
-    from .checkpoint import load_pipeline
+    from .pipeline import Pipeline
 
     backend = resolve_backend(backend, engine)
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend == "torch":
-        pipe = load_pipeline(ckpt, device, components=components)
+        pipe = Pipeline.from_run(ckpt, device, components=components)
         return apply_fast_path(pipe, fast=fast, precision=precision, compile=compile, cuda_graphs=cuda_graphs)
     if engine is None:
         raise InputError(f"--backend {backend} needs --engine DIR (written by 'reptok export {backend}')")

@@ -120,7 +120,7 @@ def random_latent(vae_cfg, seed: int = 0):
 def make_random_run(preset: str, out, seed: int = 0) -> Path:
     """Write a run directory (kind "pipeline") with random decoder + generator weights and, for
     latent presets, a random SD-VAE-shaped ``vae/``: a stand-in for a trained run (GPU checks)."""
-    from . import checkpoint
+    from . import run as rundir
     from .presets import get_preset
 
     out = Path(out)
@@ -130,8 +130,8 @@ def make_random_run(preset: str, out, seed: int = 0) -> Path:
         random_autoencoder(cfg.vae, seed).save_pretrained(out / "vae")
         cfg.vae.source, cfg.vae.subfolder = "vae", None
     pipe = random_pipeline(cfg, seed, components=("decoder", "generator"))
-    checkpoint.write_run_config(out, cfg, "pipeline", note=f"random weights from preset {preset} (benchmarks)")
-    checkpoint.save_weights(out, {"decoder": pipe.decoder, "generator": pipe.generator})
+    rundir.write_run_config(out, cfg, "pipeline", note=f"random weights from preset {preset} (benchmarks)")
+    rundir.save_weights(out, {"decoder": pipe.decoder, "generator": pipe.generator})
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .io import atomic_save, atomic_write_text
 from .errors import InputError
-from .train.dist import DistInfo, barrier, shard_range
+from .dist import DistInfo, barrier, shard_range
 
 
 def sidecar_paths(out: Path) -> dict:

@@ -19,14 +19,17 @@ Noise is a function of (seed, global image index) only: ``index_noise``. Sharded
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Optional, Sequence
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import flow
+from . import run as rundir
 from .config import PipelineConfig
+from .errors import InputError
 
 
 # ----------------------------------------------------------------------------- noise
@@ -90,6 +93,49 @@ class Pipeline(nn.Module):
             generator=build_generator(cfg.generator) if with_gen else None,
             text_encoder=text_encoder,
         )
+
+
+    @classmethod
+    def from_run(cls, path, device="cpu", use_ema: bool = True,
+                 components: Optional[Iterable[str]] = None) -> "Pipeline":
+        """Rebuild the pipeline of a run directory (``reptok/run.py``'s format) on ``device``.
+
+        A generator run brings its tokenizer run's encoder, decoder and VAE. ``components`` limits
+        what is built (e.g. ``("generator",)`` for token-only work). ``use_ema``: the EMA weights
+        (inference) where the run has them."""
+        run = Path(path)
+        doc = rundir.read_run_config(run)
+        cfg: PipelineConfig = doc["config"]
+        wanted = set(components) if components is not None else {"encoder", "decoder", "generator", "vae"}
+        sources = {}
+        tok_run = rundir.resolve_tokenizer_run(run, doc)
+        if tok_run is not None:
+            tok_state = rundir.read_weights(tok_run, use_ema)
+            for c in ("encoder", "decoder"):
+                sources[c] = (tok_run, rundir.split_prefix(tok_state, c))
+            vae_root = tok_run
+        else:
+            vae_root = run
+        state = rundir.read_weights(run, use_ema)
+        for c in rundir.COMPONENTS:
+            part = rundir.split_prefix(state, c)
+            if part:
+                sources[c] = (run, part)
+        if cfg.generator is None or "generator" not in sources:
+            wanted.discard("generator")
+        pipe = cls.build(cfg, components=wanted, vae_root=vae_root, load_weights=False)
+        for c in rundir.COMPONENTS:
+            if c in wanted and getattr(pipe, c, None) is not None:
+                if c not in sources:
+                    raise InputError(f"{run}: the run has no {c} weights")
+                src, part = sources[c]
+                rundir.load_into(getattr(pipe, c), part, f"{src}")
+        te = getattr(pipe, "text_encoder", None)
+        if te is not None and te.stores_weights:
+            _load_text_weights(te, state, run)
+        pipe.run_dir = run
+        pipe.run_doc = doc
+        return pipe.to(device).eval()
 
     # ------------------------------------------------------------------ helpers
     def pin_device(self, device) -> "Pipeline":
@@ -163,8 +209,6 @@ class Pipeline(nn.Module):
         "" are encoded once into a table; cond / null are row indices into it (null = "")."""
         if self.is_text:
             if prompts is None:
-                from .errors import InputError
-
                 raise InputError("this generator is text-conditioned: pass prompts, not class labels")
             table = list(dict.fromkeys([""] + [str(p) for p in prompts]))
             row = {p: i for i, p in enumerate(table)}
@@ -178,14 +222,10 @@ class Pipeline(nn.Module):
 
             return cond, torch.zeros_like(cond), model_fn
         if prompts is not None:
-            from .errors import InputError
-
             raise InputError("this generator is class-conditional: pass class labels, not prompts")
         y = labels.to(self.device).long()
         null_class = self.generator.null_class
         if null_class is None and scale != 1.0 and self.num_classes > 0:
-            from .errors import InputError
-
             raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable, use cfg 1.0")
         # Unconditional generators ignore y, so any null condition gives v_u == v_c (CFG is a no-op).
         null = torch.full_like(y, null_class) if null_class is not None else y
@@ -275,3 +315,28 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         return (1 - t) * a32 + t * b32
     so = torch.sin(omega)
     return torch.sin((1 - t) * omega) / so * a32 + torch.sin(t * omega) / so * b32
+
+
+# ----------------------------------------------------------------------------- text encoders of runs
+def _load_text_weights(te, state: Dict[str, torch.Tensor], run: Path) -> None:
+    # A random text tower (``tiny``) travels in the generator run; hub encoders load by spec.
+    part = rundir.split_prefix(state, "text_encoder")
+    if not part:
+        raise InputError(f"{run}: the run has no text_encoder weights (its text encoder {te.spec!r} is random)")
+    rundir.load_into(te, part, f"{run}")
+
+
+def load_text_encoder(path, device="cpu", use_ema: bool = True):
+    """The frozen text encoder of a text-to-image generator run (None for class runs): built from
+    its spec, with the run's ``text_encoder.*`` tensors when it stores them (``tiny``). For
+    runtimes (ONNX / TensorRT) that replace the generator but still encode prompts in torch."""
+    from .models.text import build_text_encoder
+
+    run = Path(path)
+    g = rundir.read_run_config(run)["config"].generator
+    if g is None or g.text_encoder is None:
+        return None
+    te = build_text_encoder(g.text_encoder, max_len=g.text_len or None)
+    if te.stores_weights:
+        _load_text_weights(te, rundir.read_weights(run, use_ema), run)
+    return te.to(device).eval()

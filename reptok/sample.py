@@ -25,10 +25,10 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
+from . import io
 from .errors import InputError
 from .images import make_grid, save_png, tensor_to_uint8
-from .train.dist import DistInfo, barrier, gather_objects, shard_range
+from .dist import DistInfo, barrier, gather_objects, shard_range
 
 
 # ----------------------------------------------------------------------------- specs
@@ -206,7 +206,7 @@ def sample_to(
     if kind == "folder":
         out.mkdir(parents=True, exist_ok=True)
         if prompts is not None and info.is_main:
-            ckpt.atomic_write_text(out / "prompts.txt", "".join(p.replace("\n", " ") + "\n" for p in prompts))
+            io.atomic_write_text(out / "prompts.txt", "".join(p.replace("\n", " ") + "\n" for p in prompts))
         todo = [i for i in mine if not (out / png_name_(i, labels_of([i])[0])).exists()]
 
     def generate(idx, noise):
@@ -265,7 +265,7 @@ def sample_to(
     if kind != "folder":
         if info.enabled:
             tmp = Path(f"{out}.rank{info.rank}.npy")
-            ckpt.atomic_save(tmp, lambda p: np.save(open(p, "wb"), local if local is not None
+            io.atomic_save(tmp, lambda p: np.save(open(p, "wb"), local if local is not None
                                                       else np.zeros((0, 1, 1, 3), np.uint8)))
             barrier()
             if info.is_main:
@@ -277,7 +277,7 @@ def sample_to(
             labels = np.asarray(labels_of(indices), np.int64)
             if kind == "npz":
                 extra = {"prompts": np.asarray(prompts, dtype=str)} if prompts is not None else {}
-                ckpt.atomic_save(out, lambda p: np.savez(open(p, "wb"), arr_0=local, arr_1=labels, **extra))
+                io.atomic_save(out, lambda p: np.savez(open(p, "wb"), arr_0=local, arr_1=labels, **extra))
             else:
                 ncol = n if len(classes) > 1 and count == total else 0
                 save_png(out, make_grid(list(local), ncol=ncol))

@@ -74,7 +74,7 @@ def parse_device(device: str | None) -> str:
 def init_ranks(dev: str):
     """Join the torchrun process group (no-op for one process); each rank gets its own GPU.
     Returns (device, DistInfo)."""
-    from reptok.train.dist import init_distributed
+    from reptok.dist import init_distributed
 
     info = init_distributed(dev)
     if info.enabled and dev.startswith("cuda"):

@@ -48,6 +48,6 @@ def _distilled(ckpt: Optional[str]) -> Optional[dict]:
         return None
     from pathlib import Path
 
-    from reptok.checkpoint import read_run_config
+    from reptok.run import read_run_config
 
     return read_run_config(Path(ckpt)).get("distilled")

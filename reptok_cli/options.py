@@ -27,12 +27,12 @@ def parse_set(items: Optional[List[str]]) -> dict:
 def resolve_config(preset: Optional[str] = None, ckpt: Optional[str] = None, config: Optional[Path] = None,
                    overrides: Optional[dict] = None) -> PipelineConfig:
     """Start from a run's config, a --config JSON file or a preset, then apply dotted overrides."""
-    from reptok import checkpoint
+    from reptok import run as rundir
     from reptok.io import read_json
     from reptok.presets import get_preset
 
     if ckpt:
-        cfg = checkpoint.read_run_config(Path(ckpt))["config"]
+        cfg = rundir.read_run_config(Path(ckpt))["config"]
     elif config:
         cfg = PipelineConfig.from_dict(read_json(Path(config), "--config file"))
     else:

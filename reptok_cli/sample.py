@@ -48,7 +48,7 @@ def sample(
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """Generate images: generator (a class or a prompt) -> token -> decoder -> (VAE) -> pixels."""
-    from reptok.checkpoint import read_run_config
+    from reptok.run import read_run_config
     from reptok.errors import InputError
     from reptok.sample import check_output, parse_classes, read_prompts, sample_to
 

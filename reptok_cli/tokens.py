@@ -23,12 +23,12 @@ def extract(
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Encode every image of a dataset to its token: float32 (N, D) in dataset order."""
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.extract import extract_tokens
 
     dev = parse_device(device)
     dev, info = init_ranks(dev)
-    pipe = load_pipeline(ckpt, dev, components=("encoder",))
+    pipe = Pipeline.from_run(ckpt, dev, components=("encoder",))
     meta = extract_tokens(pipe, data, out, batch_size=batch_size, info=info, limit=limit)
     if info.is_main:
         summary = {k: meta[k] for k in ("count", "dim", "checkpoint", "dataset")} | {"out": str(out)}
@@ -58,11 +58,11 @@ def reconstruct(
 ):
     """Image -> token -> image; prints the PSNR of each reconstruction."""
     from reptok.backends import apply_fast_path, describe_fast_path
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.evaluate.metrics import psnr as psnr_db
     from reptok.images import make_grid, save_png, tensor_to_uint8
 
-    pipe = apply_fast_path(load_pipeline(ckpt, parse_device(device), components=("encoder", "decoder", "vae")),
+    pipe = apply_fast_path(Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae")),
                            fast=not no_fast)
     err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
     x = _load_images(images, pipe.cfg.image_size)
@@ -94,13 +94,13 @@ def interpolate(
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Spherical interpolation between two images' tokens, decoded with the same noise."""
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.images import make_grid, save_png, tensor_to_uint8
     import torch
 
     from reptok.pipeline import STREAM_DECODER, index_noise, slerp
 
-    pipe = load_pipeline(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
+    pipe = Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
     z = pipe.encode(_load_images([a, b], pipe.cfg.image_size))
     ts = [i / (frames - 1) for i in range(frames)]
     tokens = torch.stack([slerp(z[0], z[1], t) for t in ts])

@@ -129,7 +129,7 @@ def recon(
     if resume and (out / "config.json").exists():
         cfg = resolve_config(ckpt=str(out), overrides=over)
     elif init is not None:  # the models of the init run, the training settings of --preset / --config
-        from reptok.train.run import init_config
+        from reptok.train.start import init_config
 
         cfg = init_config(init, resolve_config(preset=preset, config=config))
         cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
@@ -217,7 +217,7 @@ def gen(
     if resume and (out / "config.json").exists():
         cfg = resolve_config(ckpt=str(out), overrides=over)
     else:
-        from reptok.train.run import init_run_config
+        from reptok.train.start import init_run_config
 
         init_cfg = init_run_config(init, "gen") if init is not None else None
         cfg = gen_config(tokens, resolve_config(preset=preset), over, init=init_cfg)

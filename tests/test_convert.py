@@ -73,9 +73,9 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(converted):
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    return load_pipeline(converted[0])
+    return Pipeline.from_run(converted[0])
 
 
 # ----------------------------------------------------------------------------- safe reading
@@ -111,7 +111,7 @@ def test_omegaconf_fixture_converts_identically(converted, tmp_path):
 @needs_fix
 def test_every_tensor_lands(converted, source):
     out, summary = converted
-    from reptok.checkpoint import read_weights
+    from reptok.run import read_weights
 
     # What inference loads (ema.safetensors, the decoder from model.safetensors): the encode() DINO
     # copy and the EMA generator. The training state (fp32 DINO, raw generator) is checked below.
@@ -185,9 +185,9 @@ def test_bf16_and_inferred_vae_config(tmp_path):
     got = json.loads((tmp_path / "b" / "vae" / "config.json").read_text())
     for k in ("block_out_channels", "layers_per_block", "norm_num_groups", "latent_channels", "down_block_types"):
         assert got[k] == ref[k], k
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    p = load_pipeline(tmp_path / "b", components=("generator",))
+    p = Pipeline.from_run(tmp_path / "b", components=("generator",))
     assert p.generator.token_std[0].item() == 1.25
 
 
@@ -267,14 +267,14 @@ def test_encoder_parity_with_dinov2_forward(pipe, source):
 @needs_fix
 def test_encoder_parity_fp32_dino_weights(plain_ckpt, tmp_path):
     """Same, on full-precision values: the fixture's fp32 DINO copy put in the encode() slot."""
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.convert import convert_official
 
     dup = P_DEC + "encoder.dino.model."
     sd32 = {k[len(dup):]: v for k, v in plain_ckpt["state_dict"].items() if k.startswith(dup)}
     ckpt = _write_variant(plain_ckpt, tmp_path / "fp32.ckpt", lambda sd: sd.update({P_DINO + k: v for k, v in sd32.items()}))
     convert_official(ckpt, tmp_path / "run", **_opts())
-    enc = load_pipeline(tmp_path / "run", components=("encoder",)).encoder
+    enc = Pipeline.from_run(tmp_path / "run", components=("encoder",)).encoder
     img = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         assert (enc(img) - _dinov2_reference(sd32, img, HEADS)).abs().max().item() <= 1e-5

@@ -76,12 +76,12 @@ def test_teacher_grid_keeps_the_teacher_steps_and_the_window_edges():
 def test_student_is_closer_to_the_teacher_than_the_teacher_at_k_steps(dwork):
     """On training images: the student's K-step output vs the teacher's TEACHER_STEPS-step output
     is closer than the teacher's own K-step output (the point of distilling)."""
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.data.dataset import PreparedDataset
     from reptok.pipeline import STREAM_DECODER, index_noise
 
     x = torch.as_tensor(PreparedDataset(dwork / "data").get_batch(list(range(32)))["image"])
-    teacher, student = load_pipeline(dwork / "tok"), load_pipeline(dwork / "st")
+    teacher, student = Pipeline.from_run(dwork / "tok"), Pipeline.from_run(dwork / "st")
     z = teacher.encode(x)
     assert torch.equal(z, student.encode(x))
     noise = index_noise(5, range(32), teacher.latent_shape, STREAM_DECODER)
@@ -132,7 +132,7 @@ def test_reconstruct_uses_the_student_steps(dwork, tmp_path):
 
 
 def test_eval_recon_defaults_to_the_student_steps(dwork, monkeypatch):
-    from reptok.checkpoint import save_tensors
+    from reptok.io import save_tensors
     from reptok.shapes.judge import JudgeNet, judge_cache_path
 
     cache = dwork / "cache"

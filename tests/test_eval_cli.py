@@ -220,13 +220,13 @@ def test_recon_inception_path_random_weights(env, tmp_path, offline, fast_fid):
 
 # ----------------------------------------------------------------------------- failures
 def test_missing_inception_weights_fail_before_work(env, no_weights, monkeypatch, tmp_path):
-    from reptok import checkpoint
     from reptok.evaluate import run
+    from reptok.pipeline import Pipeline
 
     def must_not_run(*a, **k):
         raise AssertionError("work started before the Inception weights were found")
 
-    monkeypatch.setattr(checkpoint, "load_pipeline", must_not_run)
+    monkeypatch.setattr(Pipeline, "from_run", must_not_run)
     monkeypatch.setattr(run, "_extract", must_not_run)
     res = cli("eval", "recon", "--ckpt", env / "tok", "--data", env / "data", "--out", tmp_path / "r.json", code=2)
     assert "pt_inception-2015-12-05" in res.output and "--inception-weights" in res.output

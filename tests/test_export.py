@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from reptok import checkpoint
+from reptok import run as rundir
 from reptok.bench import randomize_weights
 from reptok.config import VAEConfig
 from reptok.pipeline import Pipeline
@@ -40,8 +40,8 @@ def _write_run(run: Path, cfg, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     d = cfg.generator.token_dim
     pipe.generator.set_token_stats(0.5 * torch.randn(d, generator=g), 0.5 + torch.rand(d, generator=g))
-    checkpoint.write_run_config(run, cfg, "pipeline")
-    checkpoint.save_weights(run, {"encoder": pipe.encoder, "decoder": pipe.decoder, "generator": pipe.generator})
+    rundir.write_run_config(run, cfg, "pipeline")
+    rundir.save_weights(run, {"encoder": pipe.encoder, "decoder": pipe.decoder, "generator": pipe.generator})
     return run
 
 
@@ -119,7 +119,7 @@ def test_graphs_pass_checker_and_manifest(tiny_run, tiny_onnx):
     assert dec["outputs"][0]["shape"] == ["batch", 3, 32, 32]
     assert m["graphs"]["encoder"]["outputs"][0]["shape"] == ["batch", 32]
     # generator statistics: what the runtime denormalises with
-    ref = checkpoint.load_pipeline(tiny_run, components=("generator",)).generator
+    ref = Pipeline.from_run(tiny_run, components=("generator",)).generator
     assert m["generator"]["null_class"] == ref.null_class == 10
     assert (m["generator"]["n_tokens"], m["generator"]["token_dim"]) == (1, 32)
     assert torch.equal(torch.tensor(m["generator"]["token_std"]), ref.token_std)
@@ -150,7 +150,7 @@ def test_ort_parity_per_component(which, comp, batch, request):
 
     run = request.getfixturevalue(f"{which}_run")
     folder = request.getfixturevalue(f"{which}_onnx")
-    ref = checkpoint.load_pipeline(run)
+    ref = Pipeline.from_run(run)
     rt = load_runtime_pipeline(run, folder, backend="onnx", device="cpu")
     args = _inputs(ref.cfg, comp, batch, seed=10 + batch)
     with torch.no_grad():
@@ -166,7 +166,7 @@ def test_ort_parity_per_component(which, comp, batch, request):
 def test_runtime_generator_shim(tiny_run, tiny_onnx):
     from export.runtime import load_runtime_pipeline
 
-    ref = checkpoint.load_pipeline(tiny_run, components=("generator",)).generator
+    ref = Pipeline.from_run(tiny_run, components=("generator",)).generator
     rt = load_runtime_pipeline(tiny_run, tiny_onnx).generator
     x = torch.randn(4, 1, 32)
     assert rt.null_class == ref.null_class
@@ -194,7 +194,7 @@ def test_sampled_images_float_parity(which, request):
     from export.runtime import load_runtime_pipeline
 
     run = request.getfixturevalue(f"{which}_run")
-    ref = checkpoint.load_pipeline(run, components=("decoder", "generator", "vae"))
+    ref = Pipeline.from_run(run, components=("decoder", "generator", "vae"))
     rt = load_runtime_pipeline(run, request.getfixturevalue(f"{which}_onnx"))
     labels = torch.tensor([0, 3, 9])
     want = ref.sample(labels, [0, 1, 2], seed=5)
@@ -242,7 +242,7 @@ def test_fp16_export_verifies(tiny_run, tmp_path):
     m = export_onnx(tiny_run, tmp_path / "h", components="decoder", dtype="fp16")
     g = m["graphs"]["decoder"]
     assert m["dtype"] == "fp16" and g["inputs"][0]["dtype"] == "float32"  # I/O stays fp32
-    ref = checkpoint.load_pipeline(tiny_run, components=("decoder",)).decoder
+    ref = Pipeline.from_run(tiny_run, components=("decoder",)).decoder
     x, t, tok = _inputs(get_preset("tiny"), "decoder", 2, 0)
     with torch.no_grad():
         want = ref(x, t, tok)
@@ -264,7 +264,7 @@ def test_large_graph_external_data_path(tiny_run, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["decoder.onnx", "decoder.onnx.data", "manifest.json"]
     onnx.checker.check_model(str(tmp_path / "big" / "decoder.onnx"))
     x, t, tok = _inputs(get_preset("tiny"), "decoder", 2, 0)
-    ref = checkpoint.load_pipeline(tiny_run, components=("decoder",)).decoder
+    ref = Pipeline.from_run(tiny_run, components=("decoder",)).decoder
     with torch.no_grad():
         assert torch.allclose(OrtModule(tmp_path / "big" / "decoder.onnx", input_names=["x", "t", "token"])(x, t, tok),
                               ref(x, t, tok), atol=1e-4)
@@ -308,7 +308,7 @@ def test_trt_engines_parity(tiny_run, vae_run, vae_onnx, tmp_path, precision, to
     side = build_engines(vae_onnx, tmp_path / "trt", precision=precision, min_batch=1, opt_batch=2, max_batch=4)
     assert side["engines"]["generator"]["batch"]["max"] == 8  # CFG doubling
     assert json.loads((tmp_path / "trt" / "engines.json").read_text())["precision"] == precision
-    ref = checkpoint.load_pipeline(vae_run, "cuda", components=("decoder", "generator", "vae"))
+    ref = Pipeline.from_run(vae_run, "cuda", components=("decoder", "generator", "vae"))
     rt = load_runtime_pipeline(vae_run, tmp_path / "trt", backend="trt", device="cuda")
     for comp in ("generator", "decoder", "vae"):
         for batch in (1, 3, 6):  # 6 > max_batch 4 for decoder / vae: chunked
@@ -330,7 +330,7 @@ def test_cuda_graphed_decoder_matches_eager(tiny_run, amp):
     graph captured with autocast's weight cache replays freed memory (it did, on an H200)."""
     from export.runtime import CudaGraphed
 
-    dec = checkpoint.load_pipeline(tiny_run, "cuda", components=("decoder",)).decoder
+    dec = Pipeline.from_run(tiny_run, "cuda", components=("decoder",)).decoder
     fast = CudaGraphed(dec)
 
     def ctx():

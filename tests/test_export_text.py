@@ -65,9 +65,9 @@ def test_manifest_records_text_generator(t2i):
 def test_generator_graph_ort_parity(t2i):
     """Real prompts' hidden states (bool mask from the encoder) through the runtime shim vs torch."""
     from export.runtime import load_runtime_pipeline
-    from reptok import checkpoint
+    from reptok.pipeline import Pipeline
 
-    ref = checkpoint.load_pipeline(t2i / "t2i", components=("generator",))
+    ref = Pipeline.from_run(t2i / "t2i", components=("generator",))
     rt = load_runtime_pipeline(t2i / "t2i", t2i / "onnx")
     assert rt.text_encoder is not None and rt.generator.null_class is None
     hidden, mask = ref.text_encoder.encode(["a red circle", "", "a large blue ring in the top left"])

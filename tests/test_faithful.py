@@ -97,9 +97,9 @@ def test_train_gen_token_norm(work, tmp_path, norm):
         s = float(np.std(tokens.astype(np.float64), ddof=1))
         assert torch.allclose(w["generator.token_std"], torch.full((tokens.shape[1],), s), rtol=1e-6)
     # the generator learns on z / s: sampled tokens come back in token space
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    p = load_pipeline(tmp_path / "g", components=("generator",))
+    p = Pipeline.from_run(tmp_path / "g", components=("generator",))
     z = p.generate(torch.tensor([0, 1]), torch.randn(2, 1, tokens.shape[1]), steps=2)
     assert z.shape == (2, tokens.shape[1]) and torch.isfinite(z).all()
 
@@ -116,7 +116,8 @@ def test_legacy_run_config_keeps_per_dim_and_its_sampler(work, tmp_path):
     and resumes with the same settings."""
     import shutil
 
-    from reptok.checkpoint import load_pipeline, read_run_config
+    from reptok.pipeline import Pipeline
+    from reptok.run import read_run_config
 
     old = tmp_path / "old"
     cli("train", "gen", "--tokens", work / "tokens.npy", "--out", old, "--preset", "tiny", "--steps", 2,
@@ -134,12 +135,12 @@ def test_legacy_run_config_keeps_per_dim_and_its_sampler(work, tmp_path):
     assert cfg.generator.time_sampler == cfg.decoder.time_sampler == "logit_normal"
     assert "time_sampler" not in cfg.to_dict()["train"]
     noise = torch.randn(2, 1, cfg.generator.token_dim)
-    before = load_pipeline(old, components=("generator",)).generate(torch.tensor([0, 1]), noise, steps=2)
+    before = Pipeline.from_run(old, components=("generator",)).generate(torch.tensor([0, 1]), noise, steps=2)
     shutil.copytree(old, tmp_path / "copy")
     cli("train", "gen", "--tokens", work / "tokens.npy", "--out", old, "--steps", 3, "--resume", "--json")
     new = json.loads((old / "config.json").read_text())["pipeline"]
     assert new["generator"]["token_norm"] == "per_dim" and new["generator"]["time_sampler"] == "logit_normal"
-    again = load_pipeline(tmp_path / "copy", components=("generator",)).generate(torch.tensor([0, 1]), noise, steps=2)
+    again = Pipeline.from_run(tmp_path / "copy", components=("generator",)).generate(torch.tensor([0, 1]), noise, steps=2)
     assert torch.equal(before, again)
 
 
@@ -154,9 +155,9 @@ def test_time_samplers_per_stage_defaults_and_options(work, tmp_path):
         assert (cfg.decoder.time_sampler, cfg.decoder.time_loc, cfg.decoder.time_scale) == ("logit_normal", 0.0, 1.0)
         assert cfg.generator.time_sampler == "uniform"
     # the generator task draws U(0, 1) by default ...
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    gen = load_pipeline(work / "gen", components=("generator",)).generator
+    gen = Pipeline.from_run(work / "gen", components=("generator",)).generator
     task = GenTask(gen, np.zeros((4, gen.cfg.token_dim), np.float32), np.zeros(4, np.int64), 0.1)
     assert torch.equal(task.draw_noise(4, step_generator(0, 3))["t"], torch.rand(4, generator=step_generator(0, 3)))
     # ... and the decoder's loc / scale come from the CLI into the run (and into its draws)
@@ -181,11 +182,11 @@ def test_time_samplers_per_stage_defaults_and_options(work, tmp_path):
 def test_weight_decay_only_on_linear_and_conv_matrices(work):
     from torch import nn
 
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.train.loop import _param_groups
     from reptok.train.recon import ReconTask
 
-    pipe = load_pipeline(work / "tok", components=("encoder", "decoder", "vae"))
+    pipe = Pipeline.from_run(work / "tok", components=("encoder", "decoder", "vae"))
     pipe.encoder.requires_grad_(True)  # the whole ViT trainable: norms, biases, pos / reg embeddings too
     task = ReconTask(pipe, None, 1.0, False, token_lr_scale=10.0)
     params = [p for p in task.parameters() if p.requires_grad]
@@ -272,9 +273,9 @@ def test_init_from_the_converted_official_run(official, tmp_path):
     assert Path(cfg["vae"]["source"]).is_absolute() and cfg["image_size"] == 256
 
     cli("extract", "--ckpt", run, "--data", official / "data", "--out", tmp_path / "tokens.npy")
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    enc = load_pipeline(run, components=("encoder",))  # the inference (encode()) copy
+    enc = Pipeline.from_run(run, components=("encoder",))  # the inference (encode()) copy
     from reptok.data.dataset import PreparedDataset
 
     imgs = torch.as_tensor(PreparedDataset(official / "data").get_batch([0, 1])["image"])

@@ -4,7 +4,7 @@
 exactly the weights of ``official_tiny.ckpt`` (``reference_meta.json``: each item's meaning, the
 official call, its fp64 noise floor and tolerance). Here the fixture is converted once with
 ``reptok convert official`` (the CLI), loaded with the project's loader
-(``checkpoint.load_pipeline``: the EMA file = inference weights, the raw file = training state)
+(``Pipeline.from_run``: the EMA file = inference weights, the raw file = training state)
 and every item is recomputed with reptok's own code paths and compared to <= 1e-4 max-abs (or
 the item's own tolerance). No item is skipped: ``test_item`` runs for every item of the meta and
 fails on one it does not know how to compute or use.
@@ -47,17 +47,17 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def infer(run):
     """What encode / extract / sample / reconstruct use: the EMA file (bf16-stored DINO, EMA generator)."""
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    return load_pipeline(run)
+    return Pipeline.from_run(run)
 
 
 @pytest.fixture(scope="session")
 def train(run):
     """What ``train --init`` starts from: the raw file (fp32 DINO + original cls token, raw generator)."""
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    return load_pipeline(run, use_ema=False)
+    return Pipeline.from_run(run, use_ema=False)
 
 
 # ----------------------------------------------------------------------------- the computations

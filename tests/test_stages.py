@@ -100,7 +100,7 @@ def test_freeze_token_keeps_ssl_token(work, tmp_path):
 
 
 def test_extract_shapes_order_sidecar(work):
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.data.dataset import PreparedDataset
     from reptok.extract import load_tokens
 
@@ -110,7 +110,7 @@ def test_extract_shapes_order_sidecar(work):
     assert np.array_equal(t["labels"], ds.labels)
     meta = t["meta"]
     assert meta["checkpoint"] == str((work / "tok").resolve()) and len(meta["mean"]) == 32
-    pipe = load_pipeline(work / "tok", components=("encoder",))
+    pipe = Pipeline.from_run(work / "tok", components=("encoder",))
     direct = pipe.encode(torch.as_tensor(ds.get_batch([5, 17])["image"])).numpy()
     np.testing.assert_allclose(t["tokens"][[5, 17]], direct, atol=1e-5)
     np.testing.assert_allclose(meta["std"], t["tokens"].std(0), rtol=1e-4)
@@ -202,10 +202,10 @@ def test_cfg_changes_samples_and_interval_respected(work, tmp_path):
     # CFG changes the sampled tokens. (Compared as tokens: the 6-step tiny decoder barely reads the
     # token, so the uint8 images of the two scales may round to the same pixels; they differed by
     # chance with the per-dim token normalisation, and by < 1/255 with the scalar default.)
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.pipeline import STREAM_GENERATOR, index_noise
 
-    pipe = load_pipeline(work / "gen", components=("generator",))
+    pipe = Pipeline.from_run(work / "gen", components=("generator",))
     g = pipe.cfg.generator
     noise = index_noise(0, [0, 1], (g.n_tokens, g.token_dim), STREAM_GENERATOR)
     z1, z4 = (pipe.generate(torch.tensor([2, 2]), noise, steps=10, cfg=c) for c in (1.0, 20.0))

@@ -202,10 +202,10 @@ def test_sample_prompts_npz_folder_and_file(work, tmp_path):
 
 def test_cfg_with_the_empty_prompt(work):
     from reptok import flow
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
     from reptok.pipeline import index_noise
 
-    pipe = load_pipeline(work / "t2i", components=("generator",))
+    pipe = Pipeline.from_run(work / "t2i", components=("generator",))
     assert pipe.is_text and pipe.text_encoder.spec == "tiny"
     prompts = ["a red circle", "a blue cross", "a red circle"]
     noise = index_noise(0, range(3), (1, 32), 0)
@@ -242,10 +242,10 @@ def test_swapping_text_encoder_changes_only_the_generator(work, tmp_path):
     assert b["pipeline"]["generator"]["text_dim"] == 48
     wb = load_file(str(tmp_path / "g48" / "ema.safetensors"))
     assert wb["generator.text_proj.weight"].shape == (64, 48) and wb["text_encoder.tower.ln_final.weight"].shape == (48,)
-    from reptok.checkpoint import load_pipeline
+    from reptok.pipeline import Pipeline
 
-    pa, pb = load_pipeline(work / "t2i"), load_pipeline(tmp_path / "g48")
-    from reptok.checkpoint import load_text_encoder
+    pa, pb = Pipeline.from_run(work / "t2i"), Pipeline.from_run(tmp_path / "g48")
+    from reptok.pipeline import load_text_encoder
 
     te = load_text_encoder(tmp_path / "g48")  # what a runtime (ONNX / TRT) pipeline would use
     assert te.spec == "tiny:width=48,seed=1"
@@ -263,10 +263,10 @@ def class_run(work):
 
 
 def test_class_run_has_no_text_encoder(class_run):
-    from reptok.checkpoint import load_pipeline, load_text_encoder
+    from reptok.pipeline import Pipeline, load_text_encoder
 
     assert load_text_encoder(class_run) is None
-    pipe = load_pipeline(class_run, components=("generator",))
+    pipe = Pipeline.from_run(class_run, components=("generator",))
     assert not pipe.is_text and pipe.text_encoder is None
 
 

@@ -161,7 +161,7 @@ def test_hflip_draw_is_a_function_of_the_step():
 
 def test_loader_batches_are_the_batch_order_of_each_step():
     from reptok.config import TrainConfig
-    from reptok.train.dist import DistInfo
+    from reptok.dist import DistInfo
     from reptok.train.feed import step_loader
     from reptok.train.loop import BatchOrder
 

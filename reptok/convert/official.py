@@ -22,7 +22,7 @@ So the run reads like every reptok run: ``ema.safetensors`` is what inference (e
 sample, reconstruct, export) uses, exactly the official encode()/sampling weights;
 ``model.safetensors`` is the training state ``train recon|gen --init`` continues, exactly the
 official training module's. The decoder exists once (the release has no EMA decoder):
-``checkpoint.read_weights`` takes components missing from the EMA file from the raw one.
+``run.read_weights`` takes components missing from the EMA file from the raw one.
 
 Deliberately ignored (counted in ``conversion.json``): ``...dino.target_model.*`` except its
 cls token / pos embed (identical to the fp32 copy otherwise, which is checked and reported in
@@ -31,7 +31,7 @@ Inception), and with ``--raw`` the EMA generator. Any other key is an error, as 
 or a shape that does not match the inferred architecture: one-line ``InputError`` (exit code 2).
 
 The written ``config.json`` says ``encoder.weights = "random"``: the encoder is *constructed*
-with a seeded random init (no hub access) and ``load_pipeline`` then overwrites every one of its
+with a seeded random init (no hub access) and ``Pipeline.from_run`` then overwrites every one of its
 tensors from the run's weights, like every other component. The generator space is the
 official ``cls / scale_factor`` (``token_norm = "scalar"``, buffers mean 0 and std
 scale_factor); the generator's training time sampler comes from ``flow_cfg``.
@@ -383,7 +383,7 @@ def _read_vae_config(path: PathLike) -> dict:
         p = p / "config.json"
     if not p.is_file():
         raise InputError(f"--vae-config {path}: no diffusers config.json there")
-    from ..checkpoint import read_json
+    from ..io import read_json
 
     return read_json(p, "--vae-config file")
 
@@ -770,7 +770,8 @@ def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[st
                hparams: dict) -> None:
     from safetensors.torch import save_file
 
-    from ..checkpoint import EMA, MODEL, atomic_write_text, write_run_config
+    from ..io import atomic_write_text
+    from ..run import EMA, MODEL, write_run_config
 
     _check_out(out, overwrite)  # again: the load may have taken minutes
     out.parent.mkdir(parents=True, exist_ok=True)

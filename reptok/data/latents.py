@@ -27,7 +27,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
+from .. import io
 from ..errors import InputError
 from .dataset import CACHE_DIR, CACHE_META, PreparedDataset
 
@@ -126,7 +126,7 @@ def cache_latents(
     """Encode every image of the prepared dataset ``data`` with ``vae`` (a ``LatentVAE``) into
     ``data/latents``; ``identity`` is ``vae_identity(...)`` of it. Resumable in units of ``chunk``
     images (default ``CHUNK``); the chunks are split across ranks."""
-    from ..train.dist import DistInfo, barrier
+    from ..dist import DistInfo, barrier
 
     info = info or DistInfo()
     ds = PreparedDataset(data)
@@ -151,7 +151,7 @@ def cache_latents(
             partial.mkdir(parents=True)
             (partial / "done").mkdir()
             np.lib.format.open_memmap(partial / MOMENTS, mode="w+", dtype=np.float16, shape=shape).flush()
-            ckpt.atomic_write_text(pmeta, json.dumps(meta))
+            io.atomic_write_text(pmeta, json.dumps(meta))
     barrier()
     mm = np.load(partial / MOMENTS, mmap_mode="r+")
     chunk = int(chunk or CHUNK)

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .. import checkpoint as _checkpoint
+from .. import run as rundir
+from ..pipeline import Pipeline
 from ..io import atomic_write_text
 from ..errors import InputError
 from .inception import FIDInceptionV3, find_fid_inception_weights, load_fid_inception
@@ -399,7 +400,7 @@ def eval_recon(
     if solver is not None and solver not in flow.SOLVERS:
         raise InputError(f"--solver {solver!r}: choose one of {', '.join(flow.SOLVERS)}")
     # 1. cheap checks: run config, dataset metadata, resolution
-    doc = _checkpoint.read_run_config(Path(ckpt))
+    doc = rundir.read_run_config(Path(ckpt))
     cfg = doc["config"]
     ds = PreparedDataset(data)
     if ds.resolution != cfg.image_size:
@@ -417,7 +418,7 @@ def eval_recon(
     # 3. models
     from ..backends import apply_fast_path, describe_fast_path
 
-    pipe = _checkpoint.load_pipeline(ckpt, device, components=("encoder", "decoder", "vae"))
+    pipe = Pipeline.from_run(ckpt, device, components=("encoder", "decoder", "vae"))
     if pipe.encoder is None or pipe.decoder is None:
         raise InputError(f"--ckpt {ckpt}: needs a tokenizer (encoder + decoder)")
     pipe = apply_fast_path(pipe, fast=fast)

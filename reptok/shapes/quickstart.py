@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
+from .. import io
 from ..errors import InputError
 from ..evaluate.metrics import psnr as psnr_db
 from ..images import make_grid, save_png, tensor_to_uint8
@@ -39,7 +39,7 @@ class QuickstartPlan:
 
 def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: str = "cpu",
                    progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
-    from ..checkpoint import load_pipeline
+    from ..pipeline import Pipeline
     from ..config import PipelineConfig
     from ..data.dataset import PreparedDataset
     from ..data.prep import prepare
@@ -88,7 +88,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         cfg.train.ckpt_every = cfg.train.sample_every = max(plan.recon_steps // 2, 1)
         train_recon(out / "data", out / "tokenizer", cfg, device=device, progress=progress)
     with stage("extract"):
-        tok = load_pipeline(out / "tokenizer", device, components=("encoder",))
+        tok = Pipeline.from_run(out / "tokenizer", device, components=("encoder",))
         extract_tokens(tok, out / "data", out / "tokens.npy", batch_size=256)
     with stage("train gen"):
         gcfg = gen_config(out / "tokens.npy", base, {"train.steps": plan.gen_steps, "train.batch_size": plan.gen_batch,
@@ -97,7 +97,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
     from ..backends import apply_fast_path
 
     # The fast path of `reptok sample` (bf16 + CUDA graphs on CUDA; torch eager fp32 on a CPU).
-    pipe = apply_fast_path(load_pipeline(out / "generator", device))
+    pipe = apply_fast_path(Pipeline.from_run(out / "generator", device))
     classes = list(range(pipe.num_classes))
     with stage("sample"):
         sample_to(pipe, classes, plan.grid_per_class, out / "samples_grid.png", seed=plan.seed, batch_size=96)
@@ -109,7 +109,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
     with stage("reconstruct"):
         held = make_shapes(plan.eval_recon, pipe.cfg.image_size, seed=plan.seed + 10_000)
         images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        tokpipe = apply_fast_path(load_pipeline(out / "tokenizer", device, components=("encoder", "decoder", "vae")))
+        tokpipe = apply_fast_path(Pipeline.from_run(out / "tokenizer", device, components=("encoder", "decoder", "vae")))
         rec = tensor_to_uint8(tokpipe.reconstruct(images, list(range(len(images))), seed=plan.seed))
         psnr = float(psnr_db(held["images"], rec).mean())
         recon_acc = float((judge.predict(rec).cpu().numpy() == held["labels"]).mean())
@@ -129,8 +129,8 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         "files": {"samples_grid": str(out / "samples_grid.png"), "reconstructions": str(out / "reconstructions.png"),
                   "tokenizer": str(out / "tokenizer"), "generator": str(out / "generator")},
     }
-    ckpt.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    ckpt.atomic_write_text(out / "report.md", _markdown(report, pipe.cfg.class_names))
+    io.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    io.atomic_write_text(out / "report.md", _markdown(report, pipe.cfg.class_names))
     return report
 
 

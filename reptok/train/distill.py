@@ -37,14 +37,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import checkpoint as ckpt
+from .. import io
+from .. import run as rundir
 from .. import flow
 from ..config import PipelineConfig
 from ..errors import InputError
 from ..pipeline import Pipeline
-from .dist import DistInfo
+from ..dist import DistInfo
 from .loop import _check_batch, fit
-from .run import prepare_run_dir
+from .start import prepare_run_dir
 
 METHODS = ("reflow", "perflow")
 
@@ -135,7 +136,7 @@ class DistillTask(nn.Module):
 
 # ----------------------------------------------------------------------------- the run
 def _teacher_doc(teacher: Path) -> dict:
-    doc = ckpt.read_run_config(teacher)
+    doc = rundir.read_run_config(teacher)
     if doc.get("kind") != "tokenizer":
         raise InputError(f"{teacher} is a {doc.get('kind')} run; --ckpt needs a tokenizer run (reptok train recon)")
     return doc
@@ -171,8 +172,8 @@ def train_distill(
     from ..data.dataset import PreparedDataset
 
     out, teacher = Path(out), Path(teacher).resolve()
-    if resume and (out / ckpt.CONFIG).exists():  # a resumed run keeps its teacher and method
-        saved = ckpt.read_run_config(out).get("distilled")
+    if resume and (out / rundir.CONFIG).exists():  # a resumed run keeps its teacher and method
+        saved = rundir.read_run_config(out).get("distilled")
         if not saved:
             raise InputError(f"{out} is not a distilled run; choose another --out")
         for name, given, kept in (("--student-steps", student_steps, saved["student_steps"]),
@@ -210,11 +211,11 @@ def train_distill(
                                  "freeze_token": bool(tdoc.get("freeze_token"))})
     if info.is_main and (teacher / "vae").is_dir() and not (out / "vae").exists():
         shutil.copytree(teacher / "vae", out / "vae")  # a converted run's local VAE travels along
-    weights = ckpt.read_weights(teacher, use_ema=True)  # inference weights = EMA
+    weights = rundir.read_weights(teacher, use_ema=True)  # inference weights = EMA
     pipe = Pipeline.build(cfg, components=("encoder", "decoder"), load_weights=False)
     teacher_dec = Pipeline.build(cfg, components=("decoder",), load_weights=False).decoder
     for name, mod in (("encoder", pipe.encoder), ("decoder", pipe.decoder), ("decoder", teacher_dec)):
-        ckpt.load_into(mod, ckpt.split_prefix(weights, name), str(teacher))
+        rundir.load_into(mod, rundir.split_prefix(weights, name), str(teacher))
     c = cfg.decoder
     task = DistillTask(pipe.encoder, teacher_dec, pipe.decoder, dataset, (c.in_channels, c.input_size, c.input_size),
                        teacher_steps, int(student_steps), method, solver)
@@ -230,19 +231,19 @@ def attach_generator(generator: Path, tokenizer: Path, out: Path) -> dict:
     distilled student) and its sampling defaults (decoder steps / solver). Refused unless the new
     tokenizer's encoder is the generator's own (same weights, so the tokens are the same)."""
     generator, tokenizer, out = Path(generator), Path(tokenizer).resolve(), Path(out)
-    gdoc = ckpt.read_run_config(generator)
+    gdoc = rundir.read_run_config(generator)
     if gdoc.get("kind") != "generator":
         raise InputError(f"{generator} is a {gdoc.get('kind')} run; --generator needs a generator run (reptok train gen)")
-    tdoc = ckpt.read_run_config(tokenizer)
+    tdoc = rundir.read_run_config(tokenizer)
     if tdoc.get("kind") != "tokenizer":
         raise InputError(f"{tokenizer} is a {tdoc.get('kind')} run; --tokenizer needs a tokenizer run")
-    if (out / ckpt.CONFIG).exists():
+    if (out / rundir.CONFIG).exists():
         raise InputError(f"{out} already holds a run; choose another --out")
-    old_tok = ckpt.resolve_tokenizer_run(generator, gdoc)
+    old_tok = rundir.resolve_tokenizer_run(generator, gdoc)
     if old_tok is None:
         raise InputError(f"{generator}: the run names no tokenizer run")
-    old_enc = ckpt.split_prefix(ckpt.read_weights(old_tok), "encoder")
-    new_enc = ckpt.split_prefix(ckpt.read_weights(tokenizer), "encoder")
+    old_enc = rundir.split_prefix(rundir.read_weights(old_tok), "encoder")
+    new_enc = rundir.split_prefix(rundir.read_weights(tokenizer), "encoder")
     if old_enc.keys() != new_enc.keys() or any(not torch.equal(old_enc[k], new_enc[k]) for k in old_enc):
         raise InputError(f"{tokenizer}: its encoder differs from {old_tok}'s, so its tokens are not the ones the "
                          f"generator was trained on; distil the generator's own tokenizer run")
@@ -253,8 +254,8 @@ def attach_generator(generator: Path, tokenizer: Path, out: Path) -> dict:
     extra["tokenizer_run"] = str(tokenizer)
     if tdoc.get("distilled"):
         extra["distilled"] = tdoc["distilled"]
-    for name in (ckpt.MODEL, ckpt.EMA):
+    for name in (rundir.MODEL, rundir.EMA):
         if (generator / name).exists():
-            ckpt.atomic_save(out / name, lambda tmp, src=generator / name: shutil.copyfile(src, tmp))
-    ckpt.write_run_config(out, cfg, "generator", **extra)  # last: the run exists once it is complete
+            io.atomic_save(out / name, lambda tmp, src=generator / name: shutil.copyfile(src, tmp))
+    rundir.write_run_config(out, cfg, "generator", **extra)  # last: the run exists once it is complete
     return {"run": str(out), "tokenizer_run": str(tokenizer), "decoder_steps": cfg.sampling.decoder_steps}

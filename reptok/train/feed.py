@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
-from .dist import DistInfo
+from ..dist import DistInfo
 
 
 def default_workers() -> int:

@@ -29,9 +29,9 @@ from ..errors import InputError
 from ..extract import load_tokens
 from ..models import build_generator
 from ..models.generator import TokenGenerator
-from .dist import DistInfo
+from ..dist import DistInfo
 from .loop import _check_batch, fit
-from .run import load_init, prepare_run_dir, read_init
+from .start import load_init, prepare_run_dir, read_init
 
 
 class CaptionFeatures:
@@ -181,10 +181,10 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
     feats = None
     if text_encoder is not None:
         if resume and text_encoder.stores_weights:  # the run's own random tower, before encoding
-            from .. import checkpoint as ckpt
+            from .. import run as rundir
 
-            part = ckpt.split_prefix(ckpt.read_weights(Path(out), use_ema=False), "text_encoder")
-            ckpt.load_into(text_encoder, part, str(Path(out) / ckpt.MODEL))
+            part = rundir.split_prefix(rundir.read_weights(Path(out), use_ema=False), "text_encoder")
+            rundir.load_into(text_encoder, part, str(Path(out) / rundir.MODEL))
         elif init_state is not None and text_encoder.stores_weights:  # the --init run's tower
             if "text_encoder" not in init_state:
                 raise InputError(f"--init {init}: the run has no text_encoder weights for its random text tower")
@@ -228,12 +228,12 @@ def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict,
     """The generator run's config: the tokenizer run's models + the preset's generator/training.
     ``init`` (the config of an ``--init`` run): its generator and sampling settings instead of the
     preset's (the weights must fit), training still from the preset."""
-    from .. import checkpoint as ckpt
+    from .. import run as rundir
 
     meta = load_tokens(tokens_path)["meta"]
     tok = meta.get("checkpoint")
-    if tok and (Path(tok) / ckpt.CONFIG).exists():
-        base = ckpt.read_run_config(Path(tok))["config"]
+    if tok and (Path(tok) / rundir.CONFIG).exists():
+        base = rundir.read_run_config(Path(tok))["config"]
     else:
         base = preset
     cfg = PipelineConfig.from_dict(base.to_dict())

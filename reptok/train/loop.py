@@ -27,10 +27,11 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .. import checkpoint as ckpt
+from .. import io
+from .. import run as rundir
 from ..config import TrainConfig
 from ..errors import InputError, TrainingDiverged
-from .dist import DistInfo
+from ..dist import DistInfo
 from .feed import default_workers, local_slice, step_loader
 from .logs import METRICS, TrainLogger
 
@@ -140,30 +141,30 @@ def _param_groups(task, params: list, weight_decay: float = 0.0) -> list:
 
 def save_checkpoint(run: Path, task, ema: EMA, opt, step: int, extra: Optional[dict] = None) -> None:
     meta = {"step": step}
-    ckpt.save_tensors(run / ckpt.MODEL, ckpt.state_dict_of(task.saved_modules()), meta)
-    ckpt.save_tensors(run / ckpt.EMA, ckpt.state_dict_of(ema.modules), meta)
+    io.save_tensors(run / rundir.MODEL, rundir.state_dict_of(task.saved_modules()), meta)
+    io.save_tensors(run / rundir.EMA, rundir.state_dict_of(ema.modules), meta)
     state = {"step": step, "optimizer": opt.state_dict(), **(extra or {})}
-    ckpt.atomic_save(run / ckpt.TRAIN_STATE, lambda tmp: torch.save(state, tmp))
+    io.atomic_save(run / rundir.TRAIN_STATE, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run: Path, task, ema: EMA, opt, scaler=None) -> int:
     from safetensors import safe_open
 
-    path = run / ckpt.TRAIN_STATE
+    path = run / rundir.TRAIN_STATE
     if not path.exists():
-        raise InputError(f"{run}: nothing to resume (no {ckpt.TRAIN_STATE}); drop --resume to start fresh")
+        raise InputError(f"{run}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
     state = torch.load(path, map_location="cpu", weights_only=True)
     step = int(state["step"])
-    for name in (ckpt.MODEL, ckpt.EMA):
+    for name in (rundir.MODEL, rundir.EMA):
         with safe_open(str(run / name), "pt") as f:
             if int((f.metadata() or {}).get("step", -1)) != step:
                 raise InputError(f"{run}: {name} is not from step {step} (interrupted while saving?); "
                                  f"restart without --resume")
-    raw = ckpt.read_weights(run, use_ema=False)
-    ema_w = ckpt.load_tensors(run / ckpt.EMA)
+    raw = rundir.read_weights(run, use_ema=False)
+    ema_w = io.load_tensors(run / rundir.EMA)
     for name, mod in task.saved_modules().items():
-        ckpt.load_into(mod, ckpt.split_prefix(raw, name), str(run / ckpt.MODEL))
-        ckpt.load_into(ema.modules[name], ckpt.split_prefix(ema_w, name), str(run / ckpt.EMA))
+        rundir.load_into(mod, rundir.split_prefix(raw, name), str(run / rundir.MODEL))
+        rundir.load_into(ema.modules[name], rundir.split_prefix(ema_w, name), str(run / rundir.EMA))
     scales = [g.get("lr_scale", 1.0) for g in opt.param_groups]  # from this run's config
     try:
         opt.load_state_dict(state["optimizer"])
@@ -185,7 +186,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+    io.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # ----------------------------------------------------------------------------- precision

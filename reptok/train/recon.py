@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .. import checkpoint as ckpt
+from .. import run as rundir
 from .. import flow
 from ..config import PipelineConfig
 from ..data.latents import LatentCache
@@ -21,9 +21,9 @@ from ..errors import InputError
 from ..models.encoder import cos_anchor_loss
 from ..pipeline import Pipeline, STREAM_DECODER, index_noise
 from ..images import make_grid, save_png, tensor_to_uint8
-from .dist import DistInfo
+from ..dist import DistInfo
 from .loop import _check_batch, fit
-from .run import load_init, prepare_run_dir, read_init
+from .start import load_init, prepare_run_dir, read_init
 
 
 class ReconSource:
@@ -168,9 +168,9 @@ def train_recon(
         raise InputError(f"{data}: its in-dataset latents have no mirrored images; train with --no-hflip or "
                          f"build a cache with 'reptok data cache-latents {data} --vae ...'")
     cfg.class_names = dataset.class_names
-    if resume and (Path(out) / ckpt.CONFIG).exists():
+    if resume and (Path(out) / rundir.CONFIG).exists():
         # A resumed baseline stays a baseline even without --freeze-token on the command line.
-        freeze_token = freeze_token or bool(ckpt.read_run_config(Path(out)).get("freeze_token"))
+        freeze_token = freeze_token or bool(rundir.read_run_config(Path(out)).get("freeze_token"))
     _check_batch(cfg.train, info)  # before the run directory is created
     init_state = read_init(init, "recon", cfg) if init is not None and not resume else None
     extra = {"freeze_token": freeze_token, "data": str(Path(data).resolve())}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from reptok import checkpoint as ckpt
+from reptok import run as rundir
 from reptok.errors import InputError
 from reptok.pipeline import Pipeline
 from reptok.presets import get_preset
@@ -17,15 +17,15 @@ def _save_run(tmp_path, cfg=None):
     pipe = Pipeline.build(cfg)
     for p in pipe.parameters():  # non-zero everywhere, so every tensor matters
         torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
-    ckpt.write_run_config(tmp_path, cfg, "pipeline")
+    rundir.write_run_config(tmp_path, cfg, "pipeline")
     mods = {"encoder": pipe.encoder, "decoder": pipe.decoder, "generator": pipe.generator}
-    ckpt.save_weights(tmp_path, mods, ema=mods)
+    rundir.save_weights(tmp_path, mods, ema=mods)
     return pipe
 
 
 def test_save_load_bit_identical(tmp_path):
     pipe = _save_run(tmp_path).eval()
-    again = ckpt.load_pipeline(tmp_path)
+    again = Pipeline.from_run(tmp_path)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     labels = torch.tensor([1, 4])
     assert torch.equal(pipe.encode(x), again.encode(x))
@@ -40,13 +40,13 @@ def test_mismatched_config_names_first_bad_key(tmp_path):
     doc["pipeline"]["decoder"]["depth"] = 3
     (tmp_path / "config.json").write_text(json.dumps(doc))
     with pytest.raises(InputError, match=r"missing key 'blocks\.2\.") as e:
-        ckpt.load_pipeline(tmp_path)
+        Pipeline.from_run(tmp_path)
     assert "\n" not in str(e.value)
     doc["pipeline"]["decoder"]["depth"] = 2
     doc["pipeline"]["generator"]["dim"] = 48
     (tmp_path / "config.json").write_text(json.dumps(doc))
     with pytest.raises(InputError, match="has shape"):
-        ckpt.load_pipeline(tmp_path)
+        Pipeline.from_run(tmp_path)
 
 
 def test_cli_reports_mismatch_with_exit_2(tmp_path):
@@ -64,4 +64,4 @@ def test_cli_reports_mismatch_with_exit_2(tmp_path):
 
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(InputError, match="not a reptok run"):
-        ckpt.load_pipeline(tmp_path)
+        Pipeline.from_run(tmp_path)

@@ -7,23 +7,23 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from .. import checkpoint as ckpt
+from .. import run as rundir
 from ..config import PipelineConfig
 from ..errors import InputError
-from .dist import DistInfo, barrier
+from ..dist import DistInfo, barrier
 
 
 def prepare_run_dir(out: Path, cfg: PipelineConfig, kind: str, resume: bool, info: DistInfo,
                     extra: Optional[dict] = None) -> PipelineConfig:
     """Create (or, with ``resume``, check) the run directory and write its config.json."""
     out = Path(out)
-    exists = (out / ckpt.CONFIG).exists()
-    if resume and not (out / ckpt.TRAIN_STATE).exists():
-        raise InputError(f"{out}: nothing to resume (no {ckpt.TRAIN_STATE}); drop --resume to start fresh")
+    exists = (out / rundir.CONFIG).exists()
+    if resume and not (out / rundir.TRAIN_STATE).exists():
+        raise InputError(f"{out}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
     if not resume and exists:
         raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume:
-        old = ckpt.read_run_config(out)
+        old = rundir.read_run_config(out)
         if old["kind"] != kind:
             raise InputError(f"{out} is a {old['kind']} run, not a {kind} run")
     cfg.validate()
@@ -32,7 +32,7 @@ def prepare_run_dir(out: Path, cfg: PipelineConfig, kind: str, resume: bool, inf
     barrier()
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.write_run_config(out, cfg, kind, **(extra or {}))
+        rundir.write_run_config(out, cfg, kind, **(extra or {}))
     barrier()
     return cfg
 
@@ -40,9 +40,9 @@ def prepare_run_dir(out: Path, cfg: PipelineConfig, kind: str, resume: bool, inf
 def load_run_config_for_resume(out: Path) -> Optional[PipelineConfig]:
     """The saved config of ``out`` (to resume with the same models), or None if there is none."""
     out = Path(out)
-    if not (out / ckpt.CONFIG).exists():
+    if not (out / rundir.CONFIG).exists():
         return None
-    return ckpt.read_run_config(out)["config"]
+    return rundir.read_run_config(out)["config"]
 
 
 # ----------------------------------------------------------------------------- --init RUN
@@ -64,9 +64,9 @@ def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
 
     init = Path(init)
     init_run_config(init, stage)
-    state = ckpt.read_weights(init, use_ema=False)
+    state = rundir.read_weights(init, use_ema=False)
     comps = INIT_COMPONENTS[stage]
-    parts = {c: ckpt.split_prefix(state, c) for c in comps}
+    parts = {c: rundir.split_prefix(state, c) for c in comps}
     for c, part in parts.items():
         if not part:
             raise InputError(f"--init {init}: the run has no {c} weights")
@@ -75,8 +75,8 @@ def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
     for c, part in parts.items():
         with torch.device("meta"):  # shapes only: no memory, no weights read
             module = build[c]()
-        ckpt.check_state(module, part, f"--init {init / ckpt.MODEL} ({c})")
-    text = ckpt.split_prefix(state, "text_encoder")
+        rundir.check_state(module, part, f"--init {init / rundir.MODEL} ({c})")
+    text = rundir.split_prefix(state, "text_encoder")
     if stage == "gen" and text:  # a random ``tiny`` text tower travels with its generator
         parts["text_encoder"] = text
     return parts
@@ -84,7 +84,7 @@ def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
 
 def init_run_config(init: Path, stage: str) -> PipelineConfig:
     """The config of the ``--init`` run, after checking that its kind fits the stage (exit 2)."""
-    doc = ckpt.read_run_config(Path(init))
+    doc = rundir.read_run_config(Path(init))
     if doc["kind"] not in INIT_KINDS[stage]:
         raise InputError(f"--init {init}: a {doc['kind']} run; train {stage} starts from a "
                          f"{' or '.join(INIT_KINDS[stage])} run")
@@ -94,7 +94,7 @@ def init_run_config(init: Path, stage: str) -> PipelineConfig:
 def load_init(parts: Dict[str, dict], modules: Dict[str, nn.Module]) -> None:
     """Copy the states of :func:`read_init` into the freshly built modules (checked already)."""
     for name, module in modules.items():
-        ckpt.load_into(module, parts[name], f"--init ({name})")
+        rundir.load_into(module, parts[name], f"--init ({name})")
 
 
 def init_config(init: Path, train_from: PipelineConfig) -> PipelineConfig:

@@ -1,4 +1,4 @@
-"""The run-directory format and the one loader every command uses.
+"""The run-directory format: what a run folder holds and its strict, one-line-error loading.
 
 A run directory holds::
 
@@ -15,7 +15,8 @@ A run directory holds::
 
 ``kind`` is "tokenizer" (stage a: encoder + decoder), "generator" (stage b: generator only,
 ``tokenizer_run`` points at the stage-a run) or "pipeline" (all components, e.g. converted
-official weights). Every file is written atomically through ``reptok.io``.
+official weights). Every file is written atomically through ``reptok.io``; the pipeline
+loader is ``Pipeline.from_run`` (``reptok/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from .config import PipelineConfig
 from .errors import InputError
-from .io import atomic_save, atomic_write_bytes, atomic_write_text, load_tensors, read_json, save_tensors  # noqa: F401 (re-exported for the run format's users)
+from .io import atomic_write_text, load_tensors, read_json, save_tensors
 
 FORMAT = "reptok-run/1"
 CONFIG = "config.json"
@@ -131,72 +132,3 @@ def resolve_tokenizer_run(run: Path, doc: dict) -> Optional[Path]:
         if (cand / CONFIG).exists():
             return cand.resolve()
     raise InputError(f"{run}: its tokenizer run {ref!r} is missing; move it back or edit tokenizer_run in {CONFIG}")
-
-
-def load_pipeline(
-    path, device="cpu", use_ema: bool = True, components: Optional[Iterable[str]] = None,
-):
-    """Rebuild a :class:`~reptok.pipeline.Pipeline` from a run directory.
-
-    A generator run brings its tokenizer run's encoder, decoder and VAE. ``components`` limits
-    what is built (e.g. ``("generator",)`` for token-only work).
-    """
-    from .pipeline import Pipeline
-
-    run = Path(path)
-    doc = read_run_config(run)
-    cfg: PipelineConfig = doc["config"]
-    wanted = set(components) if components is not None else {"encoder", "decoder", "generator", "vae"}
-    sources = {}
-    tok_run = resolve_tokenizer_run(run, doc)
-    if tok_run is not None:
-        tok_state = read_weights(tok_run, use_ema)
-        for c in ("encoder", "decoder"):
-            sources[c] = (tok_run, split_prefix(tok_state, c))
-        vae_root = tok_run
-    else:
-        vae_root = run
-    state = read_weights(run, use_ema)
-    for c in COMPONENTS:
-        part = split_prefix(state, c)
-        if part:
-            sources[c] = (run, part)
-    if cfg.generator is None or "generator" not in sources:
-        wanted.discard("generator")
-    pipe = Pipeline.build(cfg, components=wanted, vae_root=vae_root, load_weights=False)
-    for c in COMPONENTS:
-        if c in wanted and getattr(pipe, c, None) is not None:
-            if c not in sources:
-                raise InputError(f"{run}: the run has no {c} weights")
-            src, part = sources[c]
-            load_into(getattr(pipe, c), part, f"{src}")
-    te = getattr(pipe, "text_encoder", None)
-    if te is not None and te.stores_weights:
-        _load_text_weights(te, state, run)
-    pipe.run_dir = run
-    pipe.run_doc = doc
-    return pipe.to(device).eval()
-
-
-def _load_text_weights(te, state: Dict[str, torch.Tensor], run: Path) -> None:
-    # A random text tower (``tiny``) travels in the generator run; hub encoders load by spec.
-    part = split_prefix(state, "text_encoder")
-    if not part:
-        raise InputError(f"{run}: the run has no text_encoder weights (its text encoder {te.spec!r} is random)")
-    load_into(te, part, f"{run}")
-
-
-def load_text_encoder(path, device="cpu", use_ema: bool = True):
-    """The frozen text encoder of a text-to-image generator run (None for class runs): built from
-    its spec, with the run's ``text_encoder.*`` tensors when it stores them (``tiny``). For
-    runtimes (ONNX / TensorRT) that replace the generator but still encode prompts in torch."""
-    from .models.text import build_text_encoder
-
-    run = Path(path)
-    g = read_run_config(run)["config"].generator
-    if g is None or g.text_encoder is None:
-        return None
-    te = build_text_encoder(g.text_encoder, max_len=g.text_len or None)
-    if te.stores_weights:
-        _load_text_weights(te, read_weights(run, use_ema), run)
-    return te.to(device).eval()
