@@ -15,3 +15,41 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "reptok-cache"
     monkeypatch.setenv("REPTOK_CACHE", str(cache))
     yield
+
+
+# ----------------------------------------------------------------------------- shared tiny runs
+# The data -> tokenizer -> tokens -> generator chain, built once per test session through the CLI
+# (as a user would) and shared read-only by the test files that only need *a* trained tiny run.
+# Files whose assertions depend on a particular recipe (distillation quality, eval sizes,
+# one-thread references for torchrun parity) keep their own chain.
+@pytest.fixture(scope="session")
+def class_runs(tmp_path_factory):
+    """builtin:shapes (48 captioned images, 32 px) -> tiny tokenizer ``tok`` (6 steps, checkpoints
+    and reconstruction grids at 3 and 6) -> ``tokens.npy`` -> tiny class generator ``gen`` (20 steps)."""
+    from clihelp import cli
+    from reptok.data.prep import prepare
+
+    root = tmp_path_factory.mktemp("class_runs")
+    prepare("builtin:shapes", root / "data", limit=48)
+    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 6,
+        "--ckpt-every", 3, "--sample-every", 3, "--batch-size", 8, "--json")
+    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy", "--batch-size", 20)
+    cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "gen", "--preset", "tiny", "--steps", 20,
+        "--json")
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_runs(class_runs):
+    """``class_runs`` plus a tiny text-to-image generator ``t2i`` (60 steps, the offline ``tiny``
+    text tower) on the same tokens' captions; its --json summary in ``t2i_summary.json``."""
+    import json
+
+    from clihelp import cli, last_json
+
+    root = class_runs
+    if not (root / "t2i").exists():
+        res = cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "t2i", "--preset", "tiny",
+                  "--steps", 60, "--text-encoder", "tiny", "--set", "train.log_every=5", "--json")
+        (root / "t2i_summary.json").write_text(json.dumps(last_json(res)))
+    return root

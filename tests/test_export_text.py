@@ -28,18 +28,12 @@ def cli(*args, code=0):
 
 
 @pytest.fixture(scope="module")
-def t2i(tmp_path_factory):
-    """builtin:shapes (16, captioned) -> tiny tokenizer (2 steps) -> tokens -> tiny t2i generator
-    (20 steps) -> ``reptok export onnx`` (generator, decoder)."""
-    from reptok.data.prep import prepare
-
+def t2i(text_runs, tmp_path_factory):
+    """The shared tiny text-to-image chain (tests/conftest.py), linked into a private folder, plus
+    ``reptok export onnx`` of its generator and decoder there (the shared runs stay untouched)."""
     root = tmp_path_factory.mktemp("t2i_export")
-    prepare("builtin:shapes", root / "data", limit=16)
-    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 4,
-        "--sample-every", 0, "--batch-size", 8)
-    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy", "--batch-size", 16)
-    cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "t2i", "--preset", "tiny",
-        "--steps", 20, "--text-encoder", "tiny", "--batch-size", 8)
+    for name in ("data", "tok", "tokens.npy", "t2i"):
+        (root / name).symlink_to(text_runs / name)
     cli("export", "onnx", "--ckpt", root / "t2i", "--out", root / "onnx", "--components", "generator,decoder")
     return root
 

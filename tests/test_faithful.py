@@ -26,18 +26,9 @@ def _run(*args):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """builtin:shapes -> tiny tokenizer (2 steps) -> tokens -> tiny generator (4 steps)."""
-    root = tmp_path_factory.mktemp("faithful")
-    from reptok.data.prep import prepare
-
-    prepare("builtin:shapes", root / "data", limit=24)
-    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 2,
-        "--batch-size", 8, "--sample-every", 0, "--json")
-    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy")
-    cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "gen", "--preset", "tiny", "--steps", 4,
-        "--json")
-    return root
+def work(class_runs):
+    """The shared tiny chain (tests/conftest.py): data, tok, tokens.npy, gen."""
+    return class_runs
 
 
 # ----------------------------------------------------------------------------- CFG interval

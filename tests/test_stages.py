@@ -20,18 +20,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
-def work(tmp_path_factory):
-    """builtin:shapes -> tiny tokenizer (6 steps) -> tokens -> tiny generator (20 steps)."""
-    root = tmp_path_factory.mktemp("stages")
-    from reptok.data.prep import prepare
-
-    prepare("builtin:shapes", root / "data", limit=48)
-    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 6,
-        "--ckpt-every", 3, "--sample-every", 3, "--batch-size", 8, "--json")
-    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy", "--batch-size", 20)
-    cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "gen", "--preset", "tiny", "--steps", 20,
-        "--json")
-    return root
+def work(class_runs):
+    """The shared tiny chain (tests/conftest.py): data, tok, tokens.npy, gen."""
+    return class_runs
 
 
 # ----------------------------------------------------------------------------- stage (a)

@@ -27,19 +27,9 @@ def digest(folder):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """builtin:shapes (48, captioned) -> tiny tokenizer (4 steps) -> tokens -> tiny t2i generator."""
-    root = tmp_path_factory.mktemp("t2i")
-    from reptok.data.prep import prepare
-
-    prepare("builtin:shapes", root / "data", limit=48)
-    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 4,
-        "--sample-every", 0, "--batch-size", 8)
-    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy", "--batch-size", 24)
-    res = cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "t2i", "--preset", "tiny",
-              "--steps", 60, "--text-encoder", "tiny", "--set", "train.log_every=5", "--json")
-    (root / "t2i_summary.json").write_text(json.dumps(last_json(res)))
-    return root
+def work(text_runs):
+    """The shared tiny chain with its text-to-image generator t2i (tests/conftest.py)."""
+    return text_runs
 
 
 def tiny_text_cfg(**kw):
