@@ -64,8 +64,12 @@ def emit_json(obj) -> None:
 def parse_device(device: str | None) -> str:
     import torch
 
+    import re
+
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise InputError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return device
