@@ -27,6 +27,30 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _one_line_usage_error(e) -> None:
+    """Click's usage errors (a missing option, a bad type, an out-of-range value) as one line on
+    stderr, like every other input error: ``error: Invalid value for '-n': 0 is not in the range
+    x>=1. (reptok sample -h for help)`` instead of a usage block and a panel."""
+    import click
+
+    hint = ""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        hint = f" ({ctx.command_path} -h for help)"
+    click.echo(f"error: {e.format_message()}{hint}", err=True)
+
+
+def _install_error_format() -> None:
+    import click
+    from typer import rich_utils
+
+    rich_utils.rich_format_error = _one_line_usage_error
+    click.ClickException.show = lambda self, file=None: _one_line_usage_error(self)
+
+
+_install_error_format()
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)

@@ -8,6 +8,7 @@ from typing import List
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
+from .options import device_option, json_option, overwrite_option, quiet_option
 
 
 @app.command("extract", epilog="Examples:\n\n  reptok extract --ckpt runs/tok --data data/shapes --out tokens.npy\n\n"
@@ -17,22 +18,45 @@ def extract(
     ckpt: Path = typer.Option(..., "--ckpt", help="A tokenizer run (or any run with an encoder)."),
     data: Path = typer.Option(..., "--data", help="A prepared dataset."),
     out: Path = typer.Option(..., "--out", help="tokens.npy (sidecars tokens.json, tokens.labels.npy beside it)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b"),
-    limit: int = typer.Option(None, "--limit", help="Only the first N images."),
-    device: str = typer.Option("auto", "--device"),
-    json_out: bool = typer.Option(False, "--json"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N images."),
+    device: str = device_option(),
+    overwrite: bool = overwrite_option(),
+    json_out: bool = json_option(),
+    quiet: bool = quiet_option(),
 ):
     """Encode every image of a dataset to its token: float32 (N, D) in dataset order."""
+    from reptok.data.dataset import PreparedDataset
+    from reptok.extract import check_output, extract_tokens
     from reptok.pipeline import Pipeline
-    from reptok.extract import extract_tokens
+    from reptok.run import read_run_config
 
+    check_output(out, overwrite)
+    kind = read_run_config(ckpt)["kind"]
+    if kind == "generator":
+        from reptok.errors import InputError
+
+        raise InputError(f"--ckpt {ckpt}: a generator run has no encoder; pass its tokenizer run")
+    total = len(PreparedDataset(data))
     dev = parse_device(device)
     dev, info = init_ranks(dev)
     pipe = Pipeline.from_run(ckpt, dev, components=("encoder",))
-    meta = extract_tokens(pipe, data, out, batch_size=batch_size, info=info, limit=limit)
+    bar = None
+    if not quiet and info.is_main:
+        from rich.progress import Progress
+
+        bar = Progress(console=err, transient=True)
+        task = bar.add_task("extracting", total=min(total, limit or total) // max(info.world_size, 1))
+        bar.start()
+    try:
+        meta = extract_tokens(pipe, data, out, batch_size=batch_size, info=info, limit=limit, overwrite=overwrite,
+                              progress=(lambda k: bar.advance(task, k)) if bar else None)
+    finally:
+        if bar:
+            bar.stop()
     if info.is_main:
         summary = {k: meta[k] for k in ("count", "dim", "checkpoint", "dataset")} | {"out": str(out)}
-        emit_json(summary) if json_out else err.print(f"[green]wrote[/] {out}: {meta['count']} x {meta['dim']} tokens")
+        emit_json(summary) if json_out else typer.echo(f"wrote {out}: {meta['count']} x {meta['dim']} tokens")
 
 
 def _load_images(paths: List[Path], size: int):
