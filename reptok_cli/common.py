@@ -51,6 +51,33 @@ def _install_error_format() -> None:
 _install_error_format()
 
 
+def version_line() -> str:
+    """``reptok --version``: package, torch, CUDA and the device, one line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        pkg = version("reptok")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    cuda = torch.version.cuda or "none"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return f"reptok {pkg}, torch {torch.__version__}, CUDA {cuda}, device {dev}"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the reptok, torch and CUDA versions and the device, then exit.")):
+    """Single-token latent image generation (RepTok): data, training, sampling, evaluation, export."""
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from .common import app, emit_json, err, handle_errors
@@ -187,4 +188,4 @@ def info(
     t.add_row("latent cache", f"{lc['vae']} at {lc['resolution']} px, {'with' if lc['flips'] else 'no'} mirrors" if lc else "no")
     t.add_row("skipped", str(d.get("skipped", 0)) + (f" (see {d['skipped_report']})" if d.get("skipped") else ""))
     t.add_row("created", f"{d.get('created')} by reptok {d.get('reptok_version')}")
-    err.print(t)
+    Console(soft_wrap=True).print(t)  # the result: stdout (reptok data info D | grep images)

@@ -94,11 +94,15 @@ def recon(
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: RUN/eval_recon.json).", rich_help_panel=J),
     device: str = typer.Option("auto", "--device", rich_help_panel=J),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
     from reptok.evaluate.run import eval_recon, recon_results_path
+    from reptok.outputs import check_new_output
 
+    if out is not None:  # an explicit results file is never replaced silently (the default one is)
+        check_new_output(out, overwrite)
     dev = parse_device(device)
     with _progress() as bar:
         results = eval_recon(ckpt, data, limit=limit, decoder_steps=decoder_steps, solver=solver,
@@ -131,11 +135,15 @@ def gen(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of each set.", rich_help_panel=J),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
     device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """FID, Inception Score and precision/recall of samples against a reference set."""
     from reptok.evaluate.run import eval_gen, results_path_for_samples
+    from reptok.outputs import check_new_output
 
+    if out is not None:  # an explicit results file is never replaced silently (the default one is)
+        check_new_output(out, overwrite)
     dev = parse_device(device)
     with _progress() as bar:
         results = eval_gen(samples, ref, features=features, inception_weights=inception_weights,

@@ -8,7 +8,7 @@ from typing import List
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
-from .options import device_option, json_option, overwrite_option, quiet_option
+from .options import check_sampling, device_option, json_option, overwrite_option, quiet_option
 
 
 @app.command("extract", epilog="Examples:\n\n  reptok extract --ckpt runs/tok --data data/shapes --out tokens.npy\n\n"
@@ -59,6 +59,24 @@ def extract(
         emit_json(summary) if json_out else typer.echo(f"wrote {out}: {meta['count']} x {meta['dim']} tokens")
 
 
+def _check_images(paths: List[Path]) -> None:
+    from reptok.errors import InputError
+
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"{p}: no such image file")
+
+
+def _check_kind(ckpt: Path, command: str) -> None:
+    """reconstruct / interpolate need an encoder and a decoder: a tokenizer (or pipeline) run."""
+    from reptok.errors import InputError
+    from reptok.run import read_run_config
+
+    kind = read_run_config(ckpt)["kind"]
+    if kind == "generator":
+        raise InputError(f"--ckpt {ckpt}: a generator run; {command} takes its tokenizer run (tokenizer_run in its config.json)")
+
+
 def _load_images(paths: List[Path], size: int):
     import numpy as np
 
@@ -78,14 +96,22 @@ def reconstruct(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs)."),
-    json_out: bool = typer.Option(False, "--json"),
+    overwrite: bool = overwrite_option(),
+    json_out: bool = json_option(),
 ):
     """Image -> token -> image; prints the PSNR of each reconstruction."""
     from reptok.backends import apply_fast_path, describe_fast_path
     from reptok.pipeline import Pipeline
     from reptok.evaluate.metrics import psnr as psnr_db
     from reptok.images import make_grid, save_png, tensor_to_uint8
+    from reptok.outputs import check_new_output
 
+    _check_images(images)
+    check_new_output(out, True, folder=True)  # a folder: other files in it are left alone
+    for p in images:
+        check_new_output(Path(out) / f"{Path(p).stem}_recon.png", overwrite)
+    _check_kind(ckpt, "reconstruct")
+    check_sampling(decoder_steps=decoder_steps, solver=solver)
     pipe = apply_fast_path(Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae")),
                            fast=not no_fast)
     err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
@@ -114,15 +140,27 @@ def interpolate(
     out: Path = typer.Option(..., "--out", help="A PNG strip (or a folder for one PNG per frame)."),
     decoder_steps: int = typer.Option(None, "--decoder-steps"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
-    json_out: bool = typer.Option(False, "--json"),
+    device: str = device_option(),
+    overwrite: bool = overwrite_option(),
+    json_out: bool = json_option(),
 ):
     """Spherical interpolation between two images' tokens, decoded with the same noise."""
     from reptok.pipeline import Pipeline
     from reptok.images import make_grid, save_png, tensor_to_uint8
     import torch
 
+    from reptok.outputs import check_new_output
     from reptok.pipeline import STREAM_DECODER, index_noise, slerp
+
+    _check_images([a, b])
+    if Path(out).suffix.lower() == ".png":
+        check_new_output(out, overwrite)
+    else:
+        check_new_output(out, True, folder=True)
+        for i in range(frames):
+            check_new_output(Path(out) / f"frame_{i:03d}.png", overwrite)
+    _check_kind(ckpt, "interpolate")
+    check_sampling(decoder_steps=decoder_steps)
 
     pipe = Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
     z = pipe.encode(_load_images([a, b], pipe.cfg.image_size))
