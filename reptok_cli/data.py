@@ -59,7 +59,7 @@ def prep(
     source: str = typer.Argument(..., help="Image folder, Hugging Face dataset name or saved dataset path, or builtin:shapes[:N]."),
     out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory.", rich_help_panel=_OUT),
     resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="Output side in pixels (ADM/DiT centre crop). Default: 32 for builtin, 256 otherwise.", rich_help_panel=_OUT),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Keep at most N images (builtin: the first N; otherwise a seeded random subset in input order).", rich_help_panel=_IN),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Keep at most N images (builtin: the first N; otherwise a seeded random subset in input order).", rich_help_panel=_IN),
     split: Optional[str] = typer.Option(None, "--split", help="Hugging Face split (default: train, or the only split).", rich_help_panel=_IN),
     seed: int = typer.Option(0, "--seed", help="builtin:shapes generation seed; subset seed for --limit.", rich_help_panel=_IN),
     workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding threads (default: min(8, CPUs)).", rich_help_panel=_IN),
@@ -68,6 +68,7 @@ def prep(
     caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column (default: detected; 'none' to drop captions).", rich_help_panel=_HF),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and is not empty.", rich_help_panel=_OUT),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout.", rich_help_panel=_OUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr.", rich_help_panel=_OUT),
 ) -> None:
     """Prepare SOURCE as a memory-mapped dataset (raw uint8 pixels, labels, captions) for training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -76,7 +77,7 @@ def prep(
 
     with Progress(
         TextColumn("[bold]prep[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True, disable=quiet,
     ) as bar:
         task = bar.add_task("prep", total=None, rate="")
 
@@ -127,6 +128,7 @@ def cache_latents(
     device: str = typer.Option("auto", "--device"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another VAE / flips setting."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),
 ) -> None:
     """Store the SD-VAE posterior (mean, logvar) of every image in DIRECTORY/latents (sharded across torchrun ranks)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -144,7 +146,7 @@ def cache_latents(
     model = load_vae(vae, subfolder)  # before the process group: a bad --vae fails every rank at once
     dev, rank = init_ranks(dev)
     with Progress(TextColumn("[bold]cache[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err, transient=True, disable=not rank.is_main) as bar:
+                  TimeRemainingColumn(), console=err, transient=True, disable=quiet or not rank.is_main) as bar:
         task = bar.add_task("cache", total=None)
         summary = run_cache(directory, model, vae_identity(vae, subfolder), flips=flips, batch_size=batch_size,
                             device=dev, info=rank, overwrite=overwrite, chunk=chunk_size,

@@ -26,8 +26,13 @@ _WEIGHTS_HELP = "pt_inception-2015-12-05-6726825d.pth (default: torch.hub cache,
 
 
 @contextlib.contextmanager
-def _progress():
-    """A ``progress(description, total) -> advance(k)`` factory drawing rich bars on stderr."""
+def _progress(quiet: bool = False):
+    """A ``progress(description, total) -> advance(k)`` factory drawing rich bars on stderr
+    (``quiet``: a context yielding None, no bars)."""
+    if quiet:
+        import contextlib
+
+        return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -95,6 +100,7 @@ def recon(
     device: str = typer.Option("auto", "--device", rich_help_panel=J),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
@@ -104,7 +110,7 @@ def recon(
     if out is not None:  # an explicit results file is never replaced silently (the default one is)
         check_new_output(out, overwrite)
     dev = parse_device(device)
-    with _progress() as bar:
+    with _progress(quiet) as bar:
         results = eval_recon(ckpt, data, limit=limit, decoder_steps=decoder_steps, solver=solver,
                              batch_size=batch_size, seed=seed, features=features,
                              inception_weights=inception_weights, device=dev, progress=bar, fast=not no_fast)
@@ -136,6 +142,7 @@ def gen(
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
     device: str = typer.Option("auto", "--device", rich_help_panel=J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """FID, Inception Score and precision/recall of samples against a reference set."""
@@ -145,7 +152,7 @@ def gen(
     if out is not None:  # an explicit results file is never replaced silently (the default one is)
         check_new_output(out, overwrite)
     dev = parse_device(device)
-    with _progress() as bar:
+    with _progress(quiet) as bar:
         results = eval_gen(samples, ref, features=features, inception_weights=inception_weights,
                            batch_size=batch_size, k=k, limit=limit, device=dev, progress=bar)
     written = _save(out or results_path_for_samples(samples), results)

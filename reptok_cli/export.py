@@ -34,11 +34,12 @@ def onnx(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime vs torch check.", rich_help_panel=G),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
     json_out: bool = typer.Option(False, "--json", help="The manifest as one JSON line on stdout.", rich_help_panel=IO),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=IO),
 ):
     """Export one ONNX graph per network call, verified against torch with ONNX Runtime."""
     from export.onnx import export_onnx
 
-    log = (lambda m: None) if json_out else (lambda m: err.print(m, highlight=False))
+    log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
     manifest = export_onnx(ckpt, out, components=components, opset=opset, dtype=dtype, atol=atol,
                            overwrite=overwrite, verify=not no_verify, log=log)
     if json_out:
@@ -69,6 +70,7 @@ def trt(
     workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Builder workspace limit.", rich_help_panel=E),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
     json_out: bool = typer.Option(False, "--json", help="The sidecar as one JSON line on stdout.", rich_help_panel=IO),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=IO),
 ):
     """Build TensorRT engines (one optimisation profile over the batch axis) from ONNX graphs."""
     from export.runtime import require_trt
@@ -76,7 +78,7 @@ def trt(
     require_trt()  # exit 2 at once on a machine without CUDA / TensorRT
     from export.trt import build_engines
 
-    log = (lambda m: None) if json_out else (lambda m: err.print(m, highlight=False))
+    log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
     sidecar = build_engines(onnx_dir, out, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
                             max_batch=max_batch, timing_cache=timing_cache, workspace_gb=workspace_gb,
                             overwrite=overwrite, log=log)
