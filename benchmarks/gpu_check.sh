@@ -98,7 +98,7 @@ fi
 # ---------------------------------------------------------------- 3. TensorRT engines
 if [ "$HAS_TRT" = 1 ]; then
   for prec in fp16 bf16; do
-    step "trt_$prec" "${REPTOK[@]}" export trt --onnx "$WORK/onnx" --out "$WORK/trt-$prec" --precision "$prec" \
+    step "trt_$prec" "${REPTOK[@]}" export trt --engine "$WORK/onnx" --out "$WORK/trt-$prec" --precision "$prec" \
       --min-batch 1 --opt-batch 8 --max-batch "$MAXB" --timing-cache "$WORK/trt.cache" --overwrite --json \
       > "$OUT/trt_$prec.json"
   done
