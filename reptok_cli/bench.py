@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
+from .options import device_option
 
 W = "What to run"
 H = "How"
@@ -33,7 +34,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and ONNX Runtime (default: torch's, i.e. OMP_NUM_THREADS).", rich_help_panel=H),
     compile_: bool = typer.Option(False, "--compile", help="Add torch.compile rows.", rich_help_panel=H),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Add CUDA-graph rows (torch, CUDA only).", rich_help_panel=H),
-    device: str = typer.Option("auto", "--device", rich_help_panel=H),
+    device: str = device_option(H),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16: torch autocast, ONNX dtype, TensorRT flags.", rich_help_panel=H),
     engine: Optional[List[Path]] = typer.Option(
         None, "--engine", help="Reuse an export of --ckpt: an ONNX folder and/or a TensorRT folder (repeatable; "

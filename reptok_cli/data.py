@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import app, emit_json, err, handle_errors
+from .options import device_option
 
 data_app = typer.Typer(
     name="data",
@@ -125,7 +126,7 @@ def cache_latents(
     flips: bool = typer.Option(True, "--flips/--no-flips", help="Also store the mirror images' posteriors (needed by --hflip)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per VAE forward pass."),
     chunk_size: int = typer.Option(256, "--chunk-size", help="Images per resumable unit (the units are split across ranks)."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = device_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another VAE / flips setting."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),

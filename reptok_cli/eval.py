@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
+from .options import device_option
 
 eval_app = typer.Typer(
     name="eval",
@@ -97,7 +98,7 @@ def recon(
     features: str = typer.Option("inception", "--features", help=_FEATURES_HELP, rich_help_panel=F),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP, rich_help_panel=F),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: RUN/eval_recon.json).", rich_help_panel=J),
-    device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    device: str = device_option(J),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
@@ -140,7 +141,7 @@ def gen(
     k: int = typer.Option(3, "--k", help="Nearest neighbour for precision/recall (Kynkaanniemi et al.: 3).", rich_help_panel=F),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of each set.", rich_help_panel=J),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
-    device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    device: str = device_option(J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
+from .options import device_option
 
 
 @app.command("quickstart", epilog="Example:\n\n  reptok quickstart --out quickstart_out")
@@ -20,7 +21,7 @@ def quickstart(
     eval_per_class: int = typer.Option(None, "--eval-per-class", help="Samples per class judged for accuracy."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = device_option(),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """builtin:shapes -> train recon -> extract -> train gen -> samples + report (offline, CPU)."""

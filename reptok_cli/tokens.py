@@ -94,7 +94,7 @@ def reconstruct(
     decoder_steps: int = typer.Option(None, "--decoder-steps"),
     solver: str = typer.Option(None, "--solver", help="euler | heun"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
+    device: str = device_option(),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs)."),
     overwrite: bool = overwrite_option(),
     json_out: bool = json_option(),
