@@ -40,6 +40,7 @@ def bench(
         None, "--engine", help="Reuse an export of --ckpt: an ONNX folder and/or a TensorRT folder (repeatable; "
         "the kind is read from the folder).", rich_help_panel=H),
     json_out: bool = typer.Option(False, "--json", help="One JSON report on stdout.", rich_help_panel=W),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=W),
 ):
     """Time each stage per backend and batch size (warm-up excluded) and print a table."""
     from reptok.bench import STAGES, run_bench
@@ -50,7 +51,7 @@ def bench(
     bad = [s for s in stage_list if s not in STAGES]
     if bad:
         raise InputError(f"--stages {bad[0]!r}: choose from {', '.join(STAGES)}")
-    log = (lambda m: None) if json_out else (lambda m: err.print(m, highlight=False))
+    log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
     report = run_bench(ckpt=ckpt, preset=preset, backends=backend, batch_sizes=batch_sizes, steps=steps,
                        warmup=warmup, iters=iters, compile=compile_, cuda_graphs=cuda_graphs,
                        device=parse_device(device), precision=precision, onnx_dir=onnx_dir, trt_dir=trt_dir,

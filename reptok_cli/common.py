@@ -106,6 +106,12 @@ def handle_errors(fn):
     return wrapper
 
 
+def result_console(json_out: bool = False) -> Console:
+    """Where a command's human-readable result goes: stdout, or stderr with ``--json`` (stdout
+    is then the one JSON line)."""
+    return err if json_out else Console(soft_wrap=True)
+
+
 def emit_json(obj) -> None:
     """One JSON object on one stdout line (what scripts parse)."""
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")

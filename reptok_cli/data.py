@@ -105,7 +105,7 @@ def prep(
     skipped = summary["skipped"]
     t.add_row("skipped", f"[yellow]{skipped}[/] (see {Path(summary['out']) / 'skipped.txt'})" if skipped else "0")
     t.add_row("time", f"{summary['seconds']:.1f} s ({summary['images_per_s']:,.0f} images/s)")
-    err.print(t)
+    Console(soft_wrap=True).print(t)  # the result: stdout
 
 
 CACHE_EPILOG = (
@@ -157,7 +157,7 @@ def cache_latents(
     if json_out:
         emit_json(summary)
     else:
-        err.print(f"[green]cached[/] {summary['count']:,} images ({'with' if summary['flips'] else 'no'} mirrors) "
+        Console(soft_wrap=True).print(f"[green]cached[/] {summary['count']:,} images ({'with' if summary['flips'] else 'no'} mirrors) "
                   f"in {summary['out']}: {summary['encoded']:,} encoded, {summary['images_per_s']:,.1f} img/s")
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import emit_json, err, handle_errors, init_ranks, parse_device
+from .common import emit_json, err, handle_errors, init_ranks, parse_device, result_console
 from .options import check_choice, device_option, given_flags, json_option, option_names, quiet_option, resolve_config
 from .train import MODEL, OPT, RUN, _train_overrides, train_app
 
@@ -67,7 +67,7 @@ def distill(
             emit_json(summary)
         else:
             d = summary["distilled"]
-            err.print(f"[green]done[/] {summary['run']}: {d['student_steps']}-step student of {d['teacher']} "
+            result_console().print(f"[green]done[/] {summary['run']}: {d['student_steps']}-step student of {d['teacher']} "
                       f"({d['teacher_steps']} steps), loss {summary['last_loss']:.5f}, {summary['images_per_s']} img/s")
 
 
@@ -88,5 +88,5 @@ def attach(
     if json_out:
         emit_json(summary)
     else:
-        err.print(f"[green]wrote[/] {summary['run']}: decodes with {summary['tokenizer_run']} "
+        result_console().print(f"[green]wrote[/] {summary['run']}: decodes with {summary['tokenizer_run']} "
                   f"({summary['decoder_steps']} steps)")

@@ -55,21 +55,26 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
-def _report(title: str, rows, results: dict, written: Optional[Path]) -> None:
+def _report(title: str, rows, results: dict, written: Optional[Path], json_out: bool = False) -> None:
+    """The results table (stdout; stderr with --json, whose line is the result then)."""
     from rich.table import Table
+
+    from .common import result_console
+
+    out = result_console(json_out)
 
     t = Table(title=title, title_justify="left", min_width=60, show_header=True, header_style="bold")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for label, key, digits in rows:
         t.add_row(label, _fmt(results.get(key), digits))
-    err.print(t)
+    out.print(t)
     feats = results["features"]
-    err.print(f"[bold]features:[/] {feats['name']}: {feats['description']}", highlight=False, soft_wrap=True)
+    out.print(f"[bold]features:[/] {feats['name']}: {feats['description']}", highlight=False, soft_wrap=True)
     for note in results.get("notes", []):
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if written is not None:
-        err.print(f"[green]wrote[/] {written}", highlight=False)
+        out.print(f"[green]wrote[/] {written}", highlight=False)
 
 
 def _save(path: Path, results: dict) -> Optional[Path]:
@@ -121,7 +126,7 @@ def recon(
     _report(f"reconstruction: {results['n']} images, {results['decoder_steps']} decoder steps ({results['solver']})",
             [("PSNR (dB)", "psnr", 3), ("SSIM", "ssim", 4), ("rFID", "rfid", 3),
              ("IS (reconstructions)", "inception_score", 3), ("precision", "precision", 4),
-             ("recall", "recall", 4), ("images", "n", 0)], results, written)
+             ("recall", "recall", 4), ("images", "n", 0)], results, written, json_out)
     if json_out:
         emit_json(results)
 
@@ -162,6 +167,6 @@ def gen(
     _report(f"{results['n_samples']} samples vs reference: {n_ref}",
             [("FID", "fid", 3), ("Inception Score", "inception_score", 3), ("IS std", "inception_score_std", 3),
              (f"precision (k={k})", "precision", 4), (f"recall (k={k})", "recall", 4),
-             ("samples", "n_samples", 0), ("reference images", "n_ref", 0)], results, written)
+             ("samples", "n_samples", 0), ("reference images", "n_ref", 0)], results, written, json_out)
     if json_out:
         emit_json(results)

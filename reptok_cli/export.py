@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import app, emit_json, err, handle_errors
+from .common import app, emit_json, err, handle_errors, result_console
 
 export_app = typer.Typer(help="Export the networks to ONNX graphs or TensorRT engines.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -50,7 +50,7 @@ def onnx(
     else:
         for comp, why in manifest["skipped"].items():
             err.print(f"[yellow]skipped[/] {comp}: {why}", highlight=False)
-        err.print(f"[green]wrote[/] {manifest['out']}: {', '.join(g['file'] for g in manifest['graphs'].values())}")
+        result_console().print(f"[green]wrote[/] {manifest['out']}: {', '.join(g['file'] for g in manifest['graphs'].values())}")
 
 
 @export_app.command("trt", epilog=(
@@ -85,5 +85,5 @@ def trt(
     if json_out:
         emit_json(sidecar)
     else:
-        err.print(f"[green]wrote[/] {sidecar['out']}: {', '.join(e['file'] for e in sidecar['engines'].values())} "
+        result_console().print(f"[green]wrote[/] {sidecar['out']}: {', '.join(e['file'] for e in sidecar['engines'].values())} "
                   f"(TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}, {precision})")

@@ -125,7 +125,7 @@ def reconstruct(
         save_png(dst, make_grid([orig, r], ncol=2))
         rows.append({"image": str(p), "out": str(dst), "psnr": round(float(v), 3)})
         if not json_out:
-            err.print(f"{p}: PSNR {v:.2f} dB -> {dst}")
+            typer.echo(f"{p}: PSNR {v:.2f} dB -> {dst}")
     if json_out:
         emit_json({"images": rows, "mean_psnr": round(float(psnr.mean()), 3),
                    "fast_path": describe_fast_path(pipe.fast_path)})
@@ -175,5 +175,5 @@ def interpolate(
         files = [str(Path(out) / f"frame_{i:03d}.png") for i in range(frames)]
         for f, im in zip(files, imgs):
             save_png(f, im)
-    emit_json({"frames": frames, "files": files}) if json_out else err.print(f"[green]wrote[/] {out}")
+    emit_json({"frames": frames, "files": files}) if json_out else typer.echo(f"wrote {out}")
 
