@@ -107,8 +107,12 @@ def sample(
     else:
         outputs.check_new_output(out, overwrite)
     dev, info = init_ranks(dev)
-    if manifest is not None and info.is_main:
-        outputs.prepare_png_folder(out, manifest, overwrite=overwrite)
+    if manifest is not None:
+        from reptok.dist import barrier
+
+        if info.is_main:
+            outputs.prepare_png_folder(out, manifest, overwrite=overwrite)
+        barrier()  # no rank lists the folder's PNGs before rank 0 has emptied it (--overwrite)
     from reptok.backends import load_sampling_pipeline
 
     pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision, fast=not no_fast,
