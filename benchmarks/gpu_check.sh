@@ -98,7 +98,7 @@ fi
 # ---------------------------------------------------------------- 3. TensorRT engines
 if [ "$HAS_TRT" = 1 ]; then
   for prec in fp16 bf16; do
-    step "trt_$prec" "${REPTOK[@]}" export trt --onnx "$WORK/onnx" --out "$WORK/trt-$prec" --precision "$prec" \
+    step "trt_$prec" "${REPTOK[@]}" export trt --engine "$WORK/onnx" --out "$WORK/trt-$prec" --precision "$prec" \
       --min-batch 1 --opt-batch 8 --max-batch "$MAXB" --timing-cache "$WORK/trt.cache" --overwrite --json \
       > "$OUT/trt_$prec.json"
   done
@@ -116,16 +116,16 @@ fi
 EXTRA=()
 if [ "$HAS_TRT" = 1 ] && [ -f "$WORK/trt-bf16/engines.json" ]; then
   BACKENDS=torch,onnx,trt
-  EXTRA=(--trt-dir "$WORK/trt-bf16")
+  EXTRA=(--engine "$WORK/trt-bf16")
 fi
 # Separate invocations, so a slow or failing variant (torch.compile of a 28-layer model per
 # batch shape) cannot take the other results down with it.
 step bench_bf16 "${REPTOK[@]}" bench "${BENCH[@]}" --backend "$BACKENDS" --precision bf16 --cuda-graphs \
-  --onnx-dir "$WORK/onnx" ${EXTRA[@]+"${EXTRA[@]}"} > "$OUT/bench_bf16.json"
+  --engine "$WORK/onnx" ${EXTRA[@]+"${EXTRA[@]}"} > "$OUT/bench_bf16.json"
 step bench_compile "${REPTOK[@]}" bench "${BENCH[@]}" --backend torch --precision bf16 --compile \
   > "$OUT/bench_compile_bf16.json"
 if [ "$HAS_TRT" = 1 ] && [ -f "$WORK/trt-fp16/engines.json" ]; then
-  step bench_trt_fp16 "${REPTOK[@]}" bench "${BENCH[@]}" --backend trt --precision fp16 --trt-dir "$WORK/trt-fp16" \
+  step bench_trt_fp16 "${REPTOK[@]}" bench "${BENCH[@]}" --backend trt --precision fp16 --engine "$WORK/trt-fp16" \
     > "$OUT/bench_trt_fp16.json"
 fi
 

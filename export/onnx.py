@@ -346,10 +346,19 @@ def _save_graph(scratch: Path, dest: Path, props: Dict[str, str], out_shape: Seq
     return data
 
 
+def import_ort():
+    """``onnxruntime``, or one line saying how to install it (CPU and GPU builds are extras)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise InputError("ONNX Runtime is not installed: pip install 'reptok[onnx]' (CPU) or 'reptok[gpu]'") from None
+    return onnxruntime
+
+
 def ort_session_options(threads: Optional[int] = None):
     """ORT settings: full graph optimisation (ORT_ENABLE_ALL), intra-op threads = torch's
     (``torch.get_num_threads()``, i.e. OMP_NUM_THREADS: a fair comparison), no spinning."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -366,7 +375,7 @@ def _verify(spec: GraphSpec, path: Path, reference: nn.Module, atol: float) -> L
     """Run ORT (CPU provider: the reference semantics) and torch (float32) on the same random
     inputs at batch 1 and 3; raise ExportVerificationError above ``atol * max(1, max|ref|)``."""
     import numpy as np
-    import onnxruntime as ort
+    ort = import_ort()
 
     sess = ort.InferenceSession(str(path), ort_session_options(), providers=["CPUExecutionProvider"])
     graph_inputs = {i.name for i in sess.get_inputs()}  # unused inputs (e.g. y of an
@@ -434,7 +443,7 @@ def export_onnx(
     text runs also text_encoder / text_dim / text_len), and library versions.
     """
     if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"--precision {dtype!r}: choose one of {', '.join(DTYPES)}")
     if not 13 <= opset <= 20:
         raise InputError(f"--opset {opset}: use 13-20 (17 recommended: LayerNormalization)")
     comps = parse_components(components)

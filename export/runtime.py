@@ -35,7 +35,7 @@ from torch import nn
 
 from reptok.errors import InputError
 
-from .onnx import ort_session_options, pipeline_config_sha256, read_manifest, run_config_sha256
+from .onnx import import_ort, ort_session_options, pipeline_config_sha256, read_manifest, run_config_sha256
 
 SIDECAR = "engines.json"  # the TensorRT sidecar written by export/trt.py
 BACKENDS = ("onnx", "trt")
@@ -59,7 +59,7 @@ def require_trt(device: Optional[str] = None):
 
 def ort_providers(device: str) -> List[str]:
     """CUDA provider when the device is CUDA and ORT has it (onnxruntime-gpu), else CPU."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -88,7 +88,7 @@ class OrtModule:
     def __init__(self, path, device: str = "cpu", input_names: Optional[Sequence[str]] = None,
                  output_shapes: Optional[Dict[str, Sequence]] = None, providers: Optional[List[str]] = None,
                  threads: Optional[int] = None):
-        import onnxruntime as ort
+        ort = import_ort()
 
         self.path = Path(path)
         self.device = torch.device(device)
@@ -499,7 +499,7 @@ def load_runtime_pipeline(ckpt, engine_dir, backend: str = "onnx", device: str =
 def read_sidecar(engine_dir: Path) -> dict:
     path = Path(engine_dir) / SIDECAR
     if not path.is_file():
-        raise InputError(f"{engine_dir}: no {SIDECAR}; build TensorRT engines with 'reptok export trt --onnx DIR --out DIR'")
+        raise InputError(f"{engine_dir}: no {SIDECAR}; build TensorRT engines with 'reptok export trt --engine DIR --out DIR'")
     return json.loads(path.read_text())
 
 

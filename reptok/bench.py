@@ -224,7 +224,7 @@ def run_bench(
     if warmup < 0 or iters < 1:
         raise InputError("--warmup must be >= 0 and --iters >= 1")
     if preset is not None and (onnx_dir or trt_dir):
-        raise InputError("--onnx-dir / --trt-dir need --ckpt: a preset's random weights differ between processes")
+        raise InputError("--engine needs --ckpt: a preset's random weights differ between processes")
     if threads is not None and threads < 1:
         raise InputError(f"--threads {threads}: must be >= 1")
     threads_before = torch.get_num_threads()

@@ -11,16 +11,24 @@ opposite convention; ``FlowDecoder`` converts at its boundary (see models/decode
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 from .errors import InputError
 
 
 class ConfigError(InputError):
-    """A configuration that cannot be built (unknown key, bad value)."""
+    """A configuration that cannot be built (unknown key, bad value). ``key`` is the dotted
+    config key at fault and ``value`` its value (when known), so that the CLI can name its
+    own option (``--steps 0``) instead of the key (``train.steps=0``)."""
+
+    def __init__(self, message: str, key: Optional[str] = None, value: Any = None, allowed: str = ""):
+        super().__init__(message)
+        self.key, self.value, self.allowed = key, value, allowed
 
 
 @dataclass
@@ -198,7 +206,7 @@ class PipelineConfig:
         """Deep override with dotted keys: ``cfg.replace(**{"decoder.depth": 4})``."""
         d = self.to_dict()
         for key, value in overrides.items():
-            apply_override(d, key, value)
+            apply_override(d, key, coerce(key, value, self))
         return PipelineConfig.from_dict(d)
 
     def validate(self) -> "PipelineConfig":
@@ -229,15 +237,20 @@ class PipelineConfig:
             if part is None:
                 continue
             if part.time_sampler not in TIME_SAMPLERS:
-                raise ConfigError(f"{name}.time_sampler={part.time_sampler!r}: choose one of {', '.join(TIME_SAMPLERS)}")
+                raise ConfigError(f"{name}.time_sampler={part.time_sampler!r}: choose one of {' | '.join(TIME_SAMPLERS)}",
+                                  key=f"{name}.time_sampler", value=part.time_sampler,
+                                  allowed="choose one of " + " | ".join(TIME_SAMPLERS))
             if not part.time_scale > 0:
-                raise ConfigError(f"{name}.time_scale={part.time_scale}: must be > 0")
+                raise ConfigError(f"{name}.time_scale={part.time_scale}: must be > 0", key=f"{name}.time_scale",
+                                  value=part.time_scale, allowed="must be > 0")
         if g is not None and g.token_norm not in TOKEN_NORMS:
-            raise ConfigError(f"generator.token_norm={g.token_norm!r}: choose one of {', '.join(TOKEN_NORMS)}")
+            raise ConfigError(f"generator.token_norm={g.token_norm!r}: choose one of {' | '.join(TOKEN_NORMS)}",
+                              key="generator.token_norm", value=g.token_norm, allowed="choose one of " + " | ".join(TOKEN_NORMS))
         if not self.train.token_lr_scale > 0:
             raise ConfigError(f"train.token_lr_scale={self.train.token_lr_scale}: must be > 0")
         if not 0.0 <= self.train.cooldown <= 1.0:
             raise ConfigError(f"train.cooldown={self.train.cooldown}: must be a fraction of the steps in [0, 1]")
+        check_rules(self)
         return self
 
 
@@ -261,17 +274,251 @@ def _upgrade_legacy(d: Any) -> Any:
     return d
 
 
+def _dotted_keys(d: dict, prefix: str = "") -> list:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, dict) and k != "overrides":
+            out.extend(_dotted_keys(v, prefix + k + "."))
+    return out
+
+
+def unknown_key(dotted: str, d: dict) -> ConfigError:
+    """'unknown config key' with the closest known key (difflib) as a suggestion."""
+    close = difflib.get_close_matches(dotted, _dotted_keys(d), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {dotted!r}{hint}", key=dotted)
+
+
 def apply_override(d: dict, dotted: str, value: Any) -> None:
     """Set ``d['a']['b'] = value`` for ``dotted == 'a.b'``; unknown keys raise ConfigError."""
     parts = dotted.split(".")
     cur = d
     for p in parts[:-1]:
         if not isinstance(cur.get(p), dict):
-            raise ConfigError(f"unknown config key {dotted!r}")
+            if p == "generator" and cur.get(p) is None and cur is d:
+                raise ConfigError(f"{dotted!r}: this config has no generator", key=dotted)
+            raise unknown_key(dotted, d)
         cur = cur[p]
     if parts[-1] not in cur:
-        raise ConfigError(f"unknown config key {dotted!r}")
+        raise unknown_key(dotted, d)
     cur[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- types and ranges
+def field_type(dotted: str) -> Optional[str]:
+    """The annotation (a string: this module uses postponed annotations) of a dotted key, e.g.
+    "int", "Optional[str]", "tuple"; None for a key inside a free-form dict (encoder.overrides)."""
+    cls = PipelineConfig
+    parts = dotted.split(".")
+    for i, p in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if p not in fields:
+            return None
+        if i == len(parts) - 1:
+            return str(fields[p].type)
+        sub = _NESTED.get((cls.__name__, p))
+        if sub is None:
+            return None
+        cls = sub
+    return None
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce_scalar(base: str, value: Any, key: str) -> Any:
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r}: expected {what}", key=key, value=value, allowed=f"expected {what}")
+
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise bad("true or false")
+    if base == "int":
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad("an integer")
+    if base == "float":
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise bad("a number")
+    if base == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if base in ("tuple", "list"):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise bad("a list like 0.3,0.9") from None
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+                value = [_number(v) for v in value]
+        if isinstance(value, (list, tuple)):
+            return tuple(value) if base == "tuple" else list(value)
+        raise bad("a list like 0.3,0.9")
+    if base == "dict":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(value, dict):
+            return value
+        raise bad('a JSON object like {"depth": 2}')
+    return value
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def coerce(dotted: str, value: Any, cfg: Optional["PipelineConfig"] = None) -> Any:
+    """A ``--set`` / option value converted to the field's type (``"4"`` -> 4 for an int field,
+    ``"0.3,0.9"`` -> (0.3, 0.9) for a tuple, ``"none"`` -> None for an Optional one); ConfigError
+    naming the key, the value and the expected type otherwise. Unknown keys pass through (the
+    caller reports them with a suggestion)."""
+    t = field_type(dotted)
+    if t is None:
+        return value
+    optional = t.startswith("Optional[")
+    base = t[len("Optional["):-1] if optional else t
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
+        return None
+    if base in ("GeneratorConfig",):
+        return value
+    return _coerce_scalar(base, value, dotted)
+
+
+def _check_value_type(dotted: str, value: Any) -> None:
+    """A config file's value must already have its field's type (ints are accepted as floats;
+    strings are not parsed here: "4" in a JSON file for an int field is an error)."""
+    t = field_type(dotted)
+    if t is None or value is None:
+        return
+    base = t[len("Optional["):-1] if t.startswith("Optional[") else t
+    if isinstance(value, str) and base not in ("str",):
+        raise ConfigError(f"{dotted}={value!r}: expected {base}", key=dotted, value=value, allowed=f"expected {base}")
+    if base == "str" and not isinstance(value, str):
+        raise ConfigError(f"{dotted}={value!r}: expected a string", key=dotted, value=value, allowed="expected a string")
+    _coerce_scalar(base, value, dotted)
+
+
+SOLVERS = ("euler", "heun")  # reptok.flow.SOLVERS
+
+
+def _ge(lo):
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+def _gt0():
+    return (lambda v: v > 0), "must be > 0"
+
+
+def _unit(closed_hi: bool = False):
+    if closed_hi:
+        return (lambda v: 0.0 <= v <= 1.0), "must be in [0, 1]"
+    return (lambda v: 0.0 <= v < 1.0), "must be in [0, 1)"
+
+
+def _choice(options):
+    return (lambda v: v in options), "choose one of " + " | ".join(options)
+
+
+def _interval(v) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+            and 0.0 <= v[0] <= v[1] <= 1.0)
+
+
+# Ranges and choices of every numeric / named field, checked by PipelineConfig.validate().
+# (dotted key, predicate, what is allowed)
+RULES: "list[tuple[str, Callable[[Any], bool], str]]" = [
+    ("image_size", *_ge(1)),
+    ("encoder.img_size", *_ge(1)), ("encoder.dim", *_ge(1)),
+    ("vae.scale", *_gt0()), ("vae.latent_channels", *_ge(1)), ("vae.downsample", *_ge(1)),
+    ("decoder.in_channels", *_ge(1)), ("decoder.input_size", *_ge(1)), ("decoder.patch_size", *_ge(1)),
+    ("decoder.width", *_ge(1)), ("decoder.depth", *_ge(1)), ("decoder.head_dim", *_ge(1)),
+    ("decoder.ff_expand", *_ge(1)), ("decoder.mapping_width", *_ge(1)), ("decoder.mapping_depth", *_ge(0)),
+    ("decoder.mapping_ff_expand", *_ge(1)), ("decoder.token_dim", *_ge(1)),
+    ("generator.token_dim", *_ge(1)), ("generator.n_tokens", *_ge(1)), ("generator.dim", *_ge(1)),
+    ("generator.depth", *_ge(1)), ("generator.token_expand", *_gt0()), ("generator.channel_expand", *_gt0()),
+    ("generator.dropout", *_unit()), ("generator.num_classes", *_ge(0)), ("generator.class_dropout", *_unit()),
+    ("generator.text_tokens", *_ge(1)), ("generator.text_dim", *_ge(0)), ("generator.text_len", *_ge(0)),
+    ("generator.cross_heads", *_ge(1)), ("generator.caption_dropout", *_unit()),
+    ("sampling.steps", *_ge(1)), ("sampling.solver", *_choice(SOLVERS)), ("sampling.cfg", *_ge(0)),
+    ("sampling.cfg_interval", _interval, "two numbers 0 <= lo <= hi <= 1, like 0.3,0.9"),
+    ("sampling.decoder_steps", *_ge(1)), ("sampling.decoder_solver", *_choice(SOLVERS)),
+    ("train.steps", *_ge(1)), ("train.batch_size", *_ge(1)), ("train.lr", *_gt0()),
+    ("train.weight_decay", *_ge(0)),
+    ("train.betas", lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(0 <= b < 1 for b in v),
+     "two numbers in [0, 1), like 0.9,0.999"),
+    ("train.warmup", *_ge(0)), ("train.cooldown", *_unit(True)), ("train.grad_clip", *_ge(0)),
+    ("train.ema", *_unit()), ("train.cos_weight", *_ge(0)), ("train.token_lr_scale", *_gt0()),
+    ("train.log_every", *_ge(1)), ("train.ckpt_every", *_ge(0)), ("train.sample_every", *_ge(0)),
+    ("train.grad_accum", *_ge(1)),
+]
+
+
+def _get(cfg: "PipelineConfig", dotted: str) -> Any:
+    cur: Any = cfg
+    for p in dotted.split("."):
+        if cur is None:
+            return None
+        cur = getattr(cur, p)
+    return cur
+
+
+def check_rules(cfg: "PipelineConfig", keys: Optional[set] = None) -> None:
+    """Every rule of :data:`RULES` (or those of ``keys``); ConfigError with key, value, allowed."""
+    for key, ok, allowed in RULES:
+        if keys is not None and key not in keys:
+            continue
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        good = False
+        try:
+            good = bool(ok(value)) and not (isinstance(value, float) and math.isnan(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={_show(value)}: {allowed}", key=key, value=value, allowed=allowed)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(str(x) for x in v)
+    return repr(v) if isinstance(v, str) else str(v)
 
 
 def _to_jsonable(x: Any) -> Any:
@@ -290,7 +537,10 @@ def _from_dict(cls, d: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{hint}")
+    prefix = "" if where == "config" else where.split(".", 1)[1] + "." if "." in where else ""
     kwargs = {}
     for name, value in d.items():
         sub = _NESTED.get((cls.__name__, name))
@@ -300,6 +550,8 @@ def _from_dict(cls, d: Any, where: str):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
+        if sub is None and where.startswith("config"):
+            _check_value_type(prefix + name, kwargs[name])
     return cls(**kwargs)
 
 

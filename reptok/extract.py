@@ -32,10 +32,10 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_save(path, lambda tmp: np.save(open(tmp, "wb"), arr))
 
 
-def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: DistInfo = DistInfo(),
-                   progress=None, limit: Optional[int] = None) -> dict:
-    """Encode every image of ``data`` with ``pipe.encoder``; returns the sidecar dict."""
-    from .data.dataset import PreparedDataset
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """Before any work: ``out`` ends in .npy, its folder exists and is writable, and neither it
+    nor a sidecar exists unless ``overwrite`` (a generator run may point at these tokens)."""
+    from .outputs import check_new_output
 
     out = Path(out)
     if out.suffix != ".npy":
@@ -44,6 +44,22 @@ def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: Dist
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise InputError(f"--out {out}: folder {out.parent} is not writable")
+    for p in sidecar_paths(out).values():
+        check_new_output(p, overwrite)
+
+
+def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: DistInfo = DistInfo(),
+                   progress=None, limit: Optional[int] = None, overwrite: bool = False) -> dict:
+    """Encode every image of ``data`` with ``pipe.encoder``; returns the sidecar dict.
+    ``progress(k)`` is called after each batch of k images (of this rank)."""
+    from .data.dataset import PreparedDataset
+
+    out = Path(out)
+    check_output(out, overwrite)
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be >= 1")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be >= 1")
     ds = PreparedDataset(data)
     if ds.resolution != pipe.cfg.image_size:
         raise InputError(f"{data}: images are {ds.resolution}px but the tokenizer was trained on "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
+from .options import device_option
 
 W = "What to run"
 H = "How"
@@ -33,21 +34,24 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and ONNX Runtime (default: torch's, i.e. OMP_NUM_THREADS).", rich_help_panel=H),
     compile_: bool = typer.Option(False, "--compile", help="Add torch.compile rows.", rich_help_panel=H),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Add CUDA-graph rows (torch, CUDA only).", rich_help_panel=H),
-    device: str = typer.Option("auto", "--device", rich_help_panel=H),
+    device: str = device_option(H),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16: torch autocast, ONNX dtype, TensorRT flags.", rich_help_panel=H),
-    onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="Reuse an ONNX export of --ckpt.", rich_help_panel=H),
-    trt_dir: Optional[Path] = typer.Option(None, "--trt-dir", help="Reuse TensorRT engines of --ckpt.", rich_help_panel=H),
+    engine: Optional[List[Path]] = typer.Option(
+        None, "--engine", help="Reuse an export of --ckpt: an ONNX folder and/or a TensorRT folder (repeatable; "
+        "the kind is read from the folder).", rich_help_panel=H),
     json_out: bool = typer.Option(False, "--json", help="One JSON report on stdout.", rich_help_panel=W),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=W),
 ):
     """Time each stage per backend and batch size (warm-up excluded) and print a table."""
     from reptok.bench import STAGES, run_bench
     from reptok.errors import InputError
 
+    onnx_dir, trt_dir = _split_engines(engine or [])
     stage_list = [s.strip() for s in stages.split(",") if s.strip()]
     bad = [s for s in stage_list if s not in STAGES]
     if bad:
         raise InputError(f"--stages {bad[0]!r}: choose from {', '.join(STAGES)}")
-    log = (lambda m: None) if json_out else (lambda m: err.print(m, highlight=False))
+    log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
     report = run_bench(ckpt=ckpt, preset=preset, backends=backend, batch_sizes=batch_sizes, steps=steps,
                        warmup=warmup, iters=iters, compile=compile_, cuda_graphs=cuda_graphs,
                        device=parse_device(device), precision=precision, onnx_dir=onnx_dir, trt_dir=trt_dir,
@@ -76,3 +80,20 @@ def print_table(report: dict) -> None:
     Console().print(t)
     for n in report["notes"]:
         err.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+def _split_engines(folders):
+    """--engine folders -> (ONNX folder, TensorRT folder): a folder with the TensorRT sidecar
+    holds engines, any other one ONNX graphs; two of a kind is exit 2."""
+    from export.runtime import SIDECAR
+    from reptok.errors import InputError
+
+    found = {"onnx": None, "trt": None}
+    for f in folders:
+        if not Path(f).is_dir():
+            raise InputError(f"--engine {f}: no such folder (written by 'reptok export onnx|trt')")
+        kind = "trt" if (Path(f) / SIDECAR).is_file() else "onnx"
+        if found[kind] is not None:
+            raise InputError(f"--engine {f}: a second {kind} folder (already {found[kind]})")
+        found[kind] = Path(f)
+    return found["onnx"], found["trt"]

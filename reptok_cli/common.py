@@ -27,6 +27,57 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _one_line_usage_error(e) -> None:
+    """Click's usage errors (a missing option, a bad type, an out-of-range value) as one line on
+    stderr, like every other input error: ``error: Invalid value for '-n': 0 is not in the range
+    x>=1. (reptok sample -h for help)`` instead of a usage block and a panel."""
+    import click
+
+    hint = ""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        hint = f" ({ctx.command_path} -h for help)"
+    click.echo(f"error: {e.format_message()}{hint}", err=True)
+
+
+def _install_error_format() -> None:
+    import click
+    from typer import rich_utils
+
+    rich_utils.rich_format_error = _one_line_usage_error
+    click.ClickException.show = lambda self, file=None: _one_line_usage_error(self)
+
+
+_install_error_format()
+
+
+def version_line() -> str:
+    """``reptok --version``: package, torch, CUDA and the device, one line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        pkg = version("reptok")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    cuda = torch.version.cuda or "none"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return f"reptok {pkg}, torch {torch.__version__}, CUDA {cuda}, device {dev}"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the reptok, torch and CUDA versions and the device, then exit.")):
+    """Single-token latent image generation (RepTok): data, training, sampling, evaluation, export."""
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -55,6 +106,12 @@ def handle_errors(fn):
     return wrapper
 
 
+def result_console(json_out: bool = False) -> Console:
+    """Where a command's human-readable result goes: stdout, or stderr with ``--json`` (stdout
+    is then the one JSON line)."""
+    return err if json_out else Console(soft_wrap=True)
+
+
 def emit_json(obj) -> None:
     """One JSON object on one stdout line (what scripts parse)."""
     sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
@@ -64,8 +121,12 @@ def emit_json(obj) -> None:
 def parse_device(device: str | None) -> str:
     import torch
 
+    import re
+
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise InputError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return device

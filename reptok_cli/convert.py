@@ -18,7 +18,7 @@ ARCH = "What the tensors cannot tell"
 @convert_app.command("official", epilog=(
     "Examples:\n\n  reptok convert official reptok-xl-600k-ImageNet.ckpt --out runs/official-xl\n\n"
     "  reptok sample --ckpt runs/official-xl --class 207 -n 4 --out corgis/\n\n"
-    "  reptok convert official tiny.ckpt --out runs/tiny --encoder-heads 2 --vae-config tiny_vae --dtype bf16"))
+    "  reptok convert official tiny.ckpt --out runs/tiny --encoder-heads 2 --vae-config tiny_vae --precision bf16"))
 @handle_errors
 def official(
     ckpt: Path = typer.Argument(..., help="The official Lightning .ckpt (read without executing pickled code)."),
@@ -29,7 +29,7 @@ def official(
     vae_config: Optional[Path] = typer.Option(None, "--vae-config", help="diffusers AutoencoderKL config.json or its directory (default: inferred from the VAE tensors).", rich_help_panel=ARCH),
     vae_norm_groups: Optional[int] = typer.Option(None, "--vae-norm-groups", help="GroupNorm groups of an inferred VAE config (default 32).", rich_help_panel=ARCH),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Image size (default: the checkpoint's, else 256).", rich_help_panel=ARCH),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 for the written weights."),
+    dtype: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 for the written weights."),
     raw: bool = typer.Option(False, "--raw", help="Sample with the raw generator (model.net) instead of its EMA (training always starts from the raw one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout."),

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from .common import app, emit_json, err, handle_errors
+from .options import device_option
 
 data_app = typer.Typer(
     name="data",
@@ -58,7 +60,7 @@ def prep(
     source: str = typer.Argument(..., help="Image folder, Hugging Face dataset name or saved dataset path, or builtin:shapes[:N]."),
     out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory.", rich_help_panel=_OUT),
     resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="Output side in pixels (ADM/DiT centre crop). Default: 32 for builtin, 256 otherwise.", rich_help_panel=_OUT),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Keep at most N images (builtin: the first N; otherwise a seeded random subset in input order).", rich_help_panel=_IN),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Keep at most N images (builtin: the first N; otherwise a seeded random subset in input order).", rich_help_panel=_IN),
     split: Optional[str] = typer.Option(None, "--split", help="Hugging Face split (default: train, or the only split).", rich_help_panel=_IN),
     seed: int = typer.Option(0, "--seed", help="builtin:shapes generation seed; subset seed for --limit.", rich_help_panel=_IN),
     workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding threads (default: min(8, CPUs)).", rich_help_panel=_IN),
@@ -67,6 +69,7 @@ def prep(
     caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column (default: detected; 'none' to drop captions).", rich_help_panel=_HF),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and is not empty.", rich_help_panel=_OUT),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout.", rich_help_panel=_OUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr.", rich_help_panel=_OUT),
 ) -> None:
     """Prepare SOURCE as a memory-mapped dataset (raw uint8 pixels, labels, captions) for training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -75,7 +78,7 @@ def prep(
 
     with Progress(
         TextColumn("[bold]prep[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True, disable=quiet,
     ) as bar:
         task = bar.add_task("prep", total=None, rate="")
 
@@ -102,7 +105,7 @@ def prep(
     skipped = summary["skipped"]
     t.add_row("skipped", f"[yellow]{skipped}[/] (see {Path(summary['out']) / 'skipped.txt'})" if skipped else "0")
     t.add_row("time", f"{summary['seconds']:.1f} s ({summary['images_per_s']:,.0f} images/s)")
-    err.print(t)
+    Console(soft_wrap=True).print(t)  # the result: stdout
 
 
 CACHE_EPILOG = (
@@ -123,9 +126,10 @@ def cache_latents(
     flips: bool = typer.Option(True, "--flips/--no-flips", help="Also store the mirror images' posteriors (needed by --hflip)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per VAE forward pass."),
     chunk_size: int = typer.Option(256, "--chunk-size", help="Images per resumable unit (the units are split across ranks)."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = device_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another VAE / flips setting."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),
 ) -> None:
     """Store the SD-VAE posterior (mean, logvar) of every image in DIRECTORY/latents (sharded across torchrun ranks)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -143,7 +147,7 @@ def cache_latents(
     model = load_vae(vae, subfolder)  # before the process group: a bad --vae fails every rank at once
     dev, rank = init_ranks(dev)
     with Progress(TextColumn("[bold]cache[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err, transient=True, disable=not rank.is_main) as bar:
+                  TimeRemainingColumn(), console=err, transient=True, disable=quiet or not rank.is_main) as bar:
         task = bar.add_task("cache", total=None)
         summary = run_cache(directory, model, vae_identity(vae, subfolder), flips=flips, batch_size=batch_size,
                             device=dev, info=rank, overwrite=overwrite, chunk=chunk_size,
@@ -153,7 +157,7 @@ def cache_latents(
     if json_out:
         emit_json(summary)
     else:
-        err.print(f"[green]cached[/] {summary['count']:,} images ({'with' if summary['flips'] else 'no'} mirrors) "
+        Console(soft_wrap=True).print(f"[green]cached[/] {summary['count']:,} images ({'with' if summary['flips'] else 'no'} mirrors) "
                   f"in {summary['out']}: {summary['encoded']:,} encoded, {summary['images_per_s']:,.1f} img/s")
 
 
@@ -187,4 +191,4 @@ def info(
     t.add_row("latent cache", f"{lc['vae']} at {lc['resolution']} px, {'with' if lc['flips'] else 'no'} mirrors" if lc else "no")
     t.add_row("skipped", str(d.get("skipped", 0)) + (f" (see {d['skipped_report']})" if d.get("skipped") else ""))
     t.add_row("created", f"{d.get('created')} by reptok {d.get('reptok_version')}")
-    err.print(t)
+    Console(soft_wrap=True).print(t)  # the result: stdout (reptok data info D | grep images)

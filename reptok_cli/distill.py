@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import emit_json, err, handle_errors, init_ranks, parse_device
-from .options import resolve_config
+from .common import emit_json, err, handle_errors, init_ranks, parse_device, result_console
+from .options import check_choice, device_option, given_flags, json_option, option_names, quiet_option, resolve_config
 from .train import MODEL, OPT, RUN, _train_overrides, train_app
 
 
@@ -34,33 +34,40 @@ def distill(
     seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.", rich_help_panel=RUN),
-    device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
+    device: str = device_option(RUN),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16", rich_help_panel=RUN),
-    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=RUN),
+    json_out: bool = json_option(RUN),
+    quiet: bool = quiet_option(RUN),
 ):
     """Distil the tokenizer run's flow decoder into a K-step decoder (piecewise reflow, same architecture)."""
     from reptok.train.distill import distill_config, distill_defaults, train_distill
 
     dev = parse_device(device)
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, None, ema)
-    if resume and (out / "config.json").exists():
-        cfg = resolve_config(ckpt=str(out), overrides=over)
-    else:
-        if student_steps is None:
-            from reptok.errors import InputError
+    from reptok.train.loop import PRECISIONS
+    from reptok.train.start import check_out, has_checkpoint
 
-            raise InputError("--student-steps K is required for a new distillation run")
-        cfg = distill_config(ckpt, student_steps, {**distill_defaults(ckpt), **{k: v for k, v in over.items() if v is not None}})
+    check_choice("--precision", precision, PRECISIONS, allow_none=False)
+    check_out(out, resume)
+    with option_names(given_flags(over)):
+        if resume and has_checkpoint(out):
+            cfg = resolve_config(ckpt=str(out), overrides=over)
+        else:
+            if student_steps is None:
+                from reptok.errors import InputError
+
+                raise InputError("--student-steps K is required for a new distillation run")
+            cfg = distill_config(ckpt, student_steps, {**distill_defaults(ckpt), **{k: v for k, v in over.items() if v is not None}})
     dev, info = init_ranks(dev)
     summary = train_distill(ckpt, out, cfg, student_steps=student_steps, teacher_steps=teacher_steps,
                             method=method, data=data, resume=resume,
-                            device=dev, info=info, progress=not json_out, precision=precision)
+                            device=dev, info=info, progress=not (json_out or quiet), precision=precision)
     if info.is_main:
         if json_out:
             emit_json(summary)
         else:
             d = summary["distilled"]
-            err.print(f"[green]done[/] {summary['run']}: {d['student_steps']}-step student of {d['teacher']} "
+            result_console().print(f"[green]done[/] {summary['run']}: {d['student_steps']}-step student of {d['teacher']} "
                       f"({d['teacher_steps']} steps), loss {summary['last_loss']:.5f}, {summary['images_per_s']} img/s")
 
 
@@ -81,5 +88,5 @@ def attach(
     if json_out:
         emit_json(summary)
     else:
-        err.print(f"[green]wrote[/] {summary['run']}: decodes with {summary['tokenizer_run']} "
+        result_console().print(f"[green]wrote[/] {summary['run']}: decodes with {summary['tokenizer_run']} "
                   f"({summary['decoder_steps']} steps)")

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
+from .options import device_option
 
 eval_app = typer.Typer(
     name="eval",
@@ -26,8 +27,13 @@ _WEIGHTS_HELP = "pt_inception-2015-12-05-6726825d.pth (default: torch.hub cache,
 
 
 @contextlib.contextmanager
-def _progress():
-    """A ``progress(description, total) -> advance(k)`` factory drawing rich bars on stderr."""
+def _progress(quiet: bool = False):
+    """A ``progress(description, total) -> advance(k)`` factory drawing rich bars on stderr
+    (``quiet``: a context yielding None, no bars)."""
+    if quiet:
+        import contextlib
+
+        return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -49,21 +55,26 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
-def _report(title: str, rows, results: dict, written: Optional[Path]) -> None:
+def _report(title: str, rows, results: dict, written: Optional[Path], json_out: bool = False) -> None:
+    """The results table (stdout; stderr with --json, whose line is the result then)."""
     from rich.table import Table
+
+    from .common import result_console
+
+    out = result_console(json_out)
 
     t = Table(title=title, title_justify="left", min_width=60, show_header=True, header_style="bold")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for label, key, digits in rows:
         t.add_row(label, _fmt(results.get(key), digits))
-    err.print(t)
+    out.print(t)
     feats = results["features"]
-    err.print(f"[bold]features:[/] {feats['name']}: {feats['description']}", highlight=False, soft_wrap=True)
+    out.print(f"[bold]features:[/] {feats['name']}: {feats['description']}", highlight=False, soft_wrap=True)
     for note in results.get("notes", []):
-        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if written is not None:
-        err.print(f"[green]wrote[/] {written}", highlight=False)
+        out.print(f"[green]wrote[/] {written}", highlight=False)
 
 
 def _save(path: Path, results: dict) -> Optional[Path]:
@@ -92,15 +103,20 @@ def recon(
     features: str = typer.Option("inception", "--features", help=_FEATURES_HELP, rich_help_panel=F),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP, rich_help_panel=F),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: RUN/eval_recon.json).", rich_help_panel=J),
-    device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    device: str = device_option(J),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
     from reptok.evaluate.run import eval_recon, recon_results_path
+    from reptok.outputs import check_new_output
 
+    if out is not None:  # an explicit results file is never replaced silently (the default one is)
+        check_new_output(out, overwrite)
     dev = parse_device(device)
-    with _progress() as bar:
+    with _progress(quiet) as bar:
         results = eval_recon(ckpt, data, limit=limit, decoder_steps=decoder_steps, solver=solver,
                              batch_size=batch_size, seed=seed, features=features,
                              inception_weights=inception_weights, device=dev, progress=bar, fast=not no_fast)
@@ -110,7 +126,7 @@ def recon(
     _report(f"reconstruction: {results['n']} images, {results['decoder_steps']} decoder steps ({results['solver']})",
             [("PSNR (dB)", "psnr", 3), ("SSIM", "ssim", 4), ("rFID", "rfid", 3),
              ("IS (reconstructions)", "inception_score", 3), ("precision", "precision", 4),
-             ("recall", "recall", 4), ("images", "n", 0)], results, written)
+             ("recall", "recall", 4), ("images", "n", 0)], results, written, json_out)
     if json_out:
         emit_json(results)
 
@@ -130,14 +146,19 @@ def gen(
     k: int = typer.Option(3, "--k", help="Nearest neighbour for precision/recall (Kynkaanniemi et al.: 3).", rich_help_panel=F),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of each set.", rich_help_panel=J),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
-    device: str = typer.Option("auto", "--device", rich_help_panel=J),
+    device: str = device_option(J),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
 ):
     """FID, Inception Score and precision/recall of samples against a reference set."""
     from reptok.evaluate.run import eval_gen, results_path_for_samples
+    from reptok.outputs import check_new_output
 
+    if out is not None:  # an explicit results file is never replaced silently (the default one is)
+        check_new_output(out, overwrite)
     dev = parse_device(device)
-    with _progress() as bar:
+    with _progress(quiet) as bar:
         results = eval_gen(samples, ref, features=features, inception_weights=inception_weights,
                            batch_size=batch_size, k=k, limit=limit, device=dev, progress=bar)
     written = _save(out or results_path_for_samples(samples), results)
@@ -146,6 +167,6 @@ def gen(
     _report(f"{results['n_samples']} samples vs reference: {n_ref}",
             [("FID", "fid", 3), ("Inception Score", "inception_score", 3), ("IS std", "inception_score_std", 3),
              (f"precision (k={k})", "precision", 4), (f"recall (k={k})", "recall", 4),
-             ("samples", "n_samples", 0), ("reference images", "n_ref", 0)], results, written)
+             ("samples", "n_samples", 0), ("reference images", "n_ref", 0)], results, written, json_out)
     if json_out:
         emit_json(results)

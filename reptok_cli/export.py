@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import app, emit_json, err, handle_errors
+from .common import app, emit_json, err, handle_errors, result_console
 
 export_app = typer.Typer(help="Export the networks to ONNX graphs or TensorRT engines.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -29,16 +29,17 @@ def onnx(
     components: str = typer.Option("generator,decoder,vae", "--components",
                                    help="Comma list of generator, decoder, vae, encoder.", rich_help_panel=G),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20).", rich_help_panel=G),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 weights and compute (I/O stays fp32).", rich_help_panel=G),
+    dtype: str = typer.Option("fp32", "--precision", help="fp32 | fp16 weights and compute (I/O stays fp32).", rich_help_panel=G),
     atol: Optional[float] = typer.Option(None, "--atol", help="Verification tolerance, x max(1, max|ref|) (fp32 1e-3, fp16 3e-2).", rich_help_panel=G),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime vs torch check.", rich_help_panel=G),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
     json_out: bool = typer.Option(False, "--json", help="The manifest as one JSON line on stdout.", rich_help_panel=IO),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=IO),
 ):
     """Export one ONNX graph per network call, verified against torch with ONNX Runtime."""
     from export.onnx import export_onnx
 
-    log = (lambda m: None) if json_out else (lambda m: err.print(m, highlight=False))
+    log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
     manifest = export_onnx(ckpt, out, components=components, opset=opset, dtype=dtype, atol=atol,
                            overwrite=overwrite, verify=not no_verify, log=log)
     if json_out:
@@ -49,17 +50,17 @@ def onnx(
     else:
         for comp, why in manifest["skipped"].items():
             err.print(f"[yellow]skipped[/] {comp}: {why}", highlight=False)
-        err.print(f"[green]wrote[/] {manifest['out']}: {', '.join(g['file'] for g in manifest['graphs'].values())}")
+        result_console().print(f"[green]wrote[/] {manifest['out']}: {', '.join(g['file'] for g in manifest['graphs'].values())}")
 
 
 @export_app.command("trt", epilog=(
-    "Examples:\n\n  reptok export trt --onnx engines/onnx --out engines/trt-fp16\n\n"
-    "  reptok export trt --onnx engines/onnx --out engines/trt-bf16 --precision bf16 --max-batch 128 --timing-cache trt.cache\n\n"
+    "Examples:\n\n  reptok export trt --engine engines/onnx --out engines/trt-fp16\n\n"
+    "  reptok export trt --engine engines/onnx --out engines/trt-bf16 --precision bf16 --max-batch 128 --timing-cache trt.cache\n\n"
     "  reptok sample --ckpt runs/gen --backend trt --engine engines/trt-fp16 --class all -n 50 --out s.npz\n\n"
     "Needs a CUDA GPU and tensorrt>=10. The generator's profile is doubled (CFG batches two rows per image)."))
 @handle_errors
 def trt(
-    onnx_dir: Path = typer.Option(..., "--onnx", help="A folder written by 'reptok export onnx'.", rich_help_panel=IO),
+    onnx_dir: Path = typer.Option(..., "--engine", help="The ONNX folder written by 'reptok export onnx'.", rich_help_panel=IO),
     out: Path = typer.Option(..., "--out", help="Folder to write (*.plan, engines.json, manifest.json).", rich_help_panel=IO),
     precision: str = typer.Option("fp16", "--precision", help="fp16 | bf16 | fp32 (norm statistics stay fp32).", rich_help_panel=E),
     min_batch: int = typer.Option(1, "--min-batch", rich_help_panel=E),
@@ -69,6 +70,7 @@ def trt(
     workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Builder workspace limit.", rich_help_panel=E),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
     json_out: bool = typer.Option(False, "--json", help="The sidecar as one JSON line on stdout.", rich_help_panel=IO),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=IO),
 ):
     """Build TensorRT engines (one optimisation profile over the batch axis) from ONNX graphs."""
     from export.runtime import require_trt
@@ -76,12 +78,12 @@ def trt(
     require_trt()  # exit 2 at once on a machine without CUDA / TensorRT
     from export.trt import build_engines
 
-    log = (lambda m: None) if json_out else (lambda m: err.print(m, highlight=False))
+    log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
     sidecar = build_engines(onnx_dir, out, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
                             max_batch=max_batch, timing_cache=timing_cache, workspace_gb=workspace_gb,
                             overwrite=overwrite, log=log)
     if json_out:
         emit_json(sidecar)
     else:
-        err.print(f"[green]wrote[/] {sidecar['out']}: {', '.join(e['file'] for e in sidecar['engines'].values())} "
+        result_console().print(f"[green]wrote[/] {sidecar['out']}: {', '.join(e['file'] for e in sidecar['engines'].values())} "
                   f"(TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}, {precision})")

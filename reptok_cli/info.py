@@ -26,10 +26,14 @@ def info(
     cfg = resolve_config(preset=preset or (None if ckpt else "xl"), ckpt=ckpt)
     rows = model_report(cfg)
     distilled = _distilled(ckpt)
+    run = _run_summary(ckpt)
     if json_out:
         emit_json({"preset": cfg.preset, "components": rows, "presets": list_presets(),
-                   **({"distilled": distilled} if distilled else {})})
+                   **({"distilled": distilled} if distilled else {}), **({"run": run} if run else {})})
         return
+    if run:
+        for key in ("kind", "step", "last_loss", "parent", "weights_sha256"):
+            Console().print(f"{key}: {run[key]}", highlight=False, soft_wrap=True)
     t = Table(title=f"reptok {cfg.preset or ckpt} ({cfg.image_size}px)")
     for col in ("component", "params", "trainable", "GFLOPs / call", "note"):
         t.add_column(col, justify="right" if col in ("params", "trainable", "GFLOPs / call") else "left")
@@ -51,3 +55,20 @@ def _distilled(ckpt: Optional[str]) -> Optional[dict]:
     from reptok.run import read_run_config
 
     return read_run_config(Path(ckpt)).get("distilled")
+
+
+def _run_summary(ckpt: Optional[str]) -> Optional[dict]:
+    """What a run is: kind, last checkpoint step, last logged loss, parent run (a generator's
+    tokenizer_run, a distilled student's teacher, the --init run), sha256 of its weights."""
+    if not ckpt:
+        return None
+    from pathlib import Path
+
+    from reptok.outputs import weights_hash
+    from reptok.run import read_run_config
+    from reptok.train.start import checkpoint_step, last_loss
+
+    doc = read_run_config(Path(ckpt))
+    parent = doc.get("tokenizer_run") or (doc.get("distilled") or {}).get("teacher") or doc.get("init")
+    return {"kind": doc["kind"], "step": checkpoint_step(Path(ckpt)), "last_loss": last_loss(Path(ckpt)),
+            "parent": parent, "weights_sha256": weights_hash(Path(ckpt)) or None}

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
+from .options import device_option, json_option, quiet_option
 
 
 @app.command("quickstart", epilog="Example:\n\n  reptok quickstart --out quickstart_out")
@@ -20,8 +21,9 @@ def quickstart(
     eval_per_class: int = typer.Option(None, "--eval-per-class", help="Samples per class judged for accuracy."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    device: str = typer.Option("auto", "--device"),
-    json_out: bool = typer.Option(False, "--json"),
+    device: str = device_option(),
+    json_out: bool = json_option(),
+    quiet: bool = quiet_option(),
 ):
     """builtin:shapes -> train recon -> extract -> train gen -> samples + report (offline, CPU)."""
     from rich.table import Table
@@ -32,10 +34,10 @@ def quickstart(
     for k, v in dict(images=images, recon_steps=recon_steps, gen_steps=gen_steps, eval_per_class=eval_per_class).items():
         if v is not None:
             setattr(plan, k, v)
-    # Stage lines go to stderr even with --json (stdout stays the one JSON line); the per-step
-    # progress bars only without it.
-    report = run_quickstart(out, plan, device=parse_device(device), progress=not json_out,
-                            log=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True), overwrite=overwrite)
+    # Stage lines and progress bars go to stderr, with or without --json (stdout stays the one
+    # JSON line); -q silences both.
+    log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
+    report = run_quickstart(out, plan, device=parse_device(device), progress=not quiet, log=log, overwrite=overwrite)
     if json_out:
         emit_json(report)
         return
@@ -48,5 +50,7 @@ def quickstart(
     for k, v in report["seconds"].items():
         t.add_row(f"time: {k} (s)", f"{v}")
     t.add_row("time: total (s)", f"{report['total_seconds']}")
-    err.print(t)
+    from rich.console import Console
+
+    Console().print(t)  # the result: stdout
     err.print(f"samples: {report['files']['samples_grid']}\nreport: {out / 'report.md'}")

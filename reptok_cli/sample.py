@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
+from .options import check_choice, check_sampling, device_option, engine_option, json_option, overwrite_option, quiet_option
 
 S = "Sampler"
 J = "Job"
@@ -39,21 +40,26 @@ def sample(
     decoder_steps: Optional[int] = typer.Option(None, "--decoder-steps", help="Decoder steps (official 50).", rich_help_panel=S),
     solver: Optional[str] = typer.Option(None, "--solver", help="euler | heun (both stages).", rich_help_panel=S),
     backend: str = typer.Option("auto", "--backend", help="auto | torch | onnx | trt (auto: onnx/trt with --engine, else torch).", rich_help_panel=S),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Exported engine folder for --backend onnx|trt.", rich_help_panel=S),
-    device: str = typer.Option("auto", "--device", rich_help_panel=S),
+    engine: Optional[Path] = engine_option(S, "Exported engine folder for --backend onnx|trt."),
+    device: str = device_option(S),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 autocast (torch; default bf16 on CUDA, fp32 on CPU).", rich_help_panel=S),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (no bf16, no CUDA graphs).", rich_help_panel=S),
     compile_: bool = typer.Option(False, "--compile", help="Regional torch.compile (torch backend; opt-in).", rich_help_panel=S),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs (default: on with CUDA).", rich_help_panel=S),
-    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
+    overwrite: bool = overwrite_option(J),
+    json_out: bool = json_option(J),
+    quiet: bool = quiet_option(J),
 ):
     """Generate images: generator (a class or a prompt) -> token -> decoder -> (VAE) -> pixels."""
     from reptok.run import read_run_config
     from reptok.errors import InputError
-    from reptok.sample import check_output, parse_classes, read_prompts, sample_to
+    from reptok.sample import check_output, output_kind, parse_classes, read_prompts, sample_to
 
     check_output(out)
-    gen_cfg = read_run_config(ckpt)["config"].generator
+    run_doc = read_run_config(ckpt)
+    if run_doc["kind"] == "tokenizer" or run_doc["config"].generator is None:
+        raise InputError(f"{ckpt}: a {run_doc['kind']} run has no generator; pass a generator run (reptok train gen)")
+    gen_cfg = run_doc["config"].generator
     is_text = gen_cfg is not None and gen_cfg.text_encoder is not None
     prompts = None
     if is_text:
@@ -74,23 +80,52 @@ def sample(
             except ValueError:
                 raise InputError(f"--cfg-interval {cfg_interval!r}: expected two numbers like 0.3,0.9") from None
             interval = (lo, hi)
+    check_sampling(steps=steps, cfg=cfg, cfg_interval=interval if isinstance(interval, tuple) else None,
+                   decoder_steps=decoder_steps, solver=solver)
+    from reptok.backends import PRECISIONS, resolve_backend
+
+    check_choice("--precision", precision, tuple(PRECISIONS))
+    backend_used = resolve_backend(backend, engine)
     dev = parse_device(device)
+    class_ids = None if is_text else parse_classes(
+        classes if classes is not None else ("0" if gen_cfg.num_classes > 0 else ""), gen_cfg.num_classes)
+    kind = output_kind(out)
+    from reptok import outputs
+
+    manifest = None
+    if kind == "folder":
+        sc = run_doc["config"].sampling
+        manifest = outputs.sample_manifest(
+            ckpt, seed=seed, cfg=sc.cfg if cfg is None else cfg,
+            cfg_interval=(list(sc.cfg_interval) if interval == "default" else interval),
+            steps=steps or sc.steps, solver=solver or sc.solver, decoder_steps=decoder_steps or sc.decoder_steps,
+            decoder_solver=solver or sc.decoder_solver, backend=backend_used,
+            engine=str(Path(engine).resolve()) if engine else None,
+            precision="fp32" if no_fast else (precision or ("bf16" if dev.startswith("cuda") else "fp32")),
+            classes=class_ids, prompts=prompts, n=n)
+        outputs.prepare_png_folder(out, manifest, overwrite=overwrite, write=False)  # check only: no work yet
+    else:
+        outputs.check_new_output(out, overwrite)
     dev, info = init_ranks(dev)
+    if manifest is not None:
+        from reptok.dist import barrier
+
+        if info.is_main:
+            outputs.prepare_png_folder(out, manifest, overwrite=overwrite)
+        barrier()  # no rank lists the folder's PNGs before rank 0 has emptied it (--overwrite)
     from reptok.backends import load_sampling_pipeline
 
     pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision, fast=not no_fast,
                                   compile=compile_, cuda_graphs=cuda_graphs)
-    if info.is_main:  # stderr: stdout stays one JSON line with --json
+    if info.is_main and not quiet:  # stderr: stdout stays one JSON line with --json
         from reptok.backends import describe_fast_path
 
         err.print(f"sampling with {describe_fast_path(pipe.fast_path)}", highlight=False)
     if pipe.generator is None:
         raise InputError(f"{ckpt}: this run has no generator; pass a generator run (reptok train gen)")
-    class_ids = None if is_text else parse_classes(
-        classes if classes is not None else ("0" if pipe.num_classes > 0 else ""), pipe.num_classes)
     bar = None
     total = count if count is not None else len(prompts if is_text else class_ids) * n - start
-    if not json_out and info.is_main:
+    if not quiet and info.is_main:
         from rich.progress import Progress
 
         bar = Progress(console=err, transient=True)
@@ -111,6 +146,6 @@ def sample(
         if json_out:
             emit_json(summary)
         else:
-            err.print(f"[green]wrote[/] {summary['out']}: {summary['images']} images "
-                      f"({summary['images_per_s']} img/s, {summary['fast_path']}, NFE per image: generator "
-                      f"{summary['nfe']['generator']}, decoder {summary['nfe']['decoder']})")
+            typer.echo(f"wrote {summary['out']}: {summary['images']} images "
+                       f"({summary['images_per_s']} img/s, {summary['fast_path']}, NFE per image: generator "
+                       f"{summary['nfe']['generator']}, decoder {summary['nfe']['decoder']})")

@@ -8,6 +8,7 @@ from typing import List
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
+from .options import check_sampling, device_option, json_option, overwrite_option, quiet_option
 
 
 @app.command("extract", epilog="Examples:\n\n  reptok extract --ckpt runs/tok --data data/shapes --out tokens.npy\n\n"
@@ -17,22 +18,63 @@ def extract(
     ckpt: Path = typer.Option(..., "--ckpt", help="A tokenizer run (or any run with an encoder)."),
     data: Path = typer.Option(..., "--data", help="A prepared dataset."),
     out: Path = typer.Option(..., "--out", help="tokens.npy (sidecars tokens.json, tokens.labels.npy beside it)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b"),
-    limit: int = typer.Option(None, "--limit", help="Only the first N images."),
-    device: str = typer.Option("auto", "--device"),
-    json_out: bool = typer.Option(False, "--json"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N images."),
+    device: str = device_option(),
+    overwrite: bool = overwrite_option(),
+    json_out: bool = json_option(),
+    quiet: bool = quiet_option(),
 ):
     """Encode every image of a dataset to its token: float32 (N, D) in dataset order."""
+    from reptok.data.dataset import PreparedDataset
+    from reptok.extract import check_output, extract_tokens
     from reptok.pipeline import Pipeline
-    from reptok.extract import extract_tokens
+    from reptok.run import read_run_config
 
+    check_output(out, overwrite)
+    kind = read_run_config(ckpt)["kind"]
+    if kind == "generator":
+        from reptok.errors import InputError
+
+        raise InputError(f"--ckpt {ckpt}: a generator run has no encoder; pass its tokenizer run")
+    total = len(PreparedDataset(data))
     dev = parse_device(device)
     dev, info = init_ranks(dev)
     pipe = Pipeline.from_run(ckpt, dev, components=("encoder",))
-    meta = extract_tokens(pipe, data, out, batch_size=batch_size, info=info, limit=limit)
+    bar = None
+    if not quiet and info.is_main:
+        from rich.progress import Progress
+
+        bar = Progress(console=err, transient=True)
+        task = bar.add_task("extracting", total=min(total, limit or total) // max(info.world_size, 1))
+        bar.start()
+    try:
+        meta = extract_tokens(pipe, data, out, batch_size=batch_size, info=info, limit=limit, overwrite=overwrite,
+                              progress=(lambda k: bar.advance(task, k)) if bar else None)
+    finally:
+        if bar:
+            bar.stop()
     if info.is_main:
         summary = {k: meta[k] for k in ("count", "dim", "checkpoint", "dataset")} | {"out": str(out)}
-        emit_json(summary) if json_out else err.print(f"[green]wrote[/] {out}: {meta['count']} x {meta['dim']} tokens")
+        emit_json(summary) if json_out else typer.echo(f"wrote {out}: {meta['count']} x {meta['dim']} tokens")
+
+
+def _check_images(paths: List[Path]) -> None:
+    from reptok.errors import InputError
+
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"{p}: no such image file")
+
+
+def _check_kind(ckpt: Path, command: str) -> None:
+    """reconstruct / interpolate need an encoder and a decoder: a tokenizer (or pipeline) run."""
+    from reptok.errors import InputError
+    from reptok.run import read_run_config
+
+    kind = read_run_config(ckpt)["kind"]
+    if kind == "generator":
+        raise InputError(f"--ckpt {ckpt}: a generator run; {command} takes its tokenizer run (tokenizer_run in its config.json)")
 
 
 def _load_images(paths: List[Path], size: int):
@@ -52,16 +94,24 @@ def reconstruct(
     decoder_steps: int = typer.Option(None, "--decoder-steps"),
     solver: str = typer.Option(None, "--solver", help="euler | heun"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
+    device: str = device_option(),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs)."),
-    json_out: bool = typer.Option(False, "--json"),
+    overwrite: bool = overwrite_option(),
+    json_out: bool = json_option(),
 ):
     """Image -> token -> image; prints the PSNR of each reconstruction."""
     from reptok.backends import apply_fast_path, describe_fast_path
     from reptok.pipeline import Pipeline
     from reptok.evaluate.metrics import psnr as psnr_db
     from reptok.images import make_grid, save_png, tensor_to_uint8
+    from reptok.outputs import check_new_output
 
+    _check_images(images)
+    check_new_output(out, True, folder=True)  # a folder: other files in it are left alone
+    for p in images:
+        check_new_output(Path(out) / f"{Path(p).stem}_recon.png", overwrite)
+    _check_kind(ckpt, "reconstruct")
+    check_sampling(decoder_steps=decoder_steps, solver=solver)
     pipe = apply_fast_path(Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae")),
                            fast=not no_fast)
     err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
@@ -75,7 +125,7 @@ def reconstruct(
         save_png(dst, make_grid([orig, r], ncol=2))
         rows.append({"image": str(p), "out": str(dst), "psnr": round(float(v), 3)})
         if not json_out:
-            err.print(f"{p}: PSNR {v:.2f} dB -> {dst}")
+            typer.echo(f"{p}: PSNR {v:.2f} dB -> {dst}")
     if json_out:
         emit_json({"images": rows, "mean_psnr": round(float(psnr.mean()), 3),
                    "fast_path": describe_fast_path(pipe.fast_path)})
@@ -90,15 +140,27 @@ def interpolate(
     out: Path = typer.Option(..., "--out", help="A PNG strip (or a folder for one PNG per frame)."),
     decoder_steps: int = typer.Option(None, "--decoder-steps"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
-    json_out: bool = typer.Option(False, "--json"),
+    device: str = device_option(),
+    overwrite: bool = overwrite_option(),
+    json_out: bool = json_option(),
 ):
     """Spherical interpolation between two images' tokens, decoded with the same noise."""
     from reptok.pipeline import Pipeline
     from reptok.images import make_grid, save_png, tensor_to_uint8
     import torch
 
+    from reptok.outputs import check_new_output
     from reptok.pipeline import STREAM_DECODER, index_noise, slerp
+
+    _check_images([a, b])
+    if Path(out).suffix.lower() == ".png":
+        check_new_output(out, overwrite)
+    else:
+        check_new_output(out, True, folder=True)
+        for i in range(frames):
+            check_new_output(Path(out) / f"frame_{i:03d}.png", overwrite)
+    _check_kind(ckpt, "interpolate")
+    check_sampling(decoder_steps=decoder_steps)
 
     pipe = Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
     z = pipe.encode(_load_images([a, b], pipe.cfg.image_size))
@@ -113,5 +175,5 @@ def interpolate(
         files = [str(Path(out) / f"frame_{i:03d}.png") for i in range(frames)]
         for f, im in zip(files, imgs):
             save_png(f, im)
-    emit_json({"frames": frames, "files": files}) if json_out else err.print(f"[green]wrote[/] {out}")
+    emit_json({"frames": frames, "files": files}) if json_out else typer.echo(f"wrote {out}")
 

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
-from .options import parse_set, resolve_config
+from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option, resolve_config
 
 train_app = typer.Typer(help="Train the tokenizer (recon) or the generator (gen).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -19,7 +19,8 @@ RUN = "Run"
 
 
 def _finish(summary: dict, info, json_out: bool, unit: str) -> None:
-    """Print the summary (rank 0); a run stopped by SIGTERM / SIGUSR1 exits 128 + signal."""
+    """Print the summary (rank 0): the result on stdout; a run stopped by SIGTERM / SIGUSR1
+    exits 128 + signal."""
     if info.is_main:
         if json_out:
             emit_json(summary)
@@ -27,9 +28,18 @@ def _finish(summary: dict, info, json_out: bool, unit: str) -> None:
             err.print(f"[yellow]stopped[/] {summary['run']} by {summary['preempted']} after step "
                       f"{summary['stopped_at']}: checkpoint written; continue with --resume")
         else:
-            err.print(f"[green]done[/] {summary['run']}: loss {summary['last_loss']:.4f}, {summary['images_per_s']} {unit}")
+            typer.echo(f"done {summary['run']}: loss {summary['last_loss']:.4f}, {summary['images_per_s']} {unit}")
     if summary.get("preempted"):
         raise typer.Exit(summary["exit_code"])
+
+
+def _report_finished(done: dict, json_out: bool) -> None:
+    """``--resume`` of a run that already reached its step count: nothing to do, exit 0."""
+    if json_out:
+        emit_json(done)
+    else:
+        err.print(f"{done['run']} is finished: step {done['step']} of {done['steps']}; nothing to do "
+                  f"(raise --steps to train on)", highlight=False)
 
 
 def _check_runtime(workers, precision, wandb) -> None:
@@ -40,8 +50,9 @@ def _check_runtime(workers, precision, wandb) -> None:
 
     if workers is not None and workers < 0:
         raise InputError(f"--workers {workers}: expected 0 or more")
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    from .options import check_choice
+
+    check_choice("--precision", precision, PRECISIONS, allow_none=False)
     check_wandb(wandb)
 
 
@@ -104,7 +115,7 @@ def recon(
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Reconstruction grid every K steps.", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.", rich_help_panel=RUN),
-    device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
+    device: str = device_option(RUN),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with loss scaling)", rich_help_panel=RUN),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips, seeded per step (default: on for base/large/xl).", rich_help_panel=OPT),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes per rank (default: min(8, CPUs / local ranks)).", rich_help_panel=RUN),
@@ -112,7 +123,8 @@ def recon(
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Activation checkpointing of the decoder blocks (less memory, ~1/3 more compute).", rich_help_panel=RUN),
     no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard events to RUN/tensorboard.", rich_help_panel=RUN),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="Also log to this Weights & Biases project (needs wandb).", rich_help_panel=RUN),
-    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=RUN),
+    json_out: bool = json_option(RUN),
+    quiet: bool = quiet_option(RUN),
 ):
     """Stage (a): train the encoder's \\[cls] token and the flow decoder jointly."""
     from reptok.train.recon import train_recon
@@ -124,28 +136,41 @@ def recon(
     over.update(_time_overrides("decoder", time_sampler, time_loc, time_scale))
     over["train.hflip"] = hflip
     _check_runtime(workers, precision, wandb)
-    over.update(parse_set(set_))
+    sets = parse_set(set_)
+    flags = given_flags(over, sets)
+    over.update(sets)
     _check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
-    if resume and (out / "config.json").exists():
-        cfg = resolve_config(ckpt=str(out), overrides=over)
-    elif init is not None:  # the models of the init run, the training settings of --preset / --config
-        from reptok.train.start import init_config
+    from reptok.train.start import check_out, finished_summary, has_checkpoint
 
-        cfg = init_config(init, resolve_config(preset=preset, config=config))
-        cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
-    else:
-        from reptok.config import with_encoder, with_vae
+    check_out(out, resume)
+    with option_names(flags):
+        if resume and has_checkpoint(out):
+            cfg = resolve_config(ckpt=str(out), overrides=over)
+        elif init is not None:  # the models of the init run, the training settings of --preset / --config
+            from reptok.train.start import init_config
 
-        cfg = resolve_config(preset=preset, config=config)
-        cfg = with_vae(with_encoder(cfg, encoder, encoder_weights), vae)
-        cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
+            cfg = init_config(init, resolve_config(preset=preset, config=config))
+            cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
+        else:
+            from reptok.config import with_encoder, with_vae
+
+            cfg = resolve_config(preset=preset, config=config)
+            cfg = with_vae(with_encoder(cfg, encoder, encoder_weights), vae)
+            cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
+    done = finished_summary(out, cfg, "tokenizer") if resume else None
+    if done is not None:
+        _report_finished(done, json_out)
+        return
     # Inputs are validated above, before the process group exists (a bad option fails every rank
     # at once instead of leaving the others waiting in a collective).
     dev, info = init_ranks(dev)
-    summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
-                          progress=not json_out, precision=precision, init=init, workers=workers, compile=compile_,
-                          grad_checkpoint=grad_checkpoint, tensorboard=not no_tensorboard, wandb=wandb,
-                          notify=lambda line: err.print(line, highlight=False))
+    from reptok.train.start import fresh_run_guard
+
+    with fresh_run_guard(out, resume, info.is_main):
+        summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
+                              progress=not (json_out or quiet), precision=precision, init=init, workers=workers,
+                              compile=compile_, grad_checkpoint=grad_checkpoint, tensorboard=not no_tensorboard,
+                              wandb=wandb, notify=None if quiet else (lambda line: err.print(line, highlight=False)))
     _finish(summary, info, json_out, "img/s")
 
 
@@ -183,13 +208,14 @@ def gen(
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", rich_help_panel=RUN),
     init: Optional[Path] = typer.Option(None, "--init", help=INIT_HELP + " Keeps its token normalisation.", rich_help_panel=RUN),
-    device: str = typer.Option("auto", "--device", rich_help_panel=RUN),
+    device: str = device_option(RUN),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with loss scaling)", rich_help_panel=RUN),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes per rank (default 0: tokens are in memory).", rich_help_panel=RUN),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the generator.", rich_help_panel=RUN),
     no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard events to RUN/tensorboard.", rich_help_panel=RUN),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="Also log to this Weights & Biases project (needs wandb).", rich_help_panel=RUN),
-    json_out: bool = typer.Option(False, "--json", rich_help_panel=RUN),
+    json_out: bool = json_option(RUN),
+    quiet: bool = quiet_option(RUN),
 ):
     """Stage (b): train the MLP-Mixer generator on extracted tokens (class labels, or captions with --text-encoder)."""
     from reptok.train.gen import gen_config, train_gen
@@ -211,20 +237,33 @@ def gen(
         from reptok.errors import InputError
 
         raise InputError("--caption-dropout applies to text-to-image runs; add --text-encoder NAME")
-    over.update(parse_set(set_))
+    sets = parse_set(set_)
+    flags = given_flags(over, sets)
+    over.update(sets)
     _check_init(init, resume, **{"--text-encoder": text_encoder, "--num-classes": num_classes is not None,
                                  "--token-norm": token_norm})
-    if resume and (out / "config.json").exists():
-        cfg = resolve_config(ckpt=str(out), overrides=over)
-    else:
-        from reptok.train.start import init_run_config
+    from reptok.train.start import check_out, finished_summary, has_checkpoint
 
-        init_cfg = init_run_config(init, "gen") if init is not None else None
-        cfg = gen_config(tokens, resolve_config(preset=preset), over, init=init_cfg)
+    check_out(out, resume)
+    with option_names(flags):
+        if resume and has_checkpoint(out):
+            cfg = resolve_config(ckpt=str(out), overrides=over)
+        else:
+            from reptok.train.start import init_run_config
+
+            init_cfg = init_run_config(init, "gen") if init is not None else None
+            cfg = gen_config(tokens, resolve_config(preset=preset), over, init=init_cfg)
+    done = finished_summary(out, cfg, "generator") if resume else None
+    if done is not None:
+        _report_finished(done, json_out)
+        return
     # Inputs are validated above, before the process group exists (a bad option fails every rank
     # at once instead of leaving the others waiting in a collective).
     dev, info = init_ranks(dev)
-    summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not json_out,
-                        precision=precision, init=init, workers=workers, compile=compile_,
-                        tensorboard=not no_tensorboard, wandb=wandb)
+    from reptok.train.start import fresh_run_guard
+
+    with fresh_run_guard(out, resume, info.is_main):
+        summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not (json_out or quiet),
+                            precision=precision, init=init, workers=workers, compile=compile_,
+                            tensorboard=not no_tensorboard, wandb=wandb)
     _finish(summary, info, json_out, "tokens/s")

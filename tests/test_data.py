@@ -326,9 +326,9 @@ def test_cli_prep_and_info_json(tmp_path):
     assert info["count"] == 24 and info["resolution"] == 32 and info["class_counts"] == [2] * 12
     assert info["class_names"] == CLASS_NAMES and info["has_captions"] is True and info["size_bytes"] > 24 * 32 * 32 * 3
 
-    # Human-readable output goes to stderr, stdout stays empty.
+    # The human-readable table is the result: stdout (reptok data info D | grep images).
     r = runner.invoke(app, ["data", "info", str(out)])
-    assert r.exit_code == 0 and r.stdout == "" and "24" in r.stderr
+    assert r.exit_code == 0 and "24" in r.stdout and "images" in r.stdout
     r = runner.invoke(app, ["data", "info", str(tmp_path)])
     assert r.exit_code == 2 and "reptok data prep" in r.output
     r = runner.invoke(app, ["data", "prep", "builtin:shapes:3", "--out", str(out)])

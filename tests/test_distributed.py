@@ -220,8 +220,10 @@ def test_sample_two_ranks_write_the_one_process_images(work, tmp_path, out):
     else:
         from PIL import Image
 
-        names = sorted(p.name for p in a.iterdir())
-        assert len(names) == 9 and names == sorted(p.name for p in b.iterdir())
+        names = sorted(p.name for p in a.glob("*.png"))
+        assert len(names) == 9 and names == sorted(p.name for p in b.glob("*.png"))
+        # one manifest per folder (rank 0 writes it), the same for both jobs
+        assert (a / ".reptok-sample.json").read_text() == (b / ".reptok-sample.json").read_text()
         for n in names:
             assert np.array_equal(np.asarray(Image.open(a / n)), np.asarray(Image.open(b / n))), n
 

@@ -180,7 +180,7 @@ def test_sample_prompts_npz_folder_and_file(work, tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n\na blue ring\n")
     cli("sample", "--ckpt", work / "t2i", "--prompts", tmp_path / "p.txt", "-n", 2, "--out", tmp_path / "pngs")
     files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
-    assert files == ["000000_prompt0000.png", "000001_prompt0000.png", "000002_prompt0001.png",
+    assert files == [".reptok-sample.json", "000000_prompt0000.png", "000001_prompt0000.png", "000002_prompt0001.png",
                      "000003_prompt0001.png", "prompts.txt"]
     assert (tmp_path / "pngs" / "prompts.txt").read_text().splitlines() == prompts
     from PIL import Image

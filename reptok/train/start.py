@@ -13,11 +13,106 @@ from ..errors import InputError
 from ..dist import DistInfo, barrier
 
 
+def has_checkpoint(out: Path) -> bool:
+    """A run directory holds a run once a checkpoint is written; a folder with only config.json
+    (a start that failed before its first checkpoint) counts as empty: a fresh start replaces it."""
+    out = Path(out)
+    return (out / rundir.TRAIN_STATE).exists() or (out / rundir.MODEL).exists()
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """``--out`` checked before any work: a folder (or a path that can become one) that this
+    user can write; with ``resume`` a run with a checkpoint, without it no run yet."""
+    import os
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {probe} is not a writable folder")
+    if resume and not (out / rundir.TRAIN_STATE).exists():
+        raise InputError(f"{out}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
+    if not resume and has_checkpoint(out):
+        raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def checkpoint_step(out: Path) -> Optional[int]:
+    """The step of the run's last checkpoint (model.safetensors' metadata), or None."""
+    from safetensors import safe_open
+
+    path = Path(out) / rundir.MODEL
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        step = (f.metadata() or {}).get("step")
+    return int(step) if step is not None else None
+
+
+def last_loss(out: Path) -> Optional[float]:
+    """The loss of the last line of RUN/metrics.jsonl that has one (None without a log)."""
+    import json
+
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in rec:
+            return float(rec["loss"])
+    return None
+
+
+def finished_summary(out: Path, cfg: PipelineConfig, kind: str) -> Optional[dict]:
+    """For ``--resume``: a summary if the run already reached ``cfg.train.steps`` (nothing to
+    train: the command says so and exits 0), else None. Wrong run kinds are exit 2."""
+    out = Path(out)
+    old = rundir.read_run_config(out)
+    if old["kind"] != kind:
+        raise InputError(f"{out} is a {old['kind']} run, not a {kind} run")
+    step = checkpoint_step(out)
+    if step is None or step < cfg.train.steps:
+        return None
+    return {"run": str(out), "finished": True, "step": step, "steps": cfg.train.steps,
+            "last_loss": last_loss(out), "trained_steps": 0}
+
+
+class fresh_run_guard:
+    """Around a training call that starts a run in ``out``: if it fails before its first
+    checkpoint, the directory it created is removed again (or, if the folder existed, the
+    config.json / metrics.jsonl it wrote), so a failed start leaves nothing behind."""
+
+    def __init__(self, out: Path, resume: bool, is_main: bool = True):
+        self.out, self.active = Path(out), (not resume) and is_main
+        self.existed = self.out.exists()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import shutil
+
+        if exc_type is None or not self.active or has_checkpoint(self.out):
+            return False
+        if not self.existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+        else:
+            for name in (rundir.CONFIG, "metrics.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+        return False
+
+
 def prepare_run_dir(out: Path, cfg: PipelineConfig, kind: str, resume: bool, info: DistInfo,
                     extra: Optional[dict] = None) -> PipelineConfig:
-    """Create (or, with ``resume``, check) the run directory and write its config.json."""
+    """Create (or, with ``resume``, check) the run directory and write its config.json. A folder
+    without a checkpoint (see :func:`has_checkpoint`) is a fresh start: its config is replaced."""
     out = Path(out)
-    exists = (out / rundir.CONFIG).exists()
+    exists = has_checkpoint(out)
     if resume and not (out / rundir.TRAIN_STATE).exists():
         raise InputError(f"{out}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
     if not resume and exists:

@@ -1,0 +1,144 @@
+"""Output safety, in one place for every command that writes a result.
+
+- :func:`check_new_output`: an output file (or folder) that exists is refused (InputError, exit
+  2: "exists; pass --overwrite") unless ``overwrite``; the folder it goes into must be writable.
+  Checked before any work.
+- PNG folders of ``reptok sample`` carry a manifest, :data:`MANIFEST` (the checkpoint, the
+  sha256 of its weights files, and every setting that changes the pixels: seed, CFG scale and
+  interval, steps, solver, decoder steps, backend, precision, classes / prompts, images per
+  class). A folder whose manifest matches exactly is resumed (existing PNGs are skipped), which
+  is shard-safe: ``--start`` / ``--count`` are not in the manifest, so shards of one job share
+  it. A mismatch is exit 2 naming the first differing setting; a non-empty folder without a
+  manifest is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from . import io
+from .errors import InputError
+
+MANIFEST = ".reptok-sample.json"
+MANIFEST_FORMAT = "reptok-sample/1"
+
+
+def check_writable_parent(out: Path, option: str = "--out") -> None:
+    """The nearest existing folder above ``out`` must be a folder this user can write."""
+    out = Path(out)
+    probe = out.parent if str(out.parent) else Path(".")
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {out}: {probe} is not a writable folder")
+
+
+def check_new_output(out: Path, overwrite: bool = False, option: str = "--out", folder: bool = False) -> None:
+    """Refuse an existing output without ``overwrite`` (and any output that cannot be written).
+    ``folder``: ``out`` is a folder (it must be one if it exists; an empty one is fine)."""
+    out = Path(out)
+    check_writable_parent(out, option)
+    if not out.exists():
+        return
+    if folder:
+        if not out.is_dir():
+            raise InputError(f"{option} {out}: exists and is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise InputError(f"{option} {out}: {out} is not a writable folder")
+        if any(out.iterdir()) and not overwrite:
+            raise InputError(f"{option} {out}: the folder exists and is not empty; pass --overwrite")
+        return
+    if out.is_dir():
+        raise InputError(f"{option} {out}: exists and is a folder")
+    if not overwrite:
+        raise InputError(f"{option} {out}: exists; pass --overwrite")
+
+
+def clear_folder(out: Path) -> None:
+    """``--overwrite`` of a folder output: its files go (the folder itself stays)."""
+    for p in Path(out).iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+# ----------------------------------------------------------------------------- weights identity
+def weights_hash(run: Path) -> str:
+    """sha256 over the run's weights files (ema.safetensors, model.safetensors, in that order,
+    those present), read in full every time: nothing cached, so a retrained run never matches
+    an old folder by accident."""
+    h = hashlib.sha256()
+    found = False
+    for name in ("ema.safetensors", "model.safetensors"):
+        p = Path(run) / name
+        if not p.exists():
+            continue
+        found = True
+        h.update(name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest() if found else ""
+
+
+# ----------------------------------------------------------------------------- PNG folder manifest
+def sample_manifest(ckpt: Path, **settings) -> dict:
+    """The manifest of a PNG folder: the checkpoint, its weights hash and ``settings`` (every
+    option that changes the pixels; not --start/--count, which only pick the shard)."""
+    return {"format": MANIFEST_FORMAT, "checkpoint": str(Path(ckpt).resolve()),
+            "weights_sha256": weights_hash(ckpt), **{k: _plain(v) for k, v in settings.items()}}
+
+
+def _plain(v):
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def prepare_png_folder(out: Path, manifest: dict, overwrite: bool = False, write: bool = True) -> bool:
+    """Check (and, with ``write``, create) a PNG folder for ``manifest`` before any sampling.
+
+    Returns True when the folder resumes a matching job (its PNGs are kept and skipped). A new
+    or empty folder gets the manifest (atomically); a matching one is reused; a mismatching one,
+    or a non-empty one without a manifest, is InputError unless ``overwrite`` (then it is
+    emptied and starts afresh)."""
+    out = Path(out)
+    check_writable_parent(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    path = out / MANIFEST
+    resume = False
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if write:
+                clear_folder(out)
+        elif not path.exists():
+            raise InputError(f"--out {out}: the folder holds files but no {MANIFEST} (not a reptok sample folder, "
+                             f"or from an older version); pass --overwrite or choose another folder")
+        else:
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise InputError(f"--out {out}: {MANIFEST} is unreadable; pass --overwrite") from None
+            for key in sorted(set(old) | set(manifest)):
+                if old.get(key) != manifest.get(key):
+                    raise InputError(f"--out {out}: holds samples with {key}={_short(old.get(key))}, not "
+                                     f"{_short(manifest.get(key))}; pass --overwrite or choose another folder")
+            resume = True
+    if write and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        io.atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return resume
+
+
+def _short(v) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else v
+    return s if len(s) <= 60 else s[:57] + "..."
