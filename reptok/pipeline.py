@@ -230,30 +230,37 @@ class Pipeline(nn.Module):
     def _condition(self, labels: Optional[torch.Tensor], prompts: Optional[Sequence[str]], scale: float):
         """-> (cond (B,), null_cond (B,), model_fn(x, t, cond)) for ``flow.guided_velocity``.
 
-        Class generators: cond = labels, null = the null class. Text generators: the prompts and
-        "" are encoded once into a table; cond / null are row indices into it (null = "")."""
+        The null condition is the generator's ``null(B)``. Class generators: cond = labels, null =
+        the null class. Text generators: the prompts and the null prompts ("") are encoded once into
+        a table; cond / null are row indices into it."""
         if self.is_text:
             if prompts is None:
                 raise InputError("this generator is text-conditioned: pass prompts, not class labels")
-            table = list(dict.fromkeys([""] + [str(p) for p in prompts]))
+            prompts = [str(p) for p in prompts]
+            null_prompts = self.generator.null(len(prompts))
+            table = list(dict.fromkeys(list(null_prompts) + prompts))
             row = {p: i for i, p in enumerate(table)}
             hidden, mask = self.text_encoder.encode(table)
             hidden, mask = hidden.to(self.device), mask.to(self.device)
-            cond = torch.tensor([row[str(p)] for p in prompts], dtype=torch.long, device=self.device)
+            cond = torch.tensor([row[p] for p in prompts], dtype=torch.long, device=self.device)
+            null = torch.tensor([row[p] for p in null_prompts], dtype=torch.long, device=self.device)
 
             def model_fn(x, t, c):
                 with self._autocast():
                     return self.generator(x, t, hidden[c], mask[c])
 
-            return cond, torch.zeros_like(cond), model_fn
+            return cond, null, model_fn
         if prompts is not None:
             raise InputError("this generator is class-conditional: pass class labels, not prompts")
         y = labels.to(self.device).long()
-        null_class = self.generator.null_class
-        if null_class is None and scale != 1.0 and self.num_classes > 0:
+        if self.num_classes == 0 or scale == 1.0:
+            # Unconditional generators ignore y and scale 1 never calls the null half: any null
+            # condition gives v_u == v_c (CFG is a no-op).
+            null = y
+        elif self.generator.null_class is None:
             raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable, use cfg 1.0")
-        # Unconditional generators ignore y, so any null condition gives v_u == v_c (CFG is a no-op).
-        null = torch.full_like(y, null_class) if null_class is not None else y
+        else:
+            null = self.generator.null(len(y), self.device)
 
         def model_fn(x, t, c):
             with self._autocast():

@@ -170,7 +170,7 @@ OUTPUTS = {
     "gen/v_model": lambda I, T, r: T.generator(r["gen/x"], r["gen/t"], r["gen/y"]),
     "gen/v_ema": lambda I, T, r: I.generator(r["gen/x"], r["gen/t"], r["gen/y"]),
     "gen/v_cfg_ema": lambda I, T, r: __import__("reptok.flow", fromlist=["x"]).guided_velocity(
-        I.generator, r["gen/y"], I.generator.null_condition(len(r["gen/y"])), 1.5)(r["gen/x"], r["gen/t"]),
+        I.generator, r["gen/y"], I.generator.null(len(r["gen/y"])), 1.5)(r["gen/x"], r["gen/t"]),
     "gen/sample10/out": lambda I, T, r: _generate(I, r["gen/sample/z"], r["gen/sample/y"], 10)[1],
     "gen/sample50/out": lambda I, T, r: _generate(I, r["gen/sample/z"], r["gen/sample/y"], 50)[1],
     "pipe/samples": lambda I, T, r: _generate(I, r["pipe/z"], r["pipe/y"], 50)[1],
