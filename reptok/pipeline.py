@@ -451,7 +451,7 @@ def as_image_tensor(images, image_size: Optional[int] = None) -> torch.Tensor:
 
     float tensors (B,3,H,W) / (3,H,W) are taken as [-1,1]; uint8 numpy (or uint8 tensors)
     (H,W,3) / (B,H,W,3) are scaled; PIL images (one or a list) are ADM centre-cropped to
-    ``image_size``. A size other than ``image_size`` is an InputError."""
+    ``image_size``. Arrays and tensors keep their size (the encoder's own preprocessing resizes)."""
     from .images import center_crop_arr, uint8_to_tensor
 
     try:
@@ -489,9 +489,6 @@ def as_image_tensor(images, image_size: Optional[int] = None) -> torch.Tensor:
             raise InputError(f"image tensors must be (B,3,H,W) in [-1,1], got shape {tuple(images.shape)}")
     else:
         raise InputError(f"images: expected PIL images, uint8 numpy or a float tensor, got {type(images).__name__}")
-    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
-        raise InputError(f"images are {x.shape[-1]}x{x.shape[-2]}, the model takes {image_size}x{image_size} "
-                         "(pass PIL images to centre-crop them)")
     return x
 
 

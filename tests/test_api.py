@@ -154,7 +154,7 @@ def test_decode_and_reconstruct(pipe):
     (lambda p: p.decode(torch.zeros(2, 32), output="PIL"), "output='PIL'"),
     (lambda p: p.decode(torch.zeros(32)), r"tokens must be \(B, D\)"),
     (lambda p: p.encode(np.zeros((2, 32, 32, 3), np.float32)), "must be uint8"),
-    (lambda p: p.encode(torch.zeros(2, 3, 16, 16)), "16x16, the model takes 32x32"),
+    (lambda p: p.encode(torch.zeros(2, 4, 32, 32)), r"must be \(B,3,H,W\)"),
     (lambda p: p.encode("image.png"), "expected PIL images"),
     (lambda p: p.reconstruct(torch.zeros(1, 3, 32, 32), [0]), "seed=\\[0\\]"),
 ])
