@@ -21,7 +21,6 @@ one-to-one onto the official ``RepTokLatentRF2D`` key, with identical shapes.
 
 from __future__ import annotations
 
-
 import torch
 import torch.utils.checkpoint
 import torch.nn as nn
