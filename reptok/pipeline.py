@@ -1,4 +1,14 @@
-"""Pipeline: encode / decode / generate / sample, written once for every backend.
+"""Pipeline: the Python API and the one sampling loop, written once for every backend.
+
+User API (diffusers style; README "Python API")::
+
+    pipe = Pipeline.from_run("runs/gen", device="cuda")
+    pipe(classes=[88, 88, 207], seed=0, output="pil" | "np" | "pt")   # prompts=[...] for text runs
+    pipe.encode(images) -> tokens (B, D);  pipe.decode(tokens, seed);  pipe.reconstruct(images, seed)
+
+Image outputs: "pt" float (B,3,H,W) clamped to [-1,1], "np" uint8 (B,H,W,3), "pil" a list. The
+CLI's ``reptok sample`` runs the same calls (``generate_from`` / ``decode_from`` /
+``tensor_to_uint8``), so both give the same pixels for the same (seed, index).
 
 The three networks are called through their torch signatures only::
 
@@ -138,6 +148,13 @@ class Pipeline(nn.Module):
         return pipe.to(device).eval()
 
     # ------------------------------------------------------------------ helpers
+    def _need(self, *components: str) -> None:
+        """InputError (one line) when a component the call needs was not built / loaded."""
+        missing = [c for c in components if getattr(self, c, None) is None]
+        if missing:
+            raise InputError(f"this pipeline was built without its {missing[0]} "
+                             f"(Pipeline.from_run(..., components=...) leaves it out)")
+
     def pin_device(self, device) -> "Pipeline":
         """Fix ``device`` (for networks that are runtime sessions or proxies without torch
         parameters to infer it from)."""
@@ -179,6 +196,7 @@ class Pipeline(nn.Module):
         """Images -> tokens (B,D) float32. ``images``: float tensor (B,3,H,W) or (3,H,W) in
         [-1,1], uint8 numpy (H,W,3) / (B,H,W,3), or PIL image(s) (ADM centre-cropped to the
         run's image size). See :func:`as_image_tensor`."""
+        self._need("encoder")
         x = as_image_tensor(images, self.cfg.image_size)
         with self._autocast():
             return self.encoder(x.to(self.device)).float()
@@ -211,6 +229,7 @@ class Pipeline(nn.Module):
         """tokens (B,D) -> images; image i gets decoder noise (seed, start + i). ``output``: "pil"
         (list of PIL images), "np" (uint8 (B,H,W,3)) or "pt" (float (B,3,H,W) clamped to [-1,1])."""
         check_output_kind(output)
+        self._need("decoder", "latent")
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 2:
             raise InputError(f"tokens must be (B, D), got shape {tuple(tokens.shape)}")
@@ -356,6 +375,7 @@ class Pipeline(nn.Module):
             raise InputError(f"unknown sampler option {unknown[0]!r}: choose from {', '.join(self.SAMPLER_KEYS)}")
         if self.generator is None:
             raise InputError("this pipeline has no generator (a tokenizer run): use encode / decode / reconstruct")
+        self._need("decoder", "latent")
         if not isinstance(n, int) or n < 1:
             raise InputError(f"n={n!r}: the number of images per class or prompt must be an int >= 1")
         conds = self._job_conditions(classes, prompts)

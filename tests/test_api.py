@@ -164,6 +164,16 @@ def test_bad_input_is_one_line(pipe, call, match):
     assert "\n" not in str(e.value)
 
 
+def test_missing_components_are_one_line(run):
+    from reptok import Pipeline
+
+    gen_only = Pipeline.from_run(run, components=("generator",))
+    with pytest.raises(InputError, match="without its decoder"):
+        gen_only(classes=[1])
+    with pytest.raises(InputError, match="without its encoder"):
+        gen_only.encode(torch.zeros(1, 3, 32, 32))
+
+
 # ----------------------------------------------------------------------------- text runs
 @pytest.fixture(scope="module")
 def text_pipe(tmp_path_factory):
