@@ -83,6 +83,7 @@ class LabelCondition(nn.Module):
     tracing.)"""
 
     state_prefix = "label_embedder."  # the official checkpoint's name for this module (spec 6.1)
+    text_conditioned = False
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
@@ -289,12 +290,12 @@ class TokenGenerator(nn.Module):
     # ------------------------------------------------------------------ the condition
     @property
     def text_conditioned(self) -> bool:
-        return bool(getattr(self.condition, "text_conditioned", False))
+        return self.condition.text_conditioned
 
     @property
     def null_class(self) -> Optional[int]:
         """Label index of the unconditional (CFG) class; None without one (and for text)."""
-        return getattr(self.condition, "null_class", None)
+        return self.condition.null_class
 
     def null(self, batch: int, device=None):
         """The CFG null condition of ``batch`` rows, in the condition's input space: labels (B,)
