@@ -74,7 +74,7 @@ def main() -> None:
         out = []
         for i in range(0, len(tokens), args.batch_size):
             sl = slice(i, i + args.batch_size)
-            out.append(tensor_to_uint8(pipe.decode(tokens[sl], pipe.decoder_noise(indices[sl], seed), steps, solver)))
+            out.append(tensor_to_uint8(pipe.decode_tokens(tokens[sl], pipe.decoder_noise(indices[sl], seed), steps, solver)))
         return np.concatenate(out)
 
     print("\n| decoder | NFE | recon PSNR dB | recon img/s | sample class acc | sample shape acc | sample img/s |")

@@ -49,7 +49,7 @@ def main() -> None:
         z = pipe.generate(labels, noise_g, cfg=scale, cfg_interval=interval)
         t_gen = time.perf_counter() - t
         t = time.perf_counter()
-        imgs = pipe.decode(z, noise_d)
+        imgs = pipe.decode_tokens(z, noise_d)
         t_dec = time.perf_counter() - t
         pred = judge.predict(imgs)
         acc = float((pred == labels).float().mean())

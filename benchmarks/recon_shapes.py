@@ -38,7 +38,6 @@ from reptok.data.dataset import PreparedDataset
 from reptok.data.prep import prepare
 from reptok.shapes.render import make_shapes
 from reptok.evaluate.metrics import psnr
-from reptok.images import tensor_to_uint8
 from reptok.presets import get_preset
 from reptok.train.recon import train_recon
 
@@ -52,7 +51,7 @@ def held_out(run: Path, n: int, steps: int, t_points: int = 10) -> dict:
     held = make_shapes(n, pipe.cfg.image_size, seed=123_457)
     x = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = pipe.encode(x)
-    rec = tensor_to_uint8(pipe.reconstruct(x, list(range(n)), seed=0, steps=steps))
+    rec = pipe.reconstruct(x, 0, steps=steps, output="np")
     g = torch.Generator().manual_seed(0)
     x1 = pipe.latent.encode(x, generator=g).float()
     losses = [flow.flow_matching_loss(lambda xt, tv: pipe.decoder(xt, tv, z), x1, torch.randn(x1.shape, generator=g),

@@ -155,7 +155,7 @@ def main() -> None:
     held = make_shapes(96, pipe.cfg.image_size, seed=10_000)
     images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     if pipe.encoder is not None:  # the tokenizer's ceiling: how well the judge recognises its reconstructions
-        rec = pipe.decode(pipe.encode(images), index_noise(0, range(96), pipe.latent_shape, STREAM_DECODER),
+        rec = pipe.decode_tokens(pipe.encode(images), index_noise(0, range(96), pipe.latent_shape, STREAM_DECODER),
                           steps=args.steps)
         log(f"[ceiling] judge on 96 reconstructions: exact {judge.accuracy(rec, held['labels']):.3f} "
             f"(on the real images {judge.accuracy(held['images'], held['labels']):.3f})")
@@ -170,7 +170,7 @@ def main() -> None:
         for scale in (float(x) for x in args.cfg.split(",")):
             t = time.perf_counter()
             z = pipe.generate_text(per_image, noise_g, cfg=scale, **kw)
-            imgs = pipe.decode(z, noise_d, steps=args.steps)
+            imgs = pipe.decode_tokens(z, noise_d, steps=args.steps)
             pred = judge.predict(imgs).cpu().numpy()
             nn_pred = nn_class(z)
             row = {"style": style, "cfg": scale, "shape_acc": shape_accuracy(pred, classes),

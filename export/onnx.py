@@ -234,7 +234,7 @@ def _graph_specs(pipe, components: Sequence[str]) -> Tuple[List[GraphSpec], Dict
 
 
 def _text_generator_call(gen, x, t, text, text_mask):
-    """``TextTokenGenerator.forward`` with the mask as float 0/1 (valid = mask > 0.5 in the graph):
+    """The text-conditioned generator's ``forward`` with the mask as float 0/1 (valid = mask > 0.5 in the graph):
     a float input is the simplest for TensorRT, and the runtime casts bool masks to it."""
     return gen(x, t, text, text_mask)
 

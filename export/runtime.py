@@ -385,6 +385,18 @@ class RuntimeGenerator:
             return self.net(x, t, text, mask.float())
         return self.net(x, t, *cond)
 
+    def null(self, batch: int, device=None):
+        """The CFG null condition, as ``TokenGenerator.null``: null-class labels (B,) or [""] * B."""
+        if self.text_conditioned:
+            from reptok.models.text_generator import TextCondition
+
+            return [TextCondition.NULL_PROMPT] * batch
+        if self.null_class is None:
+            from reptok.errors import InputError
+
+            raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable")
+        return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         from reptok.models.generator import normalize_tokens
 

@@ -1,4 +1,14 @@
-"""Pipeline: encode / decode / generate / sample, written once for every backend.
+"""Pipeline: the Python API and the one sampling loop, written once for every backend.
+
+User API (diffusers style; README "Python API")::
+
+    pipe = Pipeline.from_run("runs/gen", device="cuda")
+    pipe(classes=[88, 88, 207], seed=0, output="pil" | "np" | "pt")   # prompts=[...] for text runs
+    pipe.encode(images) -> tokens (B, D);  pipe.decode(tokens, seed);  pipe.reconstruct(images, seed)
+
+Image outputs: "pt" float (B,3,H,W) clamped to [-1,1], "np" uint8 (B,H,W,3), "pil" a list. The
+CLI's ``reptok sample`` runs the same calls (``generate_from`` / ``decode_from`` /
+``tensor_to_uint8``), so both give the same pixels for the same (seed, index).
 
 The three networks are called through their torch signatures only::
 
@@ -138,6 +148,13 @@ class Pipeline(nn.Module):
         return pipe.to(device).eval()
 
     # ------------------------------------------------------------------ helpers
+    def _need(self, *components: str) -> None:
+        """InputError (one line) when a component the call needs was not built / loaded."""
+        missing = [c for c in components if getattr(self, c, None) is None]
+        if missing:
+            raise InputError(f"this pipeline was built without its {missing[0]} "
+                             f"(Pipeline.from_run(..., components=...) leaves it out)")
+
     def pin_device(self, device) -> "Pipeline":
         """Fix ``device`` (for networks that are runtime sessions or proxies without torch
         parameters to infer it from)."""
@@ -175,10 +192,14 @@ class Pipeline(nn.Module):
 
     # ------------------------------------------------------------------ stage (a)
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B,3,H,W) in [-1,1] -> tokens (B,D) float32."""
+    def encode(self, images) -> torch.Tensor:
+        """Images -> tokens (B,D) float32. ``images``: float tensor (B,3,H,W) or (3,H,W) in
+        [-1,1], uint8 numpy (H,W,3) / (B,H,W,3), or PIL image(s) (ADM centre-cropped to the
+        run's image size). See :func:`as_image_tensor`."""
+        self._need("encoder")
+        x = as_image_tensor(images, self.cfg.image_size)
         with self._autocast():
-            return self.encoder(images.to(self.device)).float()
+            return self.encoder(x.to(self.device)).float()
 
     @torch.no_grad()
     def decode_latents(self, tokens: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
@@ -194,41 +215,71 @@ class Pipeline(nn.Module):
         return flow.solve(velocity, noise.to(self.device), steps or s.decoder_steps, solver or s.decoder_solver)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
-               solver: Optional[str] = None) -> torch.Tensor:
-        """tokens (B,D) -> images (B,3,H,W), roughly in [-1,1] (not clamped)."""
+    def decode_tokens(self, tokens: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
+                      solver: Optional[str] = None) -> torch.Tensor:
+        """Low level: tokens (B,D) + decoder noise (B,C,S,S) -> images (B,3,H,W) float32, roughly
+        in [-1,1] (NOT clamped: parity checks compare the raw decoder output)."""
         lat = self.decode_latents(tokens, noise, steps, solver)
         with self._autocast():
             return self.latent.decode(lat).float()
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, seed: int = 0, *, start: int = 0, steps: Optional[int] = None,
+               solver: Optional[str] = None, output: str = "pil"):
+        """tokens (B,D) -> images; image i gets decoder noise (seed, start + i). ``output``: "pil"
+        (list of PIL images), "np" (uint8 (B,H,W,3)) or "pt" (float (B,3,H,W) clamped to [-1,1])."""
+        check_output_kind(output)
+        self._need("decoder", "latent")
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 2:
+            raise InputError(f"tokens must be (B, D), got shape {tuple(tokens.shape)}")
+        idx = _indices(seed, start, len(tokens))
+        return to_output(self.decode_tokens(tokens, self.decoder_noise(idx, seed), steps, solver), output)
+
+    @torch.no_grad()
+    def reconstruct(self, images, seed: int = 0, *, start: int = 0, steps: Optional[int] = None,
+                    solver: Optional[str] = None, output: str = "pil"):
+        """Images (any :meth:`encode` input) -> encode -> decode; image i gets decoder noise
+        (seed, start + i). ``output`` as :meth:`decode`."""
+        check_output_kind(output)
+        tokens = self.encode(images)
+        return self.decode(tokens, seed, start=start, steps=steps, solver=solver, output=output)
 
     # ------------------------------------------------------------------ stage (b)
     def _condition(self, labels: Optional[torch.Tensor], prompts: Optional[Sequence[str]], scale: float):
         """-> (cond (B,), null_cond (B,), model_fn(x, t, cond)) for ``flow.guided_velocity``.
 
-        Class generators: cond = labels, null = the null class. Text generators: the prompts and
-        "" are encoded once into a table; cond / null are row indices into it (null = "")."""
+        The null condition is the generator's ``null(B)``. Class generators: cond = labels, null =
+        the null class. Text generators: the prompts and the null prompts ("") are encoded once into
+        a table; cond / null are row indices into it."""
         if self.is_text:
             if prompts is None:
                 raise InputError("this generator is text-conditioned: pass prompts, not class labels")
-            table = list(dict.fromkeys([""] + [str(p) for p in prompts]))
+            prompts = [str(p) for p in prompts]
+            null_prompts = self.generator.null(len(prompts))
+            table = list(dict.fromkeys(list(null_prompts) + prompts))
             row = {p: i for i, p in enumerate(table)}
             hidden, mask = self.text_encoder.encode(table)
             hidden, mask = hidden.to(self.device), mask.to(self.device)
-            cond = torch.tensor([row[str(p)] for p in prompts], dtype=torch.long, device=self.device)
+            cond = torch.tensor([row[p] for p in prompts], dtype=torch.long, device=self.device)
+            null = torch.tensor([row[p] for p in null_prompts], dtype=torch.long, device=self.device)
 
             def model_fn(x, t, c):
                 with self._autocast():
                     return self.generator(x, t, hidden[c], mask[c])
 
-            return cond, torch.zeros_like(cond), model_fn
+            return cond, null, model_fn
         if prompts is not None:
             raise InputError("this generator is class-conditional: pass class labels, not prompts")
         y = labels.to(self.device).long()
-        null_class = self.generator.null_class
-        if null_class is None and scale != 1.0 and self.num_classes > 0:
+        if self.num_classes == 0 or scale == 1.0:
+            # Unconditional generators ignore y and scale 1 never calls the null half: any null
+            # condition gives v_u == v_c (CFG is a no-op).
+            null = y
+        elif self.generator.null_class is None:
             raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable, use cfg 1.0")
-        # Unconditional generators ignore y, so any null condition gives v_u == v_c (CFG is a no-op).
-        null = torch.full_like(y, null_class) if null_class is not None else y
+        else:
+            null = self.generator.null(len(y), self.device)
 
         def model_fn(x, t, c):
             with self._autocast():
@@ -273,7 +324,7 @@ class Pipeline(nn.Module):
 
     def decode_from(self, tokens: torch.Tensor, noise: torch.Tensor, **kw) -> torch.Tensor:
         """The decoder + VAE half of :meth:`sample` on given decoder noise: -> images."""
-        return self.decode(tokens, noise, kw.get("decoder_steps"), kw.get("decoder_solver"))
+        return self.decode_tokens(tokens, noise, kw.get("decoder_steps"), kw.get("decoder_solver"))
 
     def nfe(self, **kw) -> dict:
         """Network evaluations per image of :meth:`sample` with sampler kw: ``generator`` /
@@ -299,11 +350,84 @@ class Pipeline(nn.Module):
         z = self.generate_from(labels, self.generator_noise(indices, seed), prompts=prompts, **kw)
         return self.decode_from(z, self.decoder_noise(indices, seed), **kw)
 
+
+    # ------------------------------------------------------------------ the user's API
+    SAMPLER_KEYS = ("steps", "cfg", "cfg_interval", "solver", "decoder_steps", "decoder_solver")
+
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, indices: Sequence[int], seed: int = 0,
-                    steps: Optional[int] = None, solver: Optional[str] = None) -> torch.Tensor:
-        tokens = self.encode(images)
-        return self.decode(tokens, index_noise(seed, indices, self.latent_shape, STREAM_DECODER), steps, solver)
+    def forward(self, classes: Optional[Sequence[int]] = None, prompts: Optional[Sequence[str]] = None, *,
+                n: int = 1, seed: int = 0, start: int = 0, output: str = "pil",
+                batch_size: Optional[int] = None, **sampler_kw):
+        """``pipe(classes=[88, 88, 207], seed=0, output="pil")``: labels (or ``prompts=[...]`` for
+        a text run; nothing for an unconditional one) -> images.
+
+        Each class / prompt gives ``n`` images in a row (``classes=[c], n=4`` = ``[c] * 4``), and
+        image i of the job gets the noise of index ``start + i`` under ``seed``, so
+        ``pipe(classes=[c] * n, seed=s, output="np")`` is pixel for pixel
+        ``reptok sample --class c -n n --seed s --no-fast --out x.npz`` (same batch size: it runs
+        the CLI's calls, ``generate_from`` / ``decode_from`` / ``tensor_to_uint8``).
+        ``sampler_kw``: steps, cfg, cfg_interval, solver, decoder_steps, decoder_solver.
+        ``batch_size``: rows per network call (default: the whole job in one batch; a last
+        partial batch is padded with its last row, as the CLI does). ``output`` as :meth:`decode`."""
+        check_output_kind(output)
+        unknown = sorted(set(sampler_kw) - set(self.SAMPLER_KEYS))
+        if unknown:
+            raise InputError(f"unknown sampler option {unknown[0]!r}: choose from {', '.join(self.SAMPLER_KEYS)}")
+        if self.generator is None:
+            raise InputError("this pipeline has no generator (a tokenizer run): use encode / decode / reconstruct")
+        self._need("decoder", "latent")
+        if not isinstance(n, int) or n < 1:
+            raise InputError(f"n={n!r}: the number of images per class or prompt must be an int >= 1")
+        conds = self._job_conditions(classes, prompts)
+        conds = [c for c in conds for _ in range(n)]
+        idx = _indices(seed, start, len(conds))
+        b = len(conds) if batch_size is None else int(batch_size)
+        if b < 1:
+            raise InputError(f"batch_size={batch_size!r}: must be >= 1")
+        out = []
+        for i in range(0, len(conds), b):
+            part, k = idx[i: i + b], len(idx[i: i + b])
+            rows = _pad(conds[i: i + b], b)
+            g_noise = _pad(self.generator_noise(part, seed), b)
+            if self.is_text:
+                z = self.generate_from(None, g_noise, prompts=rows, **sampler_kw)
+            else:
+                z = self.generate_from(torch.tensor(rows, dtype=torch.long), g_noise, **sampler_kw)
+            images = self.decode_from(z, _pad(self.decoder_noise(part, seed), b), **sampler_kw)[:k]
+            out.append(images.float().cpu())
+        return to_output(torch.cat(out), output)
+
+    def _job_conditions(self, classes, prompts) -> list:
+        """The checked per-image condition of a call: class ids, prompt strings, or zeros
+        (unconditional generators ignore the label)."""
+        if self.is_text:
+            if classes is not None or prompts is None:
+                raise InputError("this generator is text-conditioned: pass prompts=[...], not classes")
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not prompts:
+                raise InputError("prompts=[]: nothing to sample")
+            return [str(p) for p in prompts]
+        if prompts is not None:
+            raise InputError("this generator is class-conditional: pass classes=[...], not prompts")
+        if self.num_classes == 0:
+            if classes not in (None, [], ()):
+                raise InputError("this generator is unconditional: drop classes and pass n=<count>")
+            return [0]
+        if classes is None:
+            raise InputError(f"pass classes=[...] (ids 0-{self.num_classes - 1})")
+        if isinstance(classes, (int, np.integer)):
+            classes = [classes]
+        try:
+            ids = [int(c) for c in classes]
+        except (TypeError, ValueError):
+            raise InputError(f"classes={classes!r}: expected a list of class ids") from None
+        if not ids:
+            raise InputError("classes=[]: nothing to sample")
+        bad = [c for c in ids if not 0 <= c < self.num_classes]
+        if bad:
+            raise InputError(f"class {bad[0]} is outside the model's classes 0-{self.num_classes - 1}")
+        return ids
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -315,6 +439,97 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         return (1 - t) * a32 + t * b32
     so = torch.sin(omega)
     return torch.sin((1 - t) * omega) / so * a32 + torch.sin(t * omega) / so * b32
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+OUTPUT_KINDS = ("pil", "np", "pt")
+
+
+def check_output_kind(output: str) -> None:
+    if output not in OUTPUT_KINDS:
+        raise InputError(f"output={output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+
+
+def to_output(images: torch.Tensor, output: str):
+    """float (B,3,H,W) -> "pt": float32 clamped to [-1,1] (CPU); "np": uint8 (B,H,W,3)
+    (``tensor_to_uint8``, the CLI's conversion); "pil": a list of RGB PIL images."""
+    from .images import tensor_to_uint8
+
+    check_output_kind(output)
+    if output == "pt":
+        return images.detach().float().cpu().clamp(-1, 1)
+    arr = tensor_to_uint8(images)
+    if output == "np":
+        return arr
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in arr]
+
+
+def as_image_tensor(images, image_size: Optional[int] = None) -> torch.Tensor:
+    """Images in any of the API's forms -> float (B,3,H,W) in [-1,1].
+
+    float tensors (B,3,H,W) / (3,H,W) are taken as [-1,1]; uint8 numpy (or uint8 tensors)
+    (H,W,3) / (B,H,W,3) are scaled; PIL images (one or a list) are ADM centre-cropped to
+    ``image_size``. Arrays and tensors keep their size (the encoder's own preprocessing resizes)."""
+    from .images import center_crop_arr, uint8_to_tensor
+
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        Image = None
+    if Image is not None and isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InputError("no images given")
+        if Image is not None and all(isinstance(im, Image.Image) for im in images):
+            if image_size is None:
+                raise InputError("PIL images need the pipeline's image size")
+            images = np.stack([center_crop_arr(im, image_size) for im in images])
+        elif all(isinstance(im, np.ndarray) for im in images):
+            images = np.stack(images)
+        elif all(isinstance(im, torch.Tensor) for im in images):
+            images = torch.stack(images)
+        else:
+            raise InputError("images: a list must hold only PIL images, numpy arrays or tensors")
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise InputError(f"numpy images must be uint8 (H,W,3) / (B,H,W,3), got {images.dtype}")
+        if images.ndim not in (3, 4) or images.shape[-1] != 3:
+            raise InputError(f"numpy images must be uint8 (H,W,3) / (B,H,W,3), got shape {images.shape}")
+        x = uint8_to_tensor(images)
+    elif isinstance(images, torch.Tensor):
+        if not images.is_floating_point():
+            raise InputError(f"image tensors must be float in [-1,1] (or uint8 HWC), got {images.dtype}")
+        x = images[None] if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise InputError(f"image tensors must be (B,3,H,W) in [-1,1], got shape {tuple(images.shape)}")
+    else:
+        raise InputError(f"images: expected PIL images, uint8 numpy or a float tensor, got {type(images).__name__}")
+    return x
+
+
+def _indices(seed, start: int, count: int) -> list:
+    """Global image indices [start, start + count) (noise keys), with the arguments checked."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed={seed!r}: must be an int")
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise InputError(f"start={start!r}: must be an int >= 0")
+    return list(range(int(start), int(start) + count))
+
+
+def _pad(x, n: int):
+    """Repeat the last row of a tensor (or list) up to ``n`` rows: every network call of a job
+    sees one batch shape (as ``reptok sample`` does), so results do not depend on the split."""
+    k = len(x)
+    if k >= n:
+        return x
+    if isinstance(x, list):
+        return x + [x[-1]] * (n - k)
+    return torch.cat([x, x[-1:].expand(n - k, *x.shape[1:])])
 
 
 # ----------------------------------------------------------------------------- text encoders of runs

@@ -116,7 +116,7 @@ def reconstruct(
                            fast=not no_fast)
     err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
     x = _load_images(images, pipe.cfg.image_size)
-    rec = pipe.reconstruct(x, list(range(len(x))), seed=seed, steps=decoder_steps, solver=solver)
+    rec = pipe.reconstruct(x, seed, steps=decoder_steps, solver=solver, output="pt")
     a, b = tensor_to_uint8(x), tensor_to_uint8(rec)
     psnr = psnr_db(a, b)
     rows = []
@@ -167,7 +167,7 @@ def interpolate(
     ts = [i / (frames - 1) for i in range(frames)]
     tokens = torch.stack([slerp(z[0], z[1], t) for t in ts])
     noise = index_noise(seed, [0], pipe.latent_shape, STREAM_DECODER).expand(frames, *pipe.latent_shape)
-    imgs = tensor_to_uint8(pipe.decode(tokens, noise, decoder_steps))
+    imgs = tensor_to_uint8(pipe.decode_tokens(tokens, noise, decoder_steps))
     if Path(out).suffix.lower() == ".png":
         save_png(out, make_grid(list(imgs), ncol=frames))
         files = [str(out)]

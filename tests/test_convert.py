@@ -116,7 +116,7 @@ def test_every_tensor_lands(converted, source):
     # What inference loads (ema.safetensors, the decoder from model.safetensors): the encode() DINO
     # copy and the EMA generator. The training state (fp32 DINO, raw generator) is checked below.
     w = read_weights(out)
-    # decoder (official_key_map), generator (EMA, minus _orig_mod.)
+    # decoder (decoder_key_map), generator (EMA, minus _orig_mod.)
     assert torch.equal(w["decoder.blocks.1.attn.qkv_proj.weight"], source[P_DEC + "backbone.mid_level.1.self_attn.qkv_proj.weight"])
     assert torch.equal(w["decoder.token_proj.fc.weight"], source[P_DEC + "encoder.dino.backbone.fc.weight"])
     assert torch.equal(w["generator.mixer.1.1.fn.0.weight"], source["ema_model.net.mixer._orig_mod.1.1.fn.0.weight"])
@@ -200,7 +200,7 @@ def test_converted_pipeline_runs(pipe):
     assert z.shape == (2, 64) and torch.isfinite(z).all()
     tok = pipe.generate(torch.tensor([3, 4]), torch.randn(2, 1, 64, generator=g), steps=2)
     assert tok.shape == (2, 64)
-    x = pipe.decode(tok, torch.randn(2, 4, 32, 32, generator=g), steps=2)
+    x = pipe.decode_tokens(tok, torch.randn(2, 4, 32, 32, generator=g), steps=2)
     assert x.shape == (2, 3, 256, 256) and torch.isfinite(x).all()
 
 
@@ -385,7 +385,8 @@ def test_xl_layout_infers_the_released_sizes():
 
     from reptok.convert import official as O
     from reptok.info import SD_VAE_CONFIG
-    from reptok.models.decoder import FlowDecoder, official_key_map
+    from reptok.convert.keymaps import decoder_key_map
+    from reptok.models.decoder import FlowDecoder
     from reptok.models.generator import TokenGenerator
     from reptok.presets import get_preset
 
@@ -399,7 +400,7 @@ def test_xl_layout_infers_the_released_sizes():
                 pos_embed=torch.empty(1, 1370, 768, device="meta"), mask_token=torch.empty(1, 768, device="meta"))
     sd = {p + k: v for p in (O.P_DINO, O.P_DINO_FP32, O.P_DINO_TARGET) for k, v in dino.items()}
     ds = dec.state_dict()
-    sd.update({O.P_DEC + off: ds[ours] for ours, off in official_key_map(cfg.decoder.depth).items()})
+    sd.update({O.P_DEC + off: ds[ours] for ours, off in decoder_key_map(cfg.decoder.depth).items()})
     sd.update({O.P_VAE + k: v for k, v in vae.state_dict().items()})
     sd.update({p + k.replace("mixer.", "mixer._orig_mod."): v for p in (O.P_GEN_EMA, O.P_GEN_RAW)
                for k, v in gen.state_dict().items() if not k.startswith("token_")})

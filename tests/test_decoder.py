@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from reptok.config import DecoderConfig
-from reptok.models.decoder import FlowDecoder, official_key_map
+from reptok.convert.keymaps import decoder_key_map
+from reptok.models.decoder import FlowDecoder
 from reptok.models.layers import AxialRoPE2D, FourierFeatures, apply_rotary, make_axial_pos_2d
 
 torch.set_num_threads(1)
@@ -105,11 +106,8 @@ def test_forward_is_negated_official_velocity_at_one_minus_t():
     with torch.no_grad():
         v = model(x, t, token)
         ref = -model.official_velocity(x, 1 - t, token)
-        cond = model.condition(token)
-        v_cond = model(x, t, cond=cond)
     assert v.abs().max() > 0.01
     assert torch.equal(v, ref)
-    assert torch.allclose(v, v_cond, atol=1e-6)
 
 
 def test_patchify_ordering_and_round_trip():
@@ -241,7 +239,7 @@ def _spec_shape(official_key: str) -> tuple:
 def test_xl_state_dict_keys_map_one_to_one_onto_spec_table():
     model = _xl_on_meta()
     sd = model.state_dict()
-    km = official_key_map(28)
+    km = decoder_key_map(28)
     assert set(sd) == set(km)
     assert len(set(km.values())) == len(km)  # one-to-one
     assert sum(k.startswith("backbone.mid_level.") for k in km.values()) == 28 * 8
@@ -255,7 +253,7 @@ def test_official_tiny_checkpoint_loads_strictly():
     prefix = "first_stage.decoder.decoder."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model = FlowDecoder(OFFICIAL_TINY)
-    km = official_key_map(OFFICIAL_TINY.depth, OFFICIAL_TINY.mapping_depth)
+    km = decoder_key_map(OFFICIAL_TINY.depth, OFFICIAL_TINY.mapping_depth)
     model.load_state_dict({ours: state[off] for ours, off in km.items()}, strict=True)
     x, t, token = _inputs(OFFICIAL_TINY, 2)
     with torch.no_grad():

@@ -97,18 +97,18 @@ def test_forward_backward_shapes(n_tokens, num_classes):
 
 def test_unconditional_variant():
     g = build(num_classes=0)
-    assert g.label_embedder is None and g.null_class is None
+    assert g.condition.embedding_table is None and g.null_class is None
     assert not any(k.startswith("label_embedder") for k in g.state_dict())
     x, t, _ = inputs(g)
     torch.testing.assert_close(g(x, t), g(x, t, torch.zeros(4, dtype=torch.long)))  # y ignored
     with pytest.raises(InputError, match="null class"):
-        g.null_condition(4)
+        g.null(4)
 
 
 def test_label_dropout_only_in_train_mode():
     g = build(class_dropout=1.0)  # drop every label when dropping is on
     x, t, y = inputs(g)
-    null = g.null_condition(4)
+    null = g.null(4)
     assert g.null_class == 10 and null.tolist() == [10] * 4
     with torch.no_grad():
         cond = g(x, t, y)
@@ -127,13 +127,13 @@ def test_label_dropout_only_in_train_mode():
 def test_label_dropout_rate_in_train_mode():
     g = build(class_dropout=0.1).train()
     torch.manual_seed(0)
-    dropped = g.label_embedder.token_drop(torch.zeros(20000, dtype=torch.long))
+    dropped = g.condition.token_drop(torch.zeros(20000, dtype=torch.long))
     assert abs((dropped == 10).float().mean().item() - 0.1) < 0.01
 
 
 def test_no_null_row_without_class_dropout():
     g = build(class_dropout=0.0)
-    assert g.label_embedder.embedding_table.num_embeddings == 10 and g.null_class is None
+    assert g.condition.embedding_table.num_embeddings == 10 and g.null_class is None
     g.train()
     x, t, y = inputs(g)
     torch.testing.assert_close(g(x, t, y), g.eval()(x, t, y))
@@ -173,9 +173,9 @@ def test_samples_through_flow_solve_with_guidance():
     y = torch.tensor([0, 3, 7, 9])
     noise = torch.randn(b, 1, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fn = guided_velocity(lambda x, t, c: g(x, t, c), y, g.null_condition(b), scale=1.5, interval=(0.3, 0.9))
+        fn = guided_velocity(lambda x, t, c: g(x, t, c), y, g.null(b), scale=1.5, interval=(0.3, 0.9))
         x = solve(fn, noise, steps=8, solver="euler")
-        plain = solve(guided_velocity(lambda x, t, c: g(x, t, c), y, g.null_condition(b), scale=1.0), noise, 8)
+        plain = solve(guided_velocity(lambda x, t, c: g(x, t, c), y, g.null(b), scale=1.0), noise, 8)
         heun = solve(fn, noise, steps=4, solver="heun")
     assert x.shape == (b, 1, 32) and torch.isfinite(x).all() and heun.shape == x.shape
     assert not torch.allclose(x, plain)  # guidance changed the guided steps

@@ -96,11 +96,11 @@ def test_text_generator_forward_and_layout():
     from reptok.errors import InputError
     from reptok.models import build_generator
     from reptok.models.generator import TokenGenerator
-    from reptok.models.text_generator import TextTokenGenerator
+    from reptok.models.text_generator import TextCondition
 
     torch.manual_seed(0)
     g = build_generator(tiny_text_cfg()).eval()
-    assert isinstance(g, TextTokenGenerator) and g.seq_len == 1 + 4 + 1
+    assert isinstance(g.condition, TextCondition) and g.seq_len == 1 + 4 + 1
     torch.nn.init.normal_(g.mixer[-1].weight, std=0.1)
     keys = {k.split(".")[0] for k in g.state_dict()}
     assert keys == {"pos_embed", "t_embedder", "mixer", "token_mean", "token_std", "text_queries", "text_norm",
@@ -119,8 +119,9 @@ def test_text_generator_forward_and_layout():
     assert not torch.allclose(g(x, t, other, mask), v)  # the text matters
     empty = torch.zeros_like(mask)
     assert torch.isfinite(g(x, t, text, empty)).all()
-    with pytest.raises(InputError, match="build_generator"):
-        TokenGenerator(tiny_text_cfg())
+    # One generator class: the config picks the condition module (was: a separate subclass).
+    assert isinstance(TokenGenerator(tiny_text_cfg()).condition, TextCondition)
+    assert g.null(2) == ["", ""] and g.null_class is None
     with pytest.raises(InputError, match="text of shape"):
         g(x, t, torch.randn(3, 32, 48), mask)
 

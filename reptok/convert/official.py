@@ -1,6 +1,6 @@
 """``reptok convert official``: the authors' Lightning checkpoint -> a reptok run directory.
 
-This module (with ``models.decoder.official_key_map``) is the only place that knows the official
+This module (with ``keymaps.py``) is the only place that knows the official
 key names (official-checkpoint-spec.md sections 1.5-1.6, 3.8, 5, 6, 7.3)::
 
     first_stage.encoder.encoder.*                      DINOv2 with the fine-tuned cls token, the
@@ -13,7 +13,7 @@ key names (official-checkpoint-spec.md sections 1.5-1.6, 3.8, 5, 6, 7.3)::
                                                        -> encoder.cls_token_frozen (cls + pos[:, 0]),
                                                        the cosine target (both files)
     first_stage.decoder.decoder.{backbone,time_emb,time_in_proj,mapping,encoder.dino.{temp_pos_embed,
-        new_reg,backbone}}.*                           -> model.safetensors decoder.* (official_key_map)
+        new_reg,backbone}}.*                           -> model.safetensors decoder.* (decoder_key_map)
     first_stage.decoder.decoder.ae.ae.*                -> vae/ (a diffusers AutoencoderKL directory)
     ema_model.net.* (default) or model.net.* (--raw)   -> ema.safetensors generator.* (sampling)
     model.net.*                                        -> model.safetensors generator.* (training)
@@ -318,7 +318,8 @@ def _compare_target(src: _Keys) -> dict:
 # ----------------------------------------------------------------------------- decoder
 def _convert_decoder(src: _Keys, *, latent_channels: int, input_size: int, token_dim: int
                      ) -> Tuple[DecoderConfig, Dict[str, torch.Tensor]]:
-    from ..models.decoder import FlowDecoder, official_key_map
+    from ..models.decoder import FlowDecoder
+    from .keymaps import decoder_key_map
 
     n = src.name
     width = int(src.peek(P_DEC + "backbone.mid_merge.proj.weight", "decoder").shape[0])
@@ -353,10 +354,10 @@ def _convert_decoder(src: _Keys, *, latent_channels: int, input_size: int, token
     with torch.device("meta"):
         dec = FlowDecoder(cfg)
     own = {k: tuple(v.shape) for k, v in dec.state_dict().items()}
-    kmap = official_key_map(depth, mdepth)
+    kmap = decoder_key_map(depth, mdepth)
     if set(kmap) != set(own):
         diff = sorted(set(kmap) ^ set(own))
-        raise RuntimeError(f"internal: official_key_map and FlowDecoder disagree on {diff[0]!r}")
+        raise RuntimeError(f"internal: decoder_key_map and FlowDecoder disagree on {diff[0]!r}")
     out = {k: src.take(P_DEC + kmap[k], own[k], "decoder") for k in own}
     return cfg, out
 

@@ -388,7 +388,6 @@ def eval_recon(
     """
     from .. import flow
     from ..data.dataset import PreparedDataset
-    from ..images import tensor_to_uint8
 
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -436,8 +435,8 @@ def eval_recon(
     for i in range(0, n, batch_size):
         idx = list(range(i, min(i + batch_size, n)))
         x = ds.get_batch(idx)["image"]
-        rec = pipe.reconstruct(x, idx, seed=seed, steps=steps, solver=solver)
-        a, b = ds.get_uint8(idx), tensor_to_uint8(rec)
+        b = pipe.reconstruct(x, seed, start=idx[0], steps=steps, solver=solver, output="np")
+        a = ds.get_uint8(idx)
         psnrs.append(psnr(a, b))
         ssims.append(ssim(a, b))
         real.add(extractor(a))

@@ -1,15 +1,13 @@
 """The four networks of a RepTok pipeline (one concept per file).
 
-``models/`` imports nothing above itself but ``config`` and ``errors``; ``build_generator`` is the
-one place that knows both generator classes.
+``models/`` imports nothing above itself but ``config`` and ``errors``. The generator is one
+class, ``TokenGenerator``, whose condition module (labels or text) the config picks.
 """
 
 from ..config import GeneratorConfig
 from .generator import TokenGenerator
-from .text_generator import TextTokenGenerator
 
 
 def build_generator(cfg: GeneratorConfig) -> TokenGenerator:
-    """The generator class a config asks for: TokenGenerator, or TextTokenGenerator when
-    ``cfg.text_encoder`` is set (text-to-image)."""
-    return TextTokenGenerator(cfg) if cfg.text_encoder is not None else TokenGenerator(cfg)
+    """The generator a config asks for (class-conditional, unconditional or text-to-image)."""
+    return TokenGenerator(cfg)

@@ -15,13 +15,11 @@ Time: the official network runs with t = 1 as noise and predicts eps - x
 (``official_velocity``). reptok uses t = 0 as noise and velocity data - noise, so
 ``forward(x, t, token) = -official_velocity(x, 1 - t, token)``.
 
-State-dict names are ours; ``official_key_map`` maps each of them one-to-one onto the official
-``RepTokLatentRF2D`` key, with identical shapes.
+State-dict names are ours; ``reptok.convert.keymaps.decoder_key_map`` maps each of them
+one-to-one onto the official ``RepTokLatentRF2D`` key, with identical shapes.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.utils.checkpoint
@@ -136,8 +134,7 @@ class FlowDecoder(nn.Module):
 
     Call it as ``forward(x, t, token)`` (reptok convention: t = 0 noise, t = 1 data, returns
     data - noise) or ``official_velocity(x, t_noise, token)`` (official: t = 1 noise, returns
-    eps - x). Both take ``cond=`` (the output of ``condition(token)``) instead of ``token`` so
-    a sampler projects the token once per image.
+    eps - x).
     """
 
     def __init__(self, cfg: DecoderConfig):
@@ -231,20 +228,10 @@ class FlowDecoder(nn.Module):
         return x.reshape(B, C, g * p, g * p)
 
     # ------------------------------------------------------------------ forward
-    def official_velocity(
-        self,
-        x: torch.Tensor,
-        t_noise: torch.Tensor,
-        token: Optional[torch.Tensor] = None,
-        cond: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def official_velocity(self, x: torch.Tensor, t_noise: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """The raw network, official convention: x (B, C, S, S) at time t_noise (B,) with
-        t = 1 noise -> predicted eps - x, (B, C, S, S). Give ``token`` (B, token_dim) or a
-        precomputed ``cond = condition(token)`` (B, 1, width)."""
-        if cond is None:
-            if token is None:
-                raise ValueError("official_velocity needs token or cond")
-            cond = self.condition(token)
+        t = 1 noise and the latent token (B, token_dim) -> predicted eps - x, (B, C, S, S)."""
+        cond = self.condition(token)  # (B, 1, D)
         c = self.time_cond(t_noise)  # (B, Dm)
 
         h = self.patch_in(self.patchify(x))  # (B, N, D)
@@ -258,49 +245,8 @@ class FlowDecoder(nn.Module):
         h = self.patch_out(self.out_norm(h[:, 1:]))  # drop the latent token: (B, N, p*p*C)
         return self.unpatchify(h)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        token: Optional[torch.Tensor] = None,
-        cond: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """reptok convention: x_t (B, C, S, S) at t (B,) with t = 0 noise, t = 1 data ->
-        velocity data - noise, (B, C, S, S). Equals -official_velocity(x, 1 - t, ...)."""
-        return -self.official_velocity(x, 1 - t, token, cond=cond)
-
-
-# ----------------------------------------------------------------------------- official names
-def official_key_map(depth: int, mapping_depth: int = 2) -> dict[str, str]:
-    """Our state-dict key -> the official key, relative to the ``RepTokLatentRF2D`` root.
-
-    One-to-one and shape-preserving (spec table 3.8): converting is renaming. In the released
-    Lightning checkpoint the official keys sit under ``first_stage.decoder.decoder.``.
-    """
-    m: dict[str, str] = {}
-    for i in range(depth):
-        ours, off = f"blocks.{i}.", f"backbone.mid_level.{i}."
-        m[ours + "attn.norm.linear.weight"] = off + "self_attn.norm.linear.weight"
-        m[ours + "attn.qkv_proj.weight"] = off + "self_attn.qkv_proj.weight"
-        m[ours + "attn.scale"] = off + "self_attn.scale"
-        m[ours + "attn.rope.freqs"] = off + "self_attn.pos_emb.freqs"
-        m[ours + "attn.out_proj.weight"] = off + "self_attn.out_proj.weight"
-        m[ours + "ff.norm.linear.weight"] = off + "ff.norm.linear.weight"
-        m[ours + "ff.up_proj.weight"] = off + "ff.up_proj.weight"
-        m[ours + "ff.down_proj.weight"] = off + "ff.down_proj.weight"
-    m["patch_in.weight"] = "backbone.mid_merge.pre_proj.proj.weight"
-    m["in_proj.weight"] = "backbone.mid_merge.proj.weight"
-    m["out_norm.scale"] = "backbone.mid_split.post_proj.norm.scale"
-    m["patch_out.weight"] = "backbone.mid_split.post_proj.proj.weight"
-    m["time_emb.weight"] = "time_emb.weight"
-    m["time_in_proj.weight"] = "time_in_proj.weight"
-    m["mapping.in_norm.scale"] = "mapping.in_norm.scale"
-    m["mapping.out_norm.scale"] = "mapping.out_norm.scale"
-    for j in range(mapping_depth):
-        for name in ("norm.scale", "up_proj.weight", "down_proj.weight"):
-            m[f"mapping.blocks.{j}.{name}"] = f"mapping.blocks.{j}.{name}"
-    m["token_proj.temp_pos_embed"] = "encoder.dino.temp_pos_embed"
-    m["token_proj.new_reg"] = "encoder.dino.new_reg"
-    for name in ("fc.weight", "fc.bias", "ln.weight", "ln.bias"):
-        m[f"token_proj.{name}"] = f"encoder.dino.backbone.{name}"
-    return m
+    def forward(self, x: torch.Tensor, t: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """reptok convention: x_t (B, C, S, S) at t (B,) with t = 0 noise, t = 1 data and the
+        latent token (B, token_dim) -> velocity data - noise, (B, C, S, S).
+        Equals -official_velocity(x, 1 - t, token)."""
+        return -self.official_velocity(x, 1 - t, token)

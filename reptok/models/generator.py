@@ -1,4 +1,14 @@
-"""TokenGenerator: the official MLPMixer1D velocity network over [noisy token(s), class, time].
+"""TokenGenerator: the official MLPMixer1D velocity network over [noisy token(s), condition, time].
+
+One class for every condition: the condition is a module (``generator.condition``) that gives
+the condition tokens of the mixer's sequence, optionally a step after every mixer block, and the
+CFG null condition ``null(batch)``:
+
+- ``LabelCondition`` (here): the DiT label table with a null class; ``forward(x, t, y)``;
+- ``TextCondition`` (``text_generator.py``): 4 learnable tokens + cross-attention to frozen text
+  states after every block; ``forward(x, t, text, text_mask)``; the null condition is "".
+
+``build_condition(cfg)`` picks it (``cfg.text_encoder`` set: text).
 
 Structure and state-dict keys follow official-checkpoint-spec.md section 6.1 exactly (the
 official keys minus ``_orig_mod.``, which ``torch.compile`` inserted):
@@ -22,13 +32,15 @@ the ``model_fn(x, t, cond)`` it expects, with ``null_cond = full(null_class)``.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import GeneratorConfig
 from ..errors import InputError
+from .layers import Conditioning
+from .text_generator import TextCondition
 
 
 # ----------------------------------------------------------------------------- embedders (DiT)
@@ -61,18 +73,41 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
-class LabelEmbedder(nn.Module):
-    """DiT label embedder with a null class (index ``num_classes``) when ``dropout_prob > 0``.
+class LabelCondition(nn.Module):
+    """DiT label embedder with a null class (index ``num_classes``) when ``class_dropout > 0``;
+    no table at all (and no condition token) when ``num_classes == 0`` (unconditional).
 
     Labels are replaced by the null class with probability ``dropout_prob`` in train mode only
     (classifier-free guidance training); ``force_drop_ids`` (B,) of 0/1 overrides the draw.
-    """
+    (No label range check: a data-dependent check would sync the GPU every step and break ONNX
+    tracing.)"""
 
-    def __init__(self, num_classes: int, hidden: int, dropout_prob: float):
+    state_prefix = "label_embedder."  # the official checkpoint's name for this module (spec 6.1)
+    text_conditioned = False
+
+    def __init__(self, cfg: GeneratorConfig):
         super().__init__()
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden)
+        self.num_classes = cfg.num_classes
+        self.dropout_prob = cfg.class_dropout if cfg.num_classes > 0 else 0.0
+        self.embedding_table = (nn.Embedding(cfg.num_classes + int(self.dropout_prob > 0), cfg.token_dim)
+                                if cfg.num_classes > 0 else None)
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 if self.embedding_table is not None else 0
+
+    @property
+    def null_class(self) -> Optional[int]:
+        """Label index of the unconditional (CFG) class, or None when there is no null row."""
+        return self.num_classes if self.embedding_table is not None and self.dropout_prob > 0 else None
+
+    def null(self, batch: int, device=None) -> torch.Tensor:
+        """(B,) labels all equal to the null class (``null_cond`` for ``flow.guided_velocity``)."""
+        if self.null_class is None:
+            raise InputError(
+                "this generator has no null class (unconditional or class_dropout == 0): CFG is unavailable"
+            )
+        return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if force_drop_ids is None:
@@ -81,10 +116,24 @@ class LabelEmbedder(nn.Module):
             drop = force_drop_ids.to(labels.device) == 1
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                force_drop_ids: Optional[torch.Tensor] = None) -> Conditioning:
+        """Noisy tokens x (B, n, D) (for the batch), labels y (B,) -> the class token
+        (B, 1, token_dim); nothing when unconditional."""
+        if self.embedding_table is None:
+            return Conditioning(None)
+        batch = x.shape[0]
+        if y is None:
+            raise InputError("class-conditional generator called without labels y")
+        y = y.reshape(-1).long()
+        if y.shape[0] != batch:
+            raise InputError(f"labels have batch {y.shape[0]}, tokens have batch {batch}")
+        if (self.training and self.dropout_prob > 0) or force_drop_ids is not None:
+            y = self.token_drop(y, force_drop_ids)
+        return Conditioning(self.embedding_table(y).unsqueeze(1))
+
+    def init_weights(self) -> None:
+        """Nothing to draw after the mixer: the table is drawn before it (the official order)."""
 
 
 # ----------------------------------------------------------------------------- mixer blocks
@@ -123,6 +172,54 @@ def mixer_block(n: int, dim: int, token_expand: float, channel_expand: float, dr
     )
 
 
+class Mixer(nn.Sequential):
+    """The official ``mixer`` Sequential: ``[Linear(token_dim -> dim), block_1 .. block_depth,
+    LayerNorm(dim), Linear(dim -> token_dim)]`` (its indices are the state-dict keys, spec 6.1).
+
+    ``forward(seq, after_block)`` runs exactly the Sequential's ops; ``after_block(k, h)``, when
+    given, runs after block k (0-based): the text condition's cross-attention. This class is the
+    only code that knows where the blocks sit."""
+
+    @classmethod
+    def build(cls, seq_len: int, token_dim: int, cfg: GeneratorConfig) -> "Mixer":
+        m = cls(
+            nn.Linear(token_dim, cfg.dim),
+            *[mixer_block(seq_len, cfg.dim, cfg.token_expand, cfg.channel_expand, cfg.dropout)
+              for _ in range(cfg.depth)],
+            nn.LayerNorm(cfg.dim),
+            nn.Linear(cfg.dim, token_dim),
+        )
+        # Zero-init the output layer: the net starts as v = 0 (official zero_init_last).
+        nn.init.zeros_(m.head.weight)
+        nn.init.zeros_(m.head.bias)
+        return m
+
+    @property
+    def stem(self) -> nn.Linear:
+        return self[0]
+
+    @property
+    def blocks(self) -> list:
+        return list(self)[1:-2]
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self[-2]
+
+    @property
+    def head(self) -> nn.Linear:
+        return self[-1]
+
+    def forward(self, seq: torch.Tensor,
+                after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        h = self.stem(seq)
+        for k, block in enumerate(self.blocks):
+            h = block(h)
+            if after_block is not None:
+                h = after_block(k, h)
+        return self.head(self.final_norm(h))
+
+
 # ----------------------------------------------------------------------------- the generator
 def normalize_tokens(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Encoder tokens (B, D) or (B, n, D) -> generator space (z - mean) / std, (B, n, D)."""
@@ -137,81 +234,73 @@ def denormalize_tokens(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, n
     return z.squeeze(1) if n_tokens == 1 and z.dim() == 3 else z
 
 
+def build_condition(cfg: GeneratorConfig) -> nn.Module:
+    """The condition module a config asks for: text (``cfg.text_encoder`` set) or labels."""
+    if cfg.text_encoder is not None:
+        return TextCondition(cfg)
+    return LabelCondition(cfg)
+
+
+# The condition's tensors live under its own official / historical names in the state dict
+# (``label_embedder.embedding_table.weight``; the text condition's ``text_queries``, ``cross.*``,
+# ...), not under ``condition.``: this pair of hooks is the one place that maps them.
+def _condition_keys_out(module, state_dict, prefix, local_metadata):
+    inner, outer = prefix + "condition.", prefix + module.condition.state_prefix
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[outer + k[len(inner):]] = state_dict.pop(k)
+    return state_dict
+
+
+def _condition_keys_in(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    outer, inner = prefix + module.condition.state_prefix, prefix + "condition."
+    names = {k.split(".")[0] for k in module.condition.state_dict(keep_vars=True)}
+    for k in list(state_dict):
+        rest = k[len(outer):] if k.startswith(outer) else None
+        if rest is not None and rest.split(".")[0] in names:
+            state_dict[inner + rest] = state_dict.pop(k)
+
+
 class TokenGenerator(nn.Module):
-    """Class-conditional (or unconditional) flow-matching velocity net on normalised tokens.
+    """Conditional (or unconditional) flow-matching velocity net on normalised tokens.
 
-    ``forward(x (B, n, D), t (B,), y (B,) long) -> v (B, n, D)``; the mixer runs over
-    T = n + (number of condition tokens) + 1 tokens: [x + pos_embed, cond tokens..., t token].
-    ``num_classes == 0``: unconditional (no label embedder, T = n + 1, ``y`` ignored).
-
-    Hook for a text-conditioned variant: a subclass overrides the ``num_cond_tokens`` property
-    (read when the mixer is built) and ``embed_condition(cond, batch, ...)`` returning
-    (B, num_cond_tokens, token_dim); the mixer and everything else is shared. (No label range
-    check here: a data-dependent check would sync the GPU every step and break ONNX tracing.)
+    ``forward(x (B, n, D), t (B,), *cond) -> v (B, n, D)``; ``cond`` is what the condition module
+    takes: labels ``y (B,)`` (and ``force_drop_ids=``), or text states ``(B, L, E)`` and their mask
+    ``(B, L)``. The mixer runs over T = n + k + 1 tokens: [x + pos_embed, k condition tokens,
+    t token] (k = 1 for labels, 0 unconditional, ``text_tokens`` for text).
     """
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
-        if cfg.text_encoder is not None and not self.text_conditioned:
-            raise InputError("a text-conditioned generator config: build it with "
-                             "reptok.models.build_generator(cfg) (TextTokenGenerator)")
         self.cfg = cfg
         d, n = cfg.token_dim, cfg.n_tokens
         self.pos_embed = nn.Parameter(torch.randn(1, n, d))
         self.t_embedder = TimestepEmbedder(d)
-        if cfg.num_classes > 0:
-            self.label_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout)
-        else:
-            self.label_embedder = None
-        self.seq_len = n + self.num_cond_tokens + 1
-        self.mixer = nn.Sequential(
-            nn.Linear(d, cfg.dim),
-            *[mixer_block(self.seq_len, cfg.dim, cfg.token_expand, cfg.channel_expand, cfg.dropout)
-              for _ in range(cfg.depth)],
-            nn.LayerNorm(cfg.dim),
-            nn.Linear(cfg.dim, d),
-        )
-        # Zero-init the output layer: the net starts as v = 0 (official zero_init_last).
-        nn.init.zeros_(self.mixer[-1].weight)
-        nn.init.zeros_(self.mixer[-1].bias)
+        self.condition = build_condition(cfg)
+        self.seq_len = n + self.condition.num_tokens + 1
+        self.mixer = Mixer.build(self.seq_len, d, cfg)
+        # Random draws after the mixer's, as before the condition was a module: seeded runs repeat.
+        self.condition.init_weights()
         # Generator-space normalisation z_n = (z - mean) / std. Persistent so a run carries its
         # training tokens' statistics (official checkpoint: mean 0, std = scale_factor).
         self.register_buffer("token_mean", torch.zeros(d), persistent=True)
         self.register_buffer("token_std", torch.ones(d), persistent=True)
+        self._register_state_dict_hook(_condition_keys_out)
+        self._register_load_state_dict_pre_hook(_condition_keys_in, with_module=True)
 
-    # ------------------------------------------------------------------ conditioning hook
-    text_conditioned = False  # True in TextTokenGenerator (models/text_generator.py)
-
+    # ------------------------------------------------------------------ the condition
     @property
-    def num_cond_tokens(self) -> int:
-        return 1 if self.cfg.num_classes > 0 else 0
+    def text_conditioned(self) -> bool:
+        return self.condition.text_conditioned
 
     @property
     def null_class(self) -> Optional[int]:
-        """Label index of the unconditional (CFG) class, or None when there is no null row."""
-        le = self.label_embedder
-        return le.num_classes if le is not None and le.dropout_prob > 0 else None
+        """Label index of the unconditional (CFG) class; None without one (and for text)."""
+        return self.condition.null_class
 
-    def null_condition(self, batch: int, device=None) -> torch.Tensor:
-        """(B,) labels all equal to the null class (``null_cond`` for ``flow.guided_velocity``)."""
-        if self.null_class is None:
-            raise InputError(
-                "this generator has no null class (unconditional or class_dropout == 0): CFG is unavailable"
-            )
-        return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
-
-    def embed_condition(
-        self, y: Optional[torch.Tensor], batch: int, force_drop_ids: Optional[torch.Tensor] = None
-    ) -> Optional[torch.Tensor]:
-        """Condition -> (B, num_cond_tokens, token_dim), or None when unconditional."""
-        if self.label_embedder is None:
-            return None
-        if y is None:
-            raise InputError("class-conditional generator called without labels y")
-        y = y.reshape(-1).long()
-        if y.shape[0] != batch:
-            raise InputError(f"labels have batch {y.shape[0]}, tokens have batch {batch}")
-        return self.label_embedder(y, self.training, force_drop_ids).unsqueeze(1)
+    def null(self, batch: int, device=None):
+        """The CFG null condition of ``batch`` rows, in the condition's input space: labels (B,)
+        of the null class, or (text) the null prompts [""] * B to encode."""
+        return self.condition.null(batch, device)
 
     # ------------------------------------------------------------------ normalisation
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -229,29 +318,20 @@ class TokenGenerator(nn.Module):
             self.token_std.copy_(torch.as_tensor(std, dtype=self.token_std.dtype).reshape(-1))
 
     # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: Optional[torch.Tensor] = None,
-        force_drop_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Velocity (B, n, D) at normalised tokens x (B, n, D), times t (B,) in [0, 1], labels y (B,).
-
-        ``force_drop_ids`` (B,) of 0/1 replaces the given labels by the null class
-        deterministically (the random drop happens only in train mode).
-        """
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond, **cond_kw) -> torch.Tensor:
+        """Velocity (B, n, D) at normalised tokens x (B, n, D), times t (B,) in [0, 1], condition
+        ``cond`` (labels y (B,) with optional ``force_drop_ids`` (B,) of 0/1 that replace labels
+        by the null class deterministically; or text (B, L, E), text_mask (B, L))."""
         b, n, d = x.shape[0], self.cfg.n_tokens, self.cfg.token_dim
         if x.dim() != 3 or x.shape[1:] != (n, d):
             raise InputError(f"generator expects x of shape (B, {n}, {d}), got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(b)
+        c = self.condition(x, *cond, **cond_kw)
         seq = [x + self.pos_embed.to(x.dtype)]
-        cond = self.embed_condition(y, b, force_drop_ids)
-        if cond is not None:
-            seq.append(cond.to(x.dtype))
+        if c.tokens is not None:
+            seq.append(c.tokens.to(x.dtype))
         seq.append(self.t_embedder(t).unsqueeze(1).to(x.dtype))
-        h = self.mixer(torch.cat(seq, dim=1))
+        h = self.mixer(torch.cat(seq, dim=1), c.after_block)
         return h[:, :n]
-

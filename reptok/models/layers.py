@@ -16,6 +16,7 @@ official code to ~1e-6 and mixed-precision runs follow the same casts.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -250,3 +251,11 @@ class MappingNetwork(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.out_norm(x)
+
+
+class Conditioning(NamedTuple):
+    """What a generator's condition module hands the mixer: ``tokens`` (B, k, token_dim) or None
+    (k = 0), and ``after_block(k, h) -> h`` run after mixer block k (0-based), or None."""
+
+    tokens: Optional[torch.Tensor]
+    after_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None

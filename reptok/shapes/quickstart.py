@@ -20,7 +20,7 @@ import torch
 from .. import io
 from ..errors import InputError
 from ..evaluate.metrics import psnr as psnr_db
-from ..images import make_grid, save_png, tensor_to_uint8
+from ..images import make_grid, save_png
 
 
 @dataclass
@@ -110,7 +110,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         held = make_shapes(plan.eval_recon, pipe.cfg.image_size, seed=plan.seed + 10_000)
         images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         tokpipe = apply_fast_path(Pipeline.from_run(out / "tokenizer", device, components=("encoder", "decoder", "vae")))
-        rec = tensor_to_uint8(tokpipe.reconstruct(images, list(range(len(images))), seed=plan.seed))
+        rec = tokpipe.reconstruct(images, plan.seed, output="np")
         psnr = float(psnr_db(held["images"], rec).mean())
         recon_acc = float((judge.predict(rec).cpu().numpy() == held["labels"]).mean())
         pairs = [im for k in range(min(16, len(rec))) for im in (held["images"][k], rec[k])]

@@ -130,7 +130,7 @@ class ReconTask(nn.Module):
 
 def recon_grid(pipe_like: Pipeline, images: torch.Tensor, steps: int, seed: int = 0) -> "np.ndarray":  # noqa: F821
     """Originals (top row) over their reconstructions (bottom row), one uint8 grid."""
-    recon = pipe_like.reconstruct(images, list(range(len(images))), seed=seed, steps=steps)
+    recon = pipe_like.reconstruct(images, seed, steps=steps, output="pt")
     both = list(tensor_to_uint8(images)) + list(tensor_to_uint8(recon))
     return make_grid(both, ncol=len(images))
 

@@ -132,14 +132,6 @@ def prepare_run_dir(out: Path, cfg: PipelineConfig, kind: str, resume: bool, inf
     return cfg
 
 
-def load_run_config_for_resume(out: Path) -> Optional[PipelineConfig]:
-    """The saved config of ``out`` (to resume with the same models), or None if there is none."""
-    out = Path(out)
-    if not (out / rundir.CONFIG).exists():
-        return None
-    return rundir.read_run_config(out)["config"]
-
-
 # ----------------------------------------------------------------------------- --init RUN
 # Which run kinds hold the weights a stage starts from, and which components it loads.
 INIT_KINDS = {"recon": ("tokenizer", "pipeline"), "gen": ("generator", "pipeline")}
