@@ -186,7 +186,6 @@ def info(
     else:
         t.add_row("classes", "unlabelled")
     t.add_row("captions", "yes" if d.get("has_captions") else "no")
-    t.add_row("latents", f"yes {tuple(d['latent_shape'])}" if d.get("has_latents") else "no")
     lc = d.get("latent_cache")
     t.add_row("latent cache", f"{lc['vae']} at {lc['resolution']} px, {'with' if lc['flips'] else 'no'} mirrors" if lc else "no")
     t.add_row("skipped", str(d.get("skipped", 0)) + (f" (see {d['skipped_report']})" if d.get("skipped") else ""))

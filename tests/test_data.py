@@ -207,24 +207,6 @@ def test_prepared_output_is_a_hf_dataset_and_multi_shard(tmp_path, monkeypatch):
     assert ds.get_batch(idx)["label"].tolist() == ref["labels"][idx].tolist()
 
 
-def test_latent_hook(tmp_path):
-    seen = []
-
-    def encoder(x):
-        assert x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
-        seen.append(x.shape[0])
-        return torch.cat([x[:, :, ::4, ::4], -x[:, :, ::4, ::4]], 1)  # (B, 6, 4, 4) "moments"
-
-    prepare("builtin:shapes:10", tmp_path / "out", resolution=16, latent_encoder=encoder,
-            latent_meta={"vae": "test"}, batch_size=4)
-    assert seen == [4, 4, 2]
-    ds = PreparedDataset(tmp_path / "out")
-    assert ds.has_latents and ds.meta["latent_shape"] == [6, 4, 4] and ds.meta["latent"] == {"vae": "test"}
-    b = ds.get_batch([0, 9])
-    assert b["latent_moments"].shape == (2, 6, 4, 4) and b["latent_moments"].dtype == torch.float32
-    torch.testing.assert_close(b["latent_moments"][:, :3], b["image"][:, :, ::4, ::4], atol=1e-3, rtol=0)
-
-
 # ----------------------------------------------------------------------------- bad inputs
 def _bad_folder(root: Path, good: int = 2) -> None:
     for i in range(good):

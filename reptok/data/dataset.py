@@ -99,7 +99,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     """A prepared dataset directory as a ``torch.utils.data.Dataset``.
 
     ``ds[i]`` -> ``dict(image=float32 (3, R, R) in [-1, 1], label=int64 tensor (), index=int)``
-    (plus ``latent_moments`` float32 when the dataset has cached latents).
+    (VAE latents live apart, in the latent cache: ``LatentCache.of(ds.path)``).
     ``ds.get_batch(indices)`` -> the same keys batched: image (B, 3, R, R), label (B,), index (B,)
     — one vectorised gather; what training loops that sample indices in bulk should use.
     """
@@ -122,9 +122,6 @@ class PreparedDataset(torch.utils.data.Dataset):
         r = int(self.meta["resolution"])
         self._images = _ColumnReader(ds, "image", (3, r, r), np.uint8)  # CHW on disk
         self._labels = np.asarray(ds.data.column("label").to_numpy(), np.int64)
-        self._latents = None
-        if "latent_moments" in ds.column_names and self.meta.get("latent_shape"):
-            self._latents = _ColumnReader(ds, "latent_moments", self.meta["latent_shape"], np.float16)
 
     # Views over a memory map do not pickle; DataLoader workers with spawn re-open the files.
     def __getstate__(self):
@@ -155,10 +152,6 @@ class PreparedDataset(torch.utils.data.Dataset):
         return bool(self.meta.get("has_captions"))
 
     @property
-    def has_latents(self) -> bool:
-        return self._latents is not None
-
-    @property
     def labels(self) -> np.ndarray:
         """int64 (N,) labels of every image (-1 = unlabelled)."""
         return self._labels
@@ -185,14 +178,11 @@ class PreparedDataset(torch.utils.data.Dataset):
         return np.ascontiguousarray(self._images.get(self._indices(indices)).transpose(0, 2, 3, 1))
 
     def get_batch(self, indices) -> Dict[str, torch.Tensor]:
-        """``dict(image=float32 (B,3,R,R) in [-1,1], label=int64 (B,), index=int64 (B,))``
-        (+ ``latent_moments`` float32 (B, ...) when cached)."""
+        """``dict(image=float32 (B,3,R,R) in [-1,1], label=int64 (B,), index=int64 (B,))``."""
         idx = self._indices(indices)
         raw = torch.from_numpy(self._images.get(idx))  # already channels first
         image = raw.float().div_(127.5).sub_(1.0)
         out = {"image": image, "label": torch.from_numpy(self._labels[idx]), "index": torch.from_numpy(idx)}
-        if self._latents is not None:
-            out["latent_moments"] = torch.from_numpy(self._latents.get(idx).astype(np.float32))
         return out
 
     def __getitem__(self, i: int) -> Dict[str, Any]:

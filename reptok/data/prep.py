@@ -6,7 +6,6 @@ Output directory (a Hugging Face dataset, ``datasets.load_from_disk`` reads it):
     data-00000-of-0000N.arrow  columns: image   uint8 (3, R, R)  (datasets Array3D, raw pixels, CHW)
                                         label   int64            (-1 when unlabelled)
                                         caption string           ("" when none)
-                                        latent_moments float16   (only with a latent encoder)
     state.json, dataset_info.json      what ``save_to_disk`` writes
     reptok_data.json                   our metadata (format, resolution, classes, source, ...)
     skipped.txt                        one line per skipped input: ``<where>\\t<reason>``
@@ -44,7 +43,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..io import replace_dir, temp_dir_beside
-from ..images import center_crop_arr, load_image, uint8_to_tensor
+from ..images import center_crop_arr, load_image
 from ..shapes import render as _shapes
 
 FORMAT = "reptok-data/1"
@@ -66,7 +65,6 @@ _LABEL_NAMES = ("label", "labels", "class", "class_id", "target", "cls", "fine_l
 _CAPTION_NAMES = ("caption", "captions", "text", "prompt", "sentence", "sentences", "description", "txt")
 
 ProgressFn = Callable[[int, int], None]
-LatentEncoder = Callable[[Any], Any]
 
 
 class _Record:
@@ -398,9 +396,8 @@ class _ShardWriter:
         self.rows_in_shard = 0
         self.count = 0
         self.rows_per_shard = 1
-        self.latent_shape: Optional[Tuple[int, ...]] = None
 
-    def _make_features(self, latent_shape: Optional[Tuple[int, ...]]):
+    def _make_features(self):
         import datasets
 
         feats = {
@@ -409,25 +406,14 @@ class _ShardWriter:
             "caption": datasets.Value("string"),
         }
         row_bytes = self.res * self.res * 3
-        if latent_shape is not None:
-            nd = len(latent_shape)
-            if nd == 1:
-                feats["latent_moments"] = datasets.Sequence(datasets.Value("float16"), length=latent_shape[0])
-            elif 2 <= nd <= 5:
-                cls = getattr(datasets, f"Array{nd}D")
-                feats["latent_moments"] = cls(shape=tuple(latent_shape), dtype="float16")
-            else:
-                raise ValueError(f"latent moments of per-image shape {latent_shape}: expected 1 to 5 dims")
-            row_bytes += 2 * int(np.prod(latent_shape))
         self.rows_per_shard = max(1, _SHARD_BYTES // row_bytes)
         return datasets.Features(feats)
 
-    def write(self, images: np.ndarray, labels: np.ndarray, captions: List[str], latents: Optional[np.ndarray]):
+    def write(self, images: np.ndarray, labels: np.ndarray, captions: List[str]):
         from datasets.arrow_writer import ArrowWriter
 
         if self.features is None:
-            self.latent_shape = None if latents is None else tuple(latents.shape[1:])
-            self.features = self._make_features(self.latent_shape)
+            self.features = self._make_features()
         start = 0
         while start < len(images):
             if self.writer is None or self.rows_in_shard >= self.rows_per_shard:
@@ -441,8 +427,6 @@ class _ShardWriter:
             # HWC -> CHW (see the module docstring for why the file layout is channels-first)
             batch = {"image": np.ascontiguousarray(images[sl].transpose(0, 3, 1, 2)), "label": labels[sl],
                      "caption": captions[sl]}
-            if latents is not None:
-                batch["latent_moments"] = latents[sl]
             self.writer.write_batch(batch)
             self.rows_in_shard += take
             self.count += take
@@ -550,8 +534,6 @@ def prepare(
     seed: int = 0,
     progress: Optional[ProgressFn] = None,
     overwrite: bool = False,
-    latent_encoder: Optional[LatentEncoder] = None,
-    latent_meta: Optional[dict] = None,
     batch_size: int = 256,
     workers: Optional[int] = None,
 ) -> Dict[str, Any]:
@@ -568,9 +550,8 @@ def prepare(
     order, so every class is represented). seed: builtin generation seed / subset seed.
     *_column: Hugging Face column names (default: detected by feature type, then by name;
     "none" disables label/caption). progress(done, total) is called after each batch.
-    latent_encoder: optional callable mapping float images (B, 3, R, R) in [-1, 1] to a moments
-    tensor (B, ...) (e.g. the VAE's mean and logvar); stored per image as float16
-    ``latent_moments``, with ``latent_meta`` recorded in the metadata. workers: decoding threads.
+    workers: decoding threads. (VAE latents are cached apart, by ``reptok data cache-latents``:
+    ``reptok/data/latents.py``.)
 
     Unreadable or truncated images are skipped and listed in ``skipped.txt``; InputError (exit
     code 2) if none is usable. The summary is the ``reptok_data.json`` metadata plus ``out``,
@@ -579,12 +560,12 @@ def prepare(
     with _quiet_datasets():
         return _prepare(
             source, out, resolution, limit, split, image_column, label_column, caption_column, seed,
-            progress, overwrite, latent_encoder, latent_meta, batch_size, workers,
+            progress, overwrite, batch_size, workers,
         )
 
 
 def _prepare(source, out, resolution, limit, split, image_column, label_column, caption_column, seed,
-             progress, overwrite, latent_encoder, latent_meta, batch_size, workers) -> Dict[str, Any]:
+             progress, overwrite, batch_size, workers) -> Dict[str, Any]:
     t0 = time.perf_counter()
     source = str(source)
     out = Path(out).expanduser()
@@ -641,11 +622,7 @@ def _prepare(source, out, resolution, limit, split, image_column, label_column, 
             nonlocal imgs, labels, caps
             if not imgs:
                 return
-            batch = np.stack(imgs)
-            lat = None
-            if latent_encoder is not None:
-                lat = _encode_latents(latent_encoder, batch)
-            writer.write(batch, np.asarray(labels, np.int64), caps, lat)
+            writer.write(np.stack(imgs), np.asarray(labels, np.int64), caps)
             imgs, labels, caps = [], [], []
 
         results = _ordered_map(work, src.records, workers, window=max(2 * batch_size, 4 * workers))
@@ -693,9 +670,6 @@ def _prepare(source, out, resolution, limit, split, image_column, label_column, 
             "limit": limit,
             "crop": "adm-center-crop",
             "image_layout": "CHW",
-            "has_latents": writer.latent_shape is not None,
-            "latent_shape": list(writer.latent_shape) if writer.latent_shape is not None else None,
-            "latent": latent_meta if writer.latent_shape is not None else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **src.extra,
         }
@@ -735,17 +709,3 @@ def _has_images(root: Path, max_depth: int = 3) -> bool:
         except OSError:
             continue
     return False
-
-
-def _encode_latents(encoder: LatentEncoder, images: np.ndarray) -> np.ndarray:
-    """uint8 (B, R, R, 3) -> float16 moments (B, ...) via the user's encoder."""
-    import torch
-
-    with torch.no_grad():
-        moments = encoder(uint8_to_tensor(images))
-    if isinstance(moments, torch.Tensor):
-        moments = moments.detach().float().cpu().numpy()
-    moments = np.asarray(moments)
-    if moments.shape[0] != images.shape[0]:
-        raise ValueError(f"latent encoder returned {moments.shape[0]} rows for {images.shape[0]} images")
-    return moments.astype(np.float16)

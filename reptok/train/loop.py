@@ -310,9 +310,14 @@ def fit(
     def host_check(stats: torch.Tensor, step: int) -> Dict[str, float]:
         values = dict(zip(keys, stats.tolist()))
         if not math.isfinite(values["loss"]) or not math.isfinite(float(window_loss)):
-            raise TrainingDiverged(
-                f"loss became {values['loss']} by step {step + 1}; the last good checkpoint "
-                f"(step {last_saved}) is kept in {run}. Lower --lr or raise --grad-clip, then --resume")
+            if last_saved > 0:
+                kept = f"the last good checkpoint (step {last_saved}) is kept in {run}"
+                hint = "then --resume"
+            else:  # nothing was saved yet: there is nothing to resume from
+                kept = "no checkpoint had been written yet"
+                hint = "then start again"
+            raise TrainingDiverged(f"loss became {values['loss']} by step {step + 1}; {kept}. "
+                                   f"Lower --lr or raise --grad-clip, {hint}")
         return values
 
     try:

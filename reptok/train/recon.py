@@ -32,15 +32,12 @@ class ReconSource:
 
     def __init__(self, dataset, cache=None):
         self.dataset, self.cache = dataset, cache
-        self.arrow_moments = cache is None and getattr(dataset, "has_latents", False)
 
     def __call__(self, indices: torch.Tensor) -> dict:
         idx = indices.numpy()
         out = {"image": torch.from_numpy(self.dataset.get_uint8_chw(idx))}
         if self.cache is not None:
             out["moments"] = torch.from_numpy(self.cache.get(idx))
-        elif self.arrow_moments:  # moments written by prepare(latent_encoder=...): one view
-            out["moments"] = self.dataset.get_batch(idx)["latent_moments"].half()[:, None]
         return out
 
 
@@ -66,7 +63,7 @@ class ReconTask(nn.Module):
         self.latent_shape = pipe.latent_shape
         self.hflip = hflip
         self.source = ReconSource(dataset, cache)
-        self.cached = cache is not None or self.source.arrow_moments
+        self.cached = cache is not None
         if freeze_token:  # the baseline: the whole encoder stays as it is
             self.encoder.requires_grad_(False)
 
@@ -164,9 +161,6 @@ def train_recon(
     if cache is not None:
         down = cfg.image_size // cfg.vae.downsample
         cache.check(cfg.vae.source, cfg.vae.subfolder, cfg.image_size, (2 * cfg.vae.latent_channels, down, down), hflip)
-    elif hflip and getattr(dataset, "has_latents", False) and not cfg.vae.is_pixel:
-        raise InputError(f"{data}: its in-dataset latents have no mirrored images; train with --no-hflip or "
-                         f"build a cache with 'reptok data cache-latents {data} --vae ...'")
     cfg.class_names = dataset.class_names
     if resume and (Path(out) / rundir.CONFIG).exists():
         # A resumed baseline stays a baseline even without --freeze-token on the command line.
