@@ -32,7 +32,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 RUN=$WORK/run-$PRESET
 [ -f "$RUN/config.json" ] || "$PY" -c "from reptok.bench import make_random_run; make_random_run('$PRESET', '$RUN')"
-CLASSES=$("$PY" -c "from reptok.checkpoint import read_run_config as r; print(r('$RUN')['config'].generator.num_classes)")
+CLASSES=$("$PY" -c "from reptok.run import read_run_config as r; print(r('$RUN')['config'].generator.num_classes)")
 PER=$(( (IMAGES + CLASSES - 1) / CLASSES ))
 JOB=(sample --ckpt "$RUN" --class all -n "$PER" --count "$IMAGES" --seed 0 --batch-size "$BATCH" --device "$DEVICE" --json)
 [ -n "$STEPS" ] && JOB+=(--steps "$STEPS" --decoder-steps "$STEPS")

@@ -123,15 +123,20 @@ def make_random_run(preset: str, out, seed: int = 0) -> Path:
     from . import run as rundir
     from .presets import get_preset
 
+    from . import io
+
     out = Path(out)
     cfg = get_preset(preset)
     cfg.encoder.weights = "random"
-    if not cfg.vae.is_pixel:
-        random_autoencoder(cfg.vae, seed).save_pretrained(out / "vae")
-        cfg.vae.source, cfg.vae.subfolder = "vae", None
-    pipe = random_pipeline(cfg, seed, components=("decoder", "generator"))
-    rundir.write_run_config(out, cfg, "pipeline", note=f"random weights from preset {preset} (benchmarks)")
-    rundir.save_weights(out, {"decoder": pipe.decoder, "generator": pipe.generator})
+    # Built in a temp folder and renamed: an interrupted call (XL: 4 GB of weights) leaves no
+    # run whose config.json is there but whose weights are not.
+    with io.atomic_dir(out, overwrite=True, what="run") as tmp:
+        if not cfg.vae.is_pixel:
+            random_autoencoder(cfg.vae, seed).save_pretrained(tmp / "vae")
+            cfg.vae.source, cfg.vae.subfolder = "vae", None
+        pipe = random_pipeline(cfg, seed, components=("decoder", "generator"))
+        rundir.write_run_config(tmp, cfg, "pipeline", note=f"random weights from preset {preset} (benchmarks)")
+        rundir.save_weights(tmp, {"decoder": pipe.decoder, "generator": pipe.generator})
     return out
 
 

@@ -68,39 +68,54 @@ def solve(
     velocity_fn: VelocityFn, x: torch.Tensor, steps: int, solver: str = "euler",
     grid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = 0 (x given) to t = 1.
+    """Integrate dx/dt = v(x, t) from t = 0 (x given) to t = 1 on ``grid`` (default
+    ``time_grid(steps)``; a CPU float32 tensor of ``steps + 1`` times, e.g. a slice of a finer grid).
 
     Euler: ``steps`` evaluations. Heun (explicit trapezoid): 2 evaluations per step, second order.
     The state is kept in float32 whatever the network's dtype.
+
+    No host<->device sync per step on CUDA: the grid stays on the CPU (step sizes are 0-dim CPU
+    tensors, which broadcast onto any device without a copy) and is copied to x's device once;
+    each step's (B,) time is a device-side repeat of one grid entry. A velocity function that sets
+    ``takes_host_time = True`` (``guided_velocity``) also gets ``t_host``, the step's time as a
+    float32 CPU scalar tensor, so it can branch on t without reading the device.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    ts = time_grid(steps) if grid is None else grid
+    ts = time_grid(steps) if grid is None else grid.detach().to("cpu", torch.float32)
+    ts_dev = ts.to(x.device)  # one copy for the whole solve
+    host = getattr(velocity_fn, "takes_host_time", False)
+
+    def v_at(x_, i):
+        tv = ts_dev[i].repeat(x_.shape[0])  # == t_i * ones(B), made on the device
+        return (velocity_fn(x_, tv, t_host=ts[i]) if host else velocity_fn(x_, tv)).float()
+
     x = x.float()
-    batch = x.shape[0]
     for i in range(len(ts) - 1):
-        t_cur, t_next = ts[i], ts[i + 1]
-        dt = t_next - t_cur
-        tv = (t_cur * torch.ones(batch)).to(x.device)
-        v = velocity_fn(x, tv).float()
+        dt = ts[i + 1] - ts[i]
+        v = v_at(x, i)
         if solver == "euler":
             x = x + dt * v
         else:
-            v2 = velocity_fn(x + dt * v, (t_next * torch.ones(batch)).to(x.device)).float()
+            v2 = v_at(x + dt * v, i + 1)
             x = x + dt * 0.5 * (v + v2)
     return x
 
 
 # ----------------------------------------------------------------------------- guidance
-def in_interval(t: torch.Tensor, interval: Optional[Sequence[float]]) -> bool:
+def in_interval(t, interval: Optional[Sequence[float]]) -> bool:
     """Official rule: guided iff ``not (t_cur < t_begin or t_cur > t_end)``, i.e. t_begin <= t_cur
     <= t_end inclusive, compared in **float32** like the official tensor-vs-Python-float test
     (torch casts the Python bound to the tensor's float32). In float64 the bounds differ: for 10
     steps and [0.2, 0.8], t = float32(0.8) = 0.800000011920929 is guided officially (0.8f <= 0.8f)
-    but would not be in float64 (0.800000011920929 > 0.8)."""
+    but would not be in float64 (0.800000011920929 > 0.8). ``t``: a tensor (its first entry; a
+    CUDA tensor costs a device->host read) or a float (taken as float32)."""
     if interval is None:
         return True
-    t0 = t.reshape(-1)[:1].detach().to("cpu", torch.float32)
+    if isinstance(t, torch.Tensor):
+        t0 = t.reshape(-1)[:1].detach().to("cpu", torch.float32)
+    else:
+        t0 = torch.tensor([float(t)], dtype=torch.float32)
     lo, hi = (torch.tensor(float(v), dtype=torch.float32) for v in interval[:2])
     return not bool((t0 < lo) | (t0 > hi))
 
@@ -118,11 +133,13 @@ def guided_velocity(
     doubled batch, as in the official ``forward_with_cfg``.
     """
 
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if scale == 1.0 or not in_interval(t, interval):
+    def fn(x: torch.Tensor, t: torch.Tensor, t_host: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # ``solve`` passes t_host (the step's time on the CPU): no device read to pick the branch.
+        if scale == 1.0 or not in_interval(t if t_host is None else t_host, interval):
             return model_fn(x, t, cond)
         v = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_cond, cond]))
         v_u, v_c = v.chunk(2)
         return v_u + scale * (v_c - v_u)
 
+    fn.takes_host_time = True
     return fn

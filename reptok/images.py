@@ -47,11 +47,17 @@ def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def uint8_hwc(images: torch.Tensor) -> torch.Tensor:
+    """float (B,3,H,W) in [-1,1] -> uint8 (B,H,W,3) tensor on the same device (the rule of
+    :func:`tensor_to_uint8`; elementwise float32 ops, so every device gives the same bytes)."""
+    x = ((images.detach().float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
 def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
     """float (B,3,H,W) in [-1,1] -> uint8 (B,H,W,3), rounded to the nearest level
     (``(x + 1) * 127.5 + 0.5``, clamped: torchvision's ``save_image`` convention)."""
-    x = ((images.detach().float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    return uint8_hwc(images.detach().cpu()).numpy()
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

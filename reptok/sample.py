@@ -27,7 +27,7 @@ import torch
 
 from . import io
 from .errors import InputError
-from .images import make_grid, save_png, tensor_to_uint8
+from .images import make_grid, save_png, tensor_to_uint8, uint8_hwc
 from .dist import DistInfo, barrier, gather_objects, shard_range
 
 
@@ -153,9 +153,39 @@ class _Writer:
             self.pool.shutdown(wait=True)
 
 
-def _prefetch(pool, fn, *args):
-    """``fn(*args)`` on the prefetch thread (noise for the next batches while the networks run)."""
-    return pool.submit(fn, *args)
+def _prefetch(pool, fn, *args, pin: bool = False):
+    """``fn(*args)`` on the prefetch thread (noise for the next batches while the networks run);
+    ``pin``: the result in pinned memory, so its copy to the GPU is asynchronous."""
+    return pool.submit(lambda: fn(*args).pin_memory() if pin else fn(*args))
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a sync on CUDA (a plain ``.to(cuda)`` of pageable memory waits for
+    the GPU to drain, which would stall the queue of batches in flight)."""
+    if device.type != "cuda":
+        return x
+    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+
+
+def _fetch_uint8(images: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Start bringing decoded images (B,3,H,W) to the host as uint8 (B,H,W,3); returns the function
+    that waits for them. On CUDA the conversion runs on the device and the copy goes into pinned
+    memory behind an event, so the caller can queue the next batches before waiting; elsewhere
+    it converts at once. Same bytes on every device (``images.uint8_hwc``)."""
+    if images.device.type != "cuda":
+        arr = tensor_to_uint8(images)
+        return lambda: arr
+    dev = uint8_hwc(images)
+    host = torch.empty(dev.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(dev, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> np.ndarray:
+        done.synchronize()
+        return host.numpy().copy()  # pageable copy: the pinned block goes back to the cache
+
+    return wait
 
 
 def sample_to(
@@ -209,19 +239,25 @@ def sample_to(
             io.atomic_write_text(out / "prompts.txt", "".join(p.replace("\n", " ") + "\n" for p in prompts))
         todo = [i for i in mine if not (out / png_name_(i, labels_of([i])[0])).exists()]
 
+    device = torch.device(getattr(pipe, "device", "cpu"))
+    cuda = device.type == "cuda"
+
     def generate(idx, noise):
-        """Tokens (len(idx), D) of generator batch ``idx``."""
+        """Tokens (len(idx), D) of generator batch ``idx`` (on the pipeline's device)."""
         b = gen_batch_size
         lab = labels_of(idx)
+        noise = _to_device(noise, device)
         if prompts is not None:
             z = pipe.generate_from(None, _pad(noise, b), prompts=_pad([prompts[c] for c in lab], b), **sampler_kw)
         else:
-            z = pipe.generate_from(_pad(torch.tensor(lab).clamp(min=0), b), _pad(noise, b), **sampler_kw)
+            labels = _to_device(_pad(torch.tensor(lab).clamp(min=0), b), device)
+            z = pipe.generate_from(labels, _pad(noise, b), **sampler_kw)
         return z[: len(idx)]
 
     def decode(tokens, noise, k):
+        """Queue decoder batch -> the function that waits for its uint8 images (k, H, W, 3)."""
         b = batch_size
-        return tensor_to_uint8(pipe.decode_from(_pad(tokens, b), _pad(noise, b), **sampler_kw)[:k])
+        return _fetch_uint8(pipe.decode_from(_pad(tokens, b), _pad(_to_device(noise, device), b), **sampler_kw)[:k])
 
     gen_batches = [todo[b: b + gen_batch_size] for b in range(0, len(todo), gen_batch_size)]
     dec_batches = [todo[b: b + batch_size] for b in range(0, len(todo), batch_size)]
@@ -230,33 +266,56 @@ def sample_to(
     prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reptok-noise")
     writer = _Writer(writers) if kind == "folder" else None
     finished = False
+    in_flight = None  # (indices, wait) of the decoded batch whose images are still on the way
+
+    def hand_over(idx, wait):
+        imgs = wait()
+        if writer is not None:
+            writer.submit([(out / png_name_(i, label), im) for i, label, im in zip(idx, labels_of(idx), imgs)])
+        else:
+            arrays.append(imgs)
+        if progress is not None:
+            progress(len(idx))
+
     try:
-        gen_noise = [_prefetch(prefetcher, pipe.generator_noise, idx, seed) for idx in gen_batches[:2]]
-        dec_noise = [_prefetch(prefetcher, pipe.decoder_noise, idx, seed) for idx in dec_batches[:2]]
+        gen_noise = [_prefetch(prefetcher, pipe.generator_noise, idx, seed, pin=cuda) for idx in gen_batches[:2]]
+        dec_noise = [_prefetch(prefetcher, pipe.decoder_noise, idx, seed, pin=cuda) for idx in dec_batches[:2]]
         tokens = torch.zeros(0)
         g = 0  # next generator batch
+        # One batch in flight: decoder batch d is queued (with the generator batches it needs)
+        # before batch d-1's images are waited for, so on CUDA the GPU always has the next batch's
+        # work queued while the host converts, writes and prepares (CPU: the same order, same bytes).
         for d, idx in enumerate(dec_batches):
             while len(tokens) < len(idx):  # buffer the generator's tokens up to this decoder batch
                 z = generate(gen_batches[g], gen_noise[g].result())
                 gen_noise[g] = None
                 if g + 2 < len(gen_batches):
-                    gen_noise.append(_prefetch(prefetcher, pipe.generator_noise, gen_batches[g + 2], seed))
+                    gen_noise.append(_prefetch(prefetcher, pipe.generator_noise, gen_batches[g + 2], seed, pin=cuda))
                 tokens = z if len(tokens) == 0 else torch.cat([tokens, z.to(tokens.device)])
                 g += 1
             tok, tokens = tokens[: len(idx)], tokens[len(idx):]
-            imgs = decode(tok, dec_noise[d].result(), len(idx))
+            wait = decode(tok, dec_noise[d].result(), len(idx))
             dec_noise[d] = None
             if d + 2 < len(dec_batches):
-                dec_noise.append(_prefetch(prefetcher, pipe.decoder_noise, dec_batches[d + 2], seed))
-            if writer is not None:
-                writer.submit([(out / png_name_(i, label), im) for i, label, im in zip(idx, labels_of(idx), imgs)])
-            else:
-                arrays.append(imgs)
-            if progress is not None:
-                progress(len(idx))
+                dec_noise.append(_prefetch(prefetcher, pipe.decoder_noise, dec_batches[d + 2], seed, pin=cuda))
+            if in_flight is not None:
+                prev, in_flight = in_flight, None
+                hand_over(*prev)
+            in_flight = (idx, wait)
+        if in_flight is not None:
+            prev, in_flight = in_flight, None
+            hand_over(*prev)
         finished = True
     finally:
         prefetcher.shutdown(wait=True, cancel_futures=True)
+        # Interrupted (or a later batch failed): the batch already decoded is still handed over,
+        # so no finished image is lost; if even that fails, its files stay absent (a rerun makes
+        # them). Every batch handed over is written completely by the writer's close.
+        if not finished and in_flight is not None:
+            try:
+                hand_over(*in_flight)
+            except Exception:
+                pass
         if writer is not None:
             writer.close(raise_errors=finished)
     seconds = time.perf_counter() - t0

@@ -80,3 +80,64 @@ def test_flow_matching_loss_zero_for_perfect_model():
     x0, x1 = torch.randn(3, 4), torch.randn(3, 4)
     loss = flow.flow_matching_loss(lambda xt, t: x1 - x0, x1, x0, torch.rand(3))
     assert loss.shape == (3,) and torch.allclose(loss, torch.zeros(3))
+
+
+def _reference_solve(velocity_fn, x, steps, solver):
+    """The loop as it was (t built on the CPU each step, the CFG branch read from t): the new
+    solve must give the same bits."""
+    ts = flow.time_grid(steps)
+    x = x.float()
+    for i in range(steps):
+        dt = ts[i + 1] - ts[i]
+        v = velocity_fn(x, ts[i] * torch.ones(x.shape[0])).float()
+        if solver == "euler":
+            x = x + dt * v
+        else:
+            x = x + dt * 0.5 * (v + velocity_fn(x + dt * v, ts[i + 1] * torch.ones(x.shape[0])).float())
+    return x
+
+
+@pytest.mark.parametrize("solver", flow.SOLVERS)
+def test_solve_bit_identical_to_the_per_step_loop(solver):
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def model(x, t, c):
+        return torch.tanh(x @ w) * (1 + t.view(-1, 1)) + c.view(-1, 1)
+
+    cond, null = torch.ones(4), torch.zeros(4)
+    x0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    for interval in [(0.3, 0.9), (0.2, 0.8), None]:
+        new = flow.solve(flow.guided_velocity(model, cond, null, 2.5, interval), x0, 10, solver)
+        old = _reference_solve(lambda x, t: _old_guided(model, cond, null, 2.5, interval, x, t), x0, 10, solver)
+        assert torch.equal(new, old)
+
+
+def _old_guided(model, cond, null, scale, interval, x, t):
+    if not flow.in_interval(t, interval):  # reads t (a device read on CUDA)
+        return model(x, t, cond)
+    v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond])).chunk(2)
+    return v_u + scale * (v_c - v_u)
+
+
+def test_solve_never_reads_the_device():
+    # On the meta device any device->host read raises: the guided solve must decide the CFG
+    # branch from the CPU grid (no per-step sync on CUDA) and still guide exactly the official steps.
+    rows = []
+
+    def model(x, t, c):
+        assert t.device.type == "meta" and t.shape == (x.shape[0],)
+        rows.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    meta = torch.device("meta")
+    with pytest.raises(NotImplementedError):  # the old branch test would have failed here
+        flow.in_interval(torch.zeros(2, device=meta), (0.3, 0.9))
+    fn = flow.guided_velocity(model, torch.ones(2, device=meta), torch.zeros(2, device=meta), 3.0, (0.3, 0.9))
+    out = flow.solve(fn, torch.zeros(2, 5, device=meta), 50)
+    assert out.device == meta and out.shape == (2, 5)
+    assert [i for i, b in enumerate(rows) if b == 4] == list(range(16, 46))
+
+
+def test_in_interval_takes_a_float():
+    ts = flow.time_grid(10)
+    assert [flow.in_interval(float(t), (0.2, 0.8)) for t in ts] == [flow.in_interval(ts[i:i + 1], (0.2, 0.8)) for i in range(11)]

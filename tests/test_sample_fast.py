@@ -115,6 +115,33 @@ def test_writer_loses_no_image_when_interrupted(run, tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / name)), want)
 
 
+def test_next_batch_is_queued_before_the_previous_one_is_waited_for(run, tmp_path, monkeypatch):
+    """The overlap order (what lets CUDA run batch k+1 while the host finishes batch k): the
+    generator and decoder of batch k+1 are called before batch k's images are waited for, and the
+    bytes equal the plain per-batch conversion."""
+    import reptok.sample as smp
+    from reptok.backends import load_sampling_pipeline
+    from reptok.images import tensor_to_uint8
+
+    pipe = load_sampling_pipeline(run, "cpu")
+    events, real_fetch = [], smp._fetch_uint8
+    gen, dec = pipe.generate_from, pipe.decode_from
+
+    def fetch(images):
+        k = sum(e[0] == "decode" for e in events) - 1
+        wait = real_fetch(images)
+        want = tensor_to_uint8(images)
+        return lambda: (events.append(("wait", k)), wait())[1] if np.array_equal(wait(), want) else None
+
+    monkeypatch.setattr(smp, "_fetch_uint8", fetch)
+    pipe.generate_from = lambda *a, **k: (events.append(("generate",)), gen(*a, **k))[1]
+    pipe.decode_from = lambda *a, **k: (events.append(("decode",)), dec(*a, **k))[1]
+    res = smp.sample_to(pipe, [0, 1, 2], 2, tmp_path / "o.npz", seed=1, batch_size=2, steps=2, decoder_steps=2)
+    assert res["generated"] == 6 and np.load(tmp_path / "o.npz")["arr_0"].shape[0] == 6
+    names = [e[0] if e[0] != "wait" else f"wait{e[1]}" for e in events]
+    assert names == ["generate", "decode", "generate", "decode", "wait0", "generate", "decode", "wait1", "wait2"]
+
+
 def test_nfe_counts():
     from reptok.bench import random_pipeline
     from reptok.presets import get_preset
