@@ -30,6 +30,7 @@ import torch
 from .config import PipelineConfig
 from .errors import InputError
 from .io import atomic_write_text, load_tensors, read_json, save_tensors
+from .presets import get_preset
 
 FORMAT = "reptok-run/1"
 CONFIG = "config.json"
@@ -132,3 +133,25 @@ def resolve_tokenizer_run(run: Path, doc: dict) -> Optional[Path]:
         if (cand / CONFIG).exists():
             return cand.resolve()
     raise InputError(f"{run}: its tokenizer run {ref!r} is missing; move it back or edit tokenizer_run in {CONFIG}")
+
+
+# ----------------------------------------------------------------------------- where a config comes from
+def resolve_config(preset: Optional[str] = None, ckpt: Optional[str] = None, config: Optional[Path] = None,
+                   overrides: Optional[dict] = None) -> PipelineConfig:
+    """Start from a run's config, a --config JSON file or a preset, then apply dotted overrides."""
+    if ckpt:
+        cfg = read_run_config(Path(ckpt))["config"]
+    elif config:
+        doc = read_json(Path(config), "--config file")
+        # A run's config.json ({"format": ..., "kind": ..., "pipeline": {...}}) is accepted too.
+        if isinstance(doc, dict) and isinstance(doc.get("pipeline"), dict) and "format" in doc:
+            doc = doc["pipeline"]
+        cfg = PipelineConfig.from_dict(doc)
+    else:
+        try:
+            cfg = get_preset(preset or "tiny")
+        except KeyError as e:
+            raise InputError(str(e.args[0])) from None
+    if overrides:
+        cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+    return cfg.validate()

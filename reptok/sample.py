@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from . import io
+from . import run as rundir
 from .errors import InputError
 from .images import make_grid, save_png, tensor_to_uint8, uint8_hwc
 from .dist import DistInfo, barrier, gather_objects, shard_range
@@ -101,6 +103,96 @@ def read_prompts(prompts: Optional[Sequence[str]] = None, prompts_file: Optional
             raise InputError(f"--prompts {path}: the file has no prompts (one a line)")
         out.extend(lines)
     return out
+
+
+def parse_cfg_interval(text: Optional[str]):
+    """``--cfg-interval``: None -> "default" (the run's), 'none'/'all' -> None (guide every step),
+    'lo,hi' -> (lo, hi); range checks are the config layer's."""
+    if text is None:
+        return "default"
+    if text.strip().lower() in ("none", "all"):
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--cfg-interval {text!r}: expected two numbers like 0.3,0.9") from None
+    return (lo, hi)
+
+
+@dataclass
+class SampleJob:
+    """What ``reptok sample`` will do, resolved and checked before any work: the conditions (class
+    ids or prompts), the output and, for a PNG folder, its manifest."""
+
+    ckpt: Path
+    out: Path
+    kind: str
+    classes: Optional[List[int]]
+    prompts: Optional[List[str]]
+    n: int
+    sampler: dict  # steps, cfg, cfg_interval, solver, decoder_steps, decoder_solver
+    manifest: Optional[dict] = None
+    overwrite: bool = False
+
+    def images(self, start: int = 0, count: Optional[int] = None) -> int:
+        """How many images the shard [start, start + count) holds."""
+        return count if count is not None else len(self.prompts or self.classes) * self.n - start
+
+    def prepare_output(self, info: DistInfo = DistInfo()) -> None:
+        """Set up a PNG folder (rank 0; the others wait so nobody lists PNGs of a folder that
+        ``--overwrite`` is emptying). Outputs of other kinds are written whole at the end."""
+        from .outputs import prepare_png_folder
+
+        if self.manifest is None:
+            return
+        if info.is_main:
+            prepare_png_folder(self.out, self.manifest, overwrite=self.overwrite)
+        barrier()
+
+
+def plan_sample_job(ckpt: Path, out: Path, *, classes: Optional[str] = None, prompts: Sequence[str] = (),
+                    prompts_file: Optional[Path] = None, n: int = 1, seed: int = 0,
+                    cfg: Optional[float] = None, cfg_interval: Optional[str] = None, steps: Optional[int] = None,
+                    decoder_steps: Optional[int] = None, solver: Optional[str] = None, backend: str = "torch",
+                    engine: Optional[Path] = None, precision: str = "fp32", overwrite: bool = False) -> SampleJob:
+    """Check a sampling job against its run before any work (InputError: one line, exit 2):
+    a generator run, --class for class runs / --prompt(s) for text runs, the output free (or a
+    PNG folder whose manifest matches: then it resumes), and build its PNG-folder manifest."""
+    from . import outputs
+
+    kind = check_output(out)
+    doc = rundir.read_run_config(ckpt)
+    gen_cfg = doc["config"].generator
+    if doc["kind"] == "tokenizer" or gen_cfg is None:
+        raise InputError(f"{ckpt}: a {doc['kind']} run has no generator; pass a generator run (reptok train gen)")
+    prompt_list = None
+    if gen_cfg.text_encoder is not None:
+        if classes is not None:
+            raise InputError(f"{ckpt}: a text-to-image run takes --prompt/--prompts, not --class")
+        prompt_list = read_prompts(prompts, prompts_file)
+        if not prompt_list:
+            raise InputError(f"{ckpt}: a text-to-image run needs --prompt TEXT or --prompts FILE")
+    elif prompts or prompts_file is not None:
+        raise InputError(f"{ckpt}: not a text-to-image run (it takes --class); drop --prompt/--prompts")
+    class_ids = None if prompt_list is not None else parse_classes(
+        classes if classes is not None else ("0" if gen_cfg.num_classes > 0 else ""), gen_cfg.num_classes)
+    interval = parse_cfg_interval(cfg_interval)
+    sampler = dict(steps=steps, cfg=cfg, cfg_interval=interval, solver=solver, decoder_steps=decoder_steps,
+                   decoder_solver=solver)
+    job = SampleJob(Path(ckpt), Path(out), kind, class_ids, prompt_list, n, sampler, overwrite=overwrite)
+    if kind == "folder":
+        sc = doc["config"].sampling
+        job.manifest = outputs.sample_manifest(
+            ckpt, seed=seed, cfg=sc.cfg if cfg is None else cfg,
+            cfg_interval=(list(sc.cfg_interval) if interval == "default" else interval),
+            steps=steps or sc.steps, solver=solver or sc.solver, decoder_steps=decoder_steps or sc.decoder_steps,
+            decoder_solver=solver or sc.decoder_solver, backend=backend,
+            engine=str(Path(engine).resolve()) if engine else None, precision=precision,
+            classes=class_ids, prompts=prompt_list, n=n)
+        outputs.prepare_png_folder(out, job.manifest, overwrite=overwrite, write=False)  # check only
+    else:
+        outputs.check_new_output(out, overwrite)
+    return job
 
 
 # ----------------------------------------------------------------------------- the job

@@ -6,6 +6,7 @@ Progress and messages go to stderr; ``--json`` summaries are one line on stdout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -141,3 +142,21 @@ def init_ranks(dev: str):
     if info.enabled and dev.startswith("cuda"):
         dev = f"cuda:{info.local_rank}"
     return dev, info
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, enabled: bool = True):
+    """A transient progress bar on stderr; yields ``advance(k)`` (None when disabled, so the
+    library skips the callback)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import Progress
+
+    bar = Progress(console=err, transient=True)
+    task = bar.add_task(label, total=total)
+    bar.start()
+    try:
+        yield lambda k: bar.advance(task, k)
+    finally:
+        bar.stop()

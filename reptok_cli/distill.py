@@ -8,8 +8,10 @@ from typing import Optional
 
 import typer
 
+from reptok.run import resolve_config
+
 from .common import emit_json, err, handle_errors, init_ranks, parse_device, result_console
-from .options import check_choice, device_option, given_flags, json_option, option_names, quiet_option, resolve_config
+from .options import check_choice, device_option, given_flags, json_option, option_names, quiet_option
 from .train import MODEL, OPT, RUN, _train_overrides, train_app
 
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import app, emit_json, handle_errors
-from .options import resolve_config
+from reptok.run import resolve_config
 
 
 @app.command("info", epilog="Examples:\n\n  reptok info --preset xl\n\n  reptok info --ckpt runs/tok --json")

@@ -123,28 +123,3 @@ def parse_set(items: Optional[List[str]]) -> dict:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
-
-
-def resolve_config(preset: Optional[str] = None, ckpt: Optional[str] = None, config: Optional[Path] = None,
-                   overrides: Optional[dict] = None) -> PipelineConfig:
-    """Start from a run's config, a --config JSON file or a preset, then apply dotted overrides."""
-    from reptok import run as rundir
-    from reptok.io import read_json
-    from reptok.presets import get_preset
-
-    if ckpt:
-        cfg = rundir.read_run_config(Path(ckpt))["config"]
-    elif config:
-        doc = read_json(Path(config), "--config file")
-        # A run's config.json ({"format": ..., "kind": ..., "pipeline": {...}}) is accepted too.
-        if isinstance(doc, dict) and isinstance(doc.get("pipeline"), dict) and "format" in doc:
-            doc = doc["pipeline"]
-        cfg = PipelineConfig.from_dict(doc)
-    else:
-        try:
-            cfg = get_preset(preset or "tiny")
-        except KeyError as e:
-            raise InputError(str(e.args[0])) from None
-    if overrides:
-        cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
-    return cfg.validate()

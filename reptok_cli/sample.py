@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
+from .common import app, emit_json, err, handle_errors, init_ranks, parse_device, progress_bar
 from .options import check_choice, check_sampling, device_option, engine_option, json_option, overwrite_option, quiet_option
 
 S = "Sampler"
@@ -51,96 +51,29 @@ def sample(
     quiet: bool = quiet_option(J),
 ):
     """Generate images: generator (a class or a prompt) -> token -> decoder -> (VAE) -> pixels."""
-    from reptok.run import read_run_config
-    from reptok.errors import InputError
-    from reptok.sample import check_output, output_kind, parse_classes, read_prompts, sample_to
+    from reptok.backends import PRECISIONS, describe_fast_path, load_sampling_pipeline, resolve_backend
+    from reptok.sample import parse_cfg_interval, plan_sample_job, sample_to
 
-    check_output(out)
-    run_doc = read_run_config(ckpt)
-    if run_doc["kind"] == "tokenizer" or run_doc["config"].generator is None:
-        raise InputError(f"{ckpt}: a {run_doc['kind']} run has no generator; pass a generator run (reptok train gen)")
-    gen_cfg = run_doc["config"].generator
-    is_text = gen_cfg is not None and gen_cfg.text_encoder is not None
-    prompts = None
-    if is_text:
-        if classes is not None:
-            raise InputError(f"{ckpt}: a text-to-image run takes --prompt/--prompts, not --class")
-        prompts = read_prompts(prompt, prompts_file)
-        if not prompts:
-            raise InputError(f"{ckpt}: a text-to-image run needs --prompt TEXT or --prompts FILE")
-    elif prompt or prompts_file is not None:
-        raise InputError(f"{ckpt}: not a text-to-image run (it takes --class); drop --prompt/--prompts")
-    interval = "default"
-    if cfg_interval is not None:
-        if cfg_interval.lower() in ("none", "all"):
-            interval = None
-        else:
-            try:
-                lo, hi = (float(v) for v in cfg_interval.split(","))
-            except ValueError:
-                raise InputError(f"--cfg-interval {cfg_interval!r}: expected two numbers like 0.3,0.9") from None
-            interval = (lo, hi)
+    interval = parse_cfg_interval(cfg_interval)
     check_sampling(steps=steps, cfg=cfg, cfg_interval=interval if isinstance(interval, tuple) else None,
                    decoder_steps=decoder_steps, solver=solver)
-    from reptok.backends import PRECISIONS, resolve_backend
-
     check_choice("--precision", precision, tuple(PRECISIONS))
-    backend_used = resolve_backend(backend, engine)
     dev = parse_device(device)
-    class_ids = None if is_text else parse_classes(
-        classes if classes is not None else ("0" if gen_cfg.num_classes > 0 else ""), gen_cfg.num_classes)
-    kind = output_kind(out)
-    from reptok import outputs
-
-    manifest = None
-    if kind == "folder":
-        sc = run_doc["config"].sampling
-        manifest = outputs.sample_manifest(
-            ckpt, seed=seed, cfg=sc.cfg if cfg is None else cfg,
-            cfg_interval=(list(sc.cfg_interval) if interval == "default" else interval),
-            steps=steps or sc.steps, solver=solver or sc.solver, decoder_steps=decoder_steps or sc.decoder_steps,
-            decoder_solver=solver or sc.decoder_solver, backend=backend_used,
-            engine=str(Path(engine).resolve()) if engine else None,
-            precision="fp32" if no_fast else (precision or ("bf16" if dev.startswith("cuda") else "fp32")),
-            classes=class_ids, prompts=prompts, n=n)
-        outputs.prepare_png_folder(out, manifest, overwrite=overwrite, write=False)  # check only: no work yet
-    else:
-        outputs.check_new_output(out, overwrite)
+    job = plan_sample_job(
+        ckpt, out, classes=classes, prompts=prompt or (), prompts_file=prompts_file, n=n, seed=seed, cfg=cfg,
+        cfg_interval=cfg_interval, steps=steps, decoder_steps=decoder_steps, solver=solver,
+        backend=resolve_backend(backend, engine), engine=engine, overwrite=overwrite,
+        precision="fp32" if no_fast else (precision or ("bf16" if dev.startswith("cuda") else "fp32")))
     dev, info = init_ranks(dev)
-    if manifest is not None:
-        from reptok.dist import barrier
-
-        if info.is_main:
-            outputs.prepare_png_folder(out, manifest, overwrite=overwrite)
-        barrier()  # no rank lists the folder's PNGs before rank 0 has emptied it (--overwrite)
-    from reptok.backends import load_sampling_pipeline
-
+    job.prepare_output(info)
     pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision, fast=not no_fast,
                                   compile=compile_, cuda_graphs=cuda_graphs)
-    if info.is_main and not quiet:  # stderr: stdout stays one JSON line with --json
-        from reptok.backends import describe_fast_path
-
+    if info.is_main and not quiet:  # stderr: stdout stays the result
         err.print(f"sampling with {describe_fast_path(pipe.fast_path)}", highlight=False)
-    if pipe.generator is None:
-        raise InputError(f"{ckpt}: this run has no generator; pass a generator run (reptok train gen)")
-    bar = None
-    total = count if count is not None else len(prompts if is_text else class_ids) * n - start
-    if not quiet and info.is_main:
-        from rich.progress import Progress
-
-        bar = Progress(console=err, transient=True)
-        task = bar.add_task("sampling", total=total)
-        bar.start()
-    try:
-        summary = sample_to(
-            pipe, class_ids, n, out, seed=seed, start=start, count=count, batch_size=batch_size,
-            gen_batch_size=gen_batch_size, info=info,
-            progress=(lambda k: bar.advance(task, k)) if bar else None,
-            prompts=prompts, steps=steps, cfg=cfg, cfg_interval=interval, solver=solver,
-            decoder_steps=decoder_steps, decoder_solver=solver)
-    finally:
-        if bar:
-            bar.stop()
+    with progress_bar("sampling", job.images(start, count), enabled=info.is_main and not quiet) as advance:
+        summary = sample_to(pipe, job.classes, n, out, seed=seed, start=start, count=count, batch_size=batch_size,
+                            gen_batch_size=gen_batch_size, info=info, progress=advance, prompts=job.prompts,
+                            **job.sampler)
     if info.is_main:
         summary["backend"] = pipe.fast_path["backend"]
         if json_out:

@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
+from .common import app, emit_json, err, handle_errors, init_ranks, parse_device, progress_bar
 from .options import check_sampling, device_option, json_option, overwrite_option, quiet_option
 
 
@@ -41,19 +41,10 @@ def extract(
     dev = parse_device(device)
     dev, info = init_ranks(dev)
     pipe = Pipeline.from_run(ckpt, dev, components=("encoder",))
-    bar = None
-    if not quiet and info.is_main:
-        from rich.progress import Progress
-
-        bar = Progress(console=err, transient=True)
-        task = bar.add_task("extracting", total=min(total, limit or total) // max(info.world_size, 1))
-        bar.start()
-    try:
+    mine = min(total, limit or total) // max(info.world_size, 1)
+    with progress_bar("extracting", mine, enabled=info.is_main and not quiet) as advance:
         meta = extract_tokens(pipe, data, out, batch_size=batch_size, info=info, limit=limit, overwrite=overwrite,
-                              progress=(lambda k: bar.advance(task, k)) if bar else None)
-    finally:
-        if bar:
-            bar.stop()
+                              progress=advance)
     if info.is_main:
         summary = {k: meta[k] for k in ("count", "dim", "checkpoint", "dataset")} | {"out": str(out)}
         emit_json(summary) if json_out else typer.echo(f"wrote {out}: {meta['count']} x {meta['dim']} tokens")

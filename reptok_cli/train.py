@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
-from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option, resolve_config
+from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option
 
 train_app = typer.Typer(help="Train the tokenizer (recon) or the generator (gen).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -33,8 +33,17 @@ def _finish(summary: dict, info, json_out: bool, unit: str) -> None:
         raise typer.Exit(summary["exit_code"])
 
 
+def _already_finished(out: Path, cfg, kind: str, resume: bool, json_out: bool) -> bool:
+    """``--resume`` of a run that already reached its step count: say so, nothing to do (exit 0)."""
+    from reptok.train.start import finished_summary
+
+    done = finished_summary(out, cfg, kind) if resume else None
+    if done is not None:
+        _report_finished(done, json_out)
+    return done is not None
+
+
 def _report_finished(done: dict, json_out: bool) -> None:
-    """``--resume`` of a run that already reached its step count: nothing to do, exit 0."""
     if json_out:
         emit_json(done)
     else:
@@ -65,19 +74,6 @@ def _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample
 def _time_overrides(part: str, sampler, loc, scale) -> dict:
     """--time-sampler / --time-loc / --time-scale -> the stage's model config (decoder / generator)."""
     return {f"{part}.time_sampler": sampler, f"{part}.time_loc": loc, f"{part}.time_scale": scale}
-
-
-def _check_init(init, resume: bool, **model_options) -> None:
-    """--init takes the models from its run: options that would pick other models are exit 2."""
-    from reptok.errors import InputError
-
-    if init is None:
-        return
-    if resume:
-        raise InputError("--init starts a new run from another run's weights; --resume continues this one: pick one")
-    given = [k for k, v in model_options.items() if v]
-    if given:
-        raise InputError(f"--init takes the models from {init}; drop {given[0]} (use --set for config keys)")
 
 
 TIME_HELP = "Training time sampler: logit_normal | uniform"
@@ -128,44 +124,21 @@ def recon(
 ):
     """Stage (a): train the encoder's \\[cls] token and the flow decoder jointly."""
     from reptok.train.recon import train_recon
+    from reptok.train.start import fresh_run_guard, recon_run_config
 
     dev = parse_device(device)
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema)
-    over["train.cos_weight"] = cos_weight
-    over["train.token_lr_scale"] = token_lr_scale
+    over.update({"train.cos_weight": cos_weight, "train.token_lr_scale": token_lr_scale, "train.hflip": hflip})
     over.update(_time_overrides("decoder", time_sampler, time_loc, time_scale))
-    over["train.hflip"] = hflip
     _check_runtime(workers, precision, wandb)
     sets = parse_set(set_)
     flags = given_flags(over, sets)
-    over.update(sets)
-    _check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
-    from reptok.train.start import check_out, finished_summary, has_checkpoint
-
-    check_out(out, resume)
     with option_names(flags):
-        if resume and has_checkpoint(out):
-            cfg = resolve_config(ckpt=str(out), overrides=over)
-        elif init is not None:  # the models of the init run, the training settings of --preset / --config
-            from reptok.train.start import init_config
-
-            cfg = init_config(init, resolve_config(preset=preset, config=config))
-            cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
-        else:
-            from reptok.config import with_encoder, with_vae
-
-            cfg = resolve_config(preset=preset, config=config)
-            cfg = with_vae(with_encoder(cfg, encoder, encoder_weights), vae)
-            cfg = cfg.replace(**{k: v for k, v in over.items() if v is not None}).validate()
-    done = finished_summary(out, cfg, "tokenizer") if resume else None
-    if done is not None:
-        _report_finished(done, json_out)
+        cfg = recon_run_config(out, {**over, **sets}, preset=preset, config=config, resume=resume, init=init,
+                               encoder=encoder, encoder_weights=encoder_weights, vae=vae)
+    if _already_finished(out, cfg, "tokenizer", resume, json_out):
         return
-    # Inputs are validated above, before the process group exists (a bad option fails every rank
-    # at once instead of leaving the others waiting in a collective).
-    dev, info = init_ranks(dev)
-    from reptok.train.start import fresh_run_guard
-
+    dev, info = init_ranks(dev)  # after validation: a bad option fails every rank before any collective
     with fresh_run_guard(out, resume, info.is_main):
         summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
                               progress=not (json_out or quiet), precision=precision, init=init, workers=workers,
@@ -218,50 +191,22 @@ def gen(
     quiet: bool = quiet_option(RUN),
 ):
     """Stage (b): train the MLP-Mixer generator on extracted tokens (class labels, or captions with --text-encoder)."""
-    from reptok.train.gen import gen_config, train_gen
+    from reptok.train.gen import gen_run_config, train_gen
+    from reptok.train.start import fresh_run_guard
 
     dev = parse_device(device)
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, None, ema)
-    over["generator.class_dropout"] = class_dropout
-    over["generator.num_classes"] = num_classes
-    if text_encoder is not None:
-        from reptok.models.text import canonical_spec
-
-        text_encoder = canonical_spec(text_encoder)
-    over["generator.text_encoder"] = text_encoder
-    over["generator.caption_dropout"] = caption_dropout
-    over["generator.token_norm"] = token_norm
+    over.update({"generator.class_dropout": class_dropout, "generator.num_classes": num_classes,
+                 "generator.text_encoder": text_encoder, "generator.caption_dropout": caption_dropout,
+                 "generator.token_norm": token_norm})
     over.update(_time_overrides("generator", time_sampler, time_loc, time_scale))
     _check_runtime(workers, precision, wandb)
-    if caption_dropout is not None and text_encoder is None and not resume:
-        from reptok.errors import InputError
-
-        raise InputError("--caption-dropout applies to text-to-image runs; add --text-encoder NAME")
     sets = parse_set(set_)
-    flags = given_flags(over, sets)
-    over.update(sets)
-    _check_init(init, resume, **{"--text-encoder": text_encoder, "--num-classes": num_classes is not None,
-                                 "--token-norm": token_norm})
-    from reptok.train.start import check_out, finished_summary, has_checkpoint
-
-    check_out(out, resume)
-    with option_names(flags):
-        if resume and has_checkpoint(out):
-            cfg = resolve_config(ckpt=str(out), overrides=over)
-        else:
-            from reptok.train.start import init_run_config
-
-            init_cfg = init_run_config(init, "gen") if init is not None else None
-            cfg = gen_config(tokens, resolve_config(preset=preset), over, init=init_cfg)
-    done = finished_summary(out, cfg, "generator") if resume else None
-    if done is not None:
-        _report_finished(done, json_out)
+    with option_names(given_flags(over, sets)):
+        cfg = gen_run_config(out, tokens, {**over, **sets}, preset=preset, resume=resume, init=init)
+    if _already_finished(out, cfg, "generator", resume, json_out):
         return
-    # Inputs are validated above, before the process group exists (a bad option fails every rank
-    # at once instead of leaving the others waiting in a collective).
-    dev, info = init_ranks(dev)
-    from reptok.train.start import fresh_run_guard
-
+    dev, info = init_ranks(dev)  # after validation: a bad option fails every rank before any collective
     with fresh_run_guard(out, resume, info.is_main):
         summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not (json_out or quiet),
                             precision=precision, init=init, workers=workers, compile=compile_,

@@ -30,8 +30,9 @@ from ..extract import load_tokens
 from ..models import build_generator
 from ..models.generator import TokenGenerator
 from ..dist import DistInfo
+from ..run import resolve_config
 from .loop import _check_batch, fit
-from .start import load_init, prepare_run_dir, read_init
+from .start import check_init, check_out, has_checkpoint, init_run_config, load_init, prepare_run_dir, read_init
 
 
 class CaptionFeatures:
@@ -221,6 +222,27 @@ def _text_encoder_for(tokens_path: Path, data: dict, cfg: PipelineConfig):
         raise InputError(f"generator.text_dim={g.text_dim} but the text encoder {te.spec!r} has width {te.dim}")
     g.text_encoder, g.text_dim, g.text_len = te.spec, te.dim, te.max_len
     return te
+
+
+def gen_run_config(out: Path, tokens: Path, overrides: dict, *, preset: str = "small", resume: bool = False,
+                   init: Optional[Path] = None) -> PipelineConfig:
+    """The config ``train gen`` runs with, checked before any work: the run's own (``resume``) or
+    the tokens' tokenizer run + the preset's (or the ``init`` run's) generator, then ``overrides``.
+    Captions are dropped only for text-to-image runs (``generator.text_encoder``)."""
+    text = overrides.get("generator.text_encoder")
+    if overrides.get("generator.caption_dropout") is not None and text is None and not resume:
+        raise InputError("--caption-dropout applies to text-to-image runs; add --text-encoder NAME")
+    check_init(init, resume, **{"--text-encoder": text, "--num-classes": overrides.get("generator.num_classes") is not None,
+                                "--token-norm": overrides.get("generator.token_norm")})
+    check_out(out, resume)
+    if resume and has_checkpoint(out):
+        if text is not None:  # compared with the run's (canonical) spec; gen_config does it for new runs
+            from ..models.text import canonical_spec
+
+            overrides = {**overrides, "generator.text_encoder": canonical_spec(text)}
+        return resolve_config(ckpt=str(out), overrides=overrides)
+    init_cfg = init_run_config(init, "gen") if init is not None else None
+    return gen_config(tokens, resolve_config(preset=preset), overrides, init=init_cfg)
 
 
 def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict,

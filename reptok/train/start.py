@@ -197,3 +197,35 @@ def init_config(init: Path, train_from: PipelineConfig) -> PipelineConfig:
         if local:
             cfg.vae.source = str(Path(location).resolve())
     return cfg
+
+
+# ----------------------------------------------------------------------------- a stage's config
+def check_init(init: Optional[Path], resume: bool, **model_options) -> None:
+    """--init takes the models from its run: options that would pick other models are exit 2."""
+    if init is None:
+        return
+    if resume:
+        raise InputError("--init starts a new run from another run's weights; --resume continues this one: pick one")
+    given = [k for k, v in model_options.items() if v]
+    if given:
+        raise InputError(f"--init takes the models from {init}; drop {given[0]} (use --set for config keys)")
+
+
+def recon_run_config(out: Path, overrides: dict, *, preset: str = "small", config: Optional[Path] = None,
+                     resume: bool = False, init: Optional[Path] = None, encoder: Optional[str] = None,
+                     encoder_weights: Optional[str] = None, vae: Optional[str] = None) -> PipelineConfig:
+    """The config ``train recon`` runs with, checked before any work: the run's own (``resume``),
+    the ``init`` run's models with the training settings of ``preset`` / ``config``, or
+    ``preset`` / ``config`` with ``encoder`` / ``vae`` swapped in; then the dotted ``overrides``."""
+    from ..config import with_encoder, with_vae
+    from ..run import resolve_config
+
+    check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
+    check_out(out, resume)
+    if resume and has_checkpoint(out):
+        return resolve_config(ckpt=str(out), overrides=overrides)
+    if init is not None:
+        cfg = init_config(init, resolve_config(preset=preset, config=config))
+    else:
+        cfg = with_vae(with_encoder(resolve_config(preset=preset, config=config), encoder, encoder_weights), vae)
+    return cfg.replace(**{k: v for k, v in overrides.items() if v is not None}).validate()
