@@ -81,7 +81,7 @@ def attach(
     generator: Path = typer.Option(..., "--generator", help="A generator run (reptok train gen).", rich_help_panel=RUN),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="A tokenizer run with the same encoder, e.g. a distilled student.", rich_help_panel=RUN),
     out: Path = typer.Option(..., "--out", help="The new generator run directory.", rich_help_panel=RUN),
-    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=RUN),
+    json_out: bool = json_option(RUN),
 ):
     """Copy a generator run so that it decodes with another tokenizer run (same tokens) and its decoder steps."""
     from reptok.train.distill import attach_generator

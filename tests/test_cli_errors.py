@@ -132,6 +132,10 @@ CASES = [
     ("eval-out-exists", lambda r, t: ["eval", "gen", "--samples", r / "s.npz", "--ref", r / "data", "--features", "judge",
                                       "--out", _existing(t, "res.json")], "--overwrite"),
     ("info-preset-bogus", lambda r, t: ["info", "--preset", "gigantic"], "preset"),
+    ("attach-out-not-empty", lambda r, t: ["train", "attach", "--generator", r / "gen", "--tokenizer", r / "tok",
+                                           "--out", _existing(t, "f").parent], "not empty"),
+    ("attach-tokenizer-is-generator", lambda r, t: ["train", "attach", "--generator", r / "gen", "--tokenizer", r / "gen",
+                                                    "--out", t / "new"], "tokenizer run"),
     ("bench-engine-missing", lambda r, t: ["bench", "--ckpt", r / "gen", "--engine", t / "noengine"], "--engine"),
 ]
 

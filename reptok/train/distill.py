@@ -39,6 +39,7 @@ from torch import nn
 
 from .. import io
 from .. import run as rundir
+from ..outputs import check_new_output
 from .. import flow
 from ..config import PipelineConfig
 from ..errors import InputError
@@ -239,6 +240,7 @@ def attach_generator(generator: Path, tokenizer: Path, out: Path) -> dict:
         raise InputError(f"{tokenizer} is a {tdoc.get('kind')} run; --tokenizer needs a tokenizer run")
     if (out / rundir.CONFIG).exists():
         raise InputError(f"{out} already holds a run; choose another --out")
+    check_new_output(out, folder=True)  # any other non-empty folder, or an unwritable place, is refused too
     old_tok = rundir.resolve_tokenizer_run(generator, gdoc)
     if old_tok is None:
         raise InputError(f"{generator}: the run names no tokenizer run")
