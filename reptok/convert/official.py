@@ -43,10 +43,7 @@ import copy
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -771,13 +768,11 @@ def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[st
                hparams: dict) -> None:
     from safetensors.torch import save_file
 
-    from ..io import atomic_write_text
+    from ..io import atomic_dir, atomic_write_text
     from ..run import EMA, MODEL, write_run_config
 
     _check_out(out, overwrite)  # again: the load may have taken minutes
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:  # the run appears whole, in one rename
         write_run_config(tmp, cfg, "pipeline",
                          converted_from={"format": "official-lightning", "source": Path(summary["source"]).name,
                                          "sha256": summary["sha256"], "details": CONVERSION})
@@ -787,16 +782,3 @@ def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[st
         save_file(vae_w, str(tmp / VAE_DIR / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         atomic_write_text(tmp / CONVERSION, json.dumps({**summary, "hyper_parameters": hparams},
                                                        indent=2, sort_keys=True, default=str) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
