@@ -280,32 +280,61 @@ def _block_signature(m: nn.Module) -> tuple:
     return (type(m),) + tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
 
 
+def _compile_container(child: nn.Module, compile_kw: dict) -> Tuple[Optional[nn.Module], int]:
+    """A copy of a ModuleList / Sequential with each repeated block compiled, or (None, 0)."""
+    if not isinstance(child, (nn.ModuleList, nn.Sequential)):
+        return None, 0
+    counts: Dict[tuple, int] = {}
+    for m in child:
+        counts[_block_signature(m)] = counts.get(_block_signature(m), 0) + 1
+    repeated = [counts[_block_signature(m)] > 1 for m in child]
+    if not any(repeated):
+        return None, 0
+    items = [torch.compile(m, **compile_kw) if rep else m for m, rep in zip(child, repeated)]
+    return (type(child)(*items) if isinstance(child, nn.Sequential) else nn.ModuleList(items)), sum(repeated)
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    copy_ = copy.copy(module)
+    copy_._modules = dict(module._modules)  # the copy's own child registry
+    return copy_
+
+
 def regional_compile(module: nn.Module, **compile_kw) -> Tuple[nn.Module, int]:
     """A shallow copy of ``module`` whose repeated blocks are ``torch.compile``d one by one.
 
-    Direct children that are ``nn.ModuleList`` / ``nn.Sequential`` are scanned for blocks with the
-    same type and parameter shapes (the decoder's 28 transformer blocks, the generator's mixer
-    blocks); each such block gets its own compiled wrapper, and dynamo compiles the block's code
-    once and reuses it for the identical blocks (parameters are graph inputs), so compile time is
-    one block's instead of the whole network's. The wrappers share the original parameters; the
-    original module is left untouched. Returns (copy, number of compiled blocks).
-    """
-    copy_ = copy.copy(module)
-    copy_._modules = dict(module._modules)  # the copy's own child registry
-    compiled = 0
-    for name, child in module.named_children():
-        if not isinstance(child, (nn.ModuleList, nn.Sequential)):
+    The containers scanned are the module's ``block_lists`` (dotted paths, e.g. the text
+    generator's ``condition.cross``) or else its direct ``nn.ModuleList`` / ``nn.Sequential``
+    children (the decoder's 28 transformer blocks, the generator's mixer blocks). Blocks of the
+    same type and parameter shapes each get their own compiled wrapper, and dynamo compiles the
+    block's code once and reuses it for the identical blocks (parameters are graph inputs), so
+    compile time is one block's instead of the whole network's. The wrappers share the original
+    parameters; the original module is left untouched (every module on the way to a compiled
+    container is shallow-copied). Returns (copy, number of compiled blocks)."""
+    regions = getattr(module, "block_lists", None) or tuple(name for name, _ in module.named_children())
+    root, compiled = _shallow(module), 0
+    for path in regions:
+        names = path.split(".")
+        chain = [module]
+        for n in names:
+            nxt = chain[-1]._modules.get(n) if isinstance(chain[-1], nn.Module) else None
+            if nxt is None:
+                break
+            chain.append(nxt)
+        if len(chain) != len(names) + 1:  # a region this instance does not have (a class generator's cross)
             continue
-        counts: Dict[tuple, int] = {}
-        for m in child:
-            counts[_block_signature(m)] = counts.get(_block_signature(m), 0) + 1
-        repeated = [counts[_block_signature(m)] > 1 for m in child]
-        if not any(repeated):
+        new, k = _compile_container(chain[-1], compile_kw)
+        if new is None:
             continue
-        items = [torch.compile(m, **compile_kw) if rep else m for m, rep in zip(child, repeated)]
-        compiled += sum(repeated)
-        copy_._modules[name] = type(child)(*items) if isinstance(child, nn.Sequential) else nn.ModuleList(items)
-    return copy_, compiled
+        parent = root
+        for depth, n in enumerate(names[:-1]):  # copy the modules on the way, so the original stays intact
+            child = parent._modules[n]
+            if child is chain[depth + 1]:
+                child = parent._modules[n] = _shallow(child)
+            parent = child
+        parent._modules[names[-1]] = new
+        compiled += k
+    return root, compiled
 
 
 class _Proxy:

@@ -178,6 +178,35 @@ def test_regional_compile_compiles_one_block_for_all():
     torch._dynamo.reset()
 
 
+def test_regional_compile_reaches_a_text_generators_cross_attention():
+    """The generator's block_lists: the mixer blocks and, for text, the condition's
+    cross-attention blocks; a class generator has no cross blocks (skipped, not an error)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from export.runtime import regional_compile
+    from reptok.models import build_generator
+    from reptok.presets import get_preset
+
+    g_cfg = get_preset("tiny").generator
+    g_cfg.depth = 3
+    _, n_class = regional_compile(build_generator(g_cfg).eval(), backend=CompileCounter())
+    assert n_class == 3
+    g_cfg.text_encoder, g_cfg.text_dim, g_cfg.text_len, g_cfg.num_classes = "tiny", 16, 4, 0
+    gen = build_generator(g_cfg).eval()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fast, n = regional_compile(gen, backend=counter)
+    assert n == 2 * g_cfg.depth  # the mixer blocks and the cross-attention blocks
+    assert fast.condition is not gen.condition  # copied on the way; the original is untouched:
+    assert not any(type(b).__name__ == "OptimizedModule" for b in gen.condition.cross)
+    x, t = torch.randn(2, g_cfg.n_tokens, g_cfg.token_dim), torch.rand(2)
+    text, mask = torch.randn(2, 4, 16), torch.ones(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(gen(x, t, text, mask), fast(x, t, text, mask), atol=1e-5)
+    assert counter.frame_count == 2  # one mixer block frame, one cross-attention frame
+    torch._dynamo.reset()
+
+
 def test_no_fast_and_bad_flags(run, tmp_path):
     r = _cli("sample", "--ckpt", run, "--out", tmp_path / "x.npz", "--device", "cpu", "--cuda-graphs")
     assert r.exit_code == 2 and "CUDA" in r.output and not (tmp_path / "x.npz").exists()

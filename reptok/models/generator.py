@@ -269,6 +269,10 @@ class TokenGenerator(nn.Module):
     t token] (k = 1 for labels, 0 unconditional, ``text_tokens`` for text).
     """
 
+    # The block lists (regional torch.compile compiles each repeated block once): the mixer blocks
+    # and, for text, the cross-attention blocks of the condition.
+    block_lists = ("mixer", "condition.cross")
+
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.cfg = cfg
