@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
-from .options import device_option
+from .options import device_option, json_option
 
 W = "What to run"
 H = "How"
@@ -39,7 +39,7 @@ def bench(
     engine: Optional[List[Path]] = typer.Option(
         None, "--engine", help="Reuse an export of --ckpt: an ONNX folder and/or a TensorRT folder (repeatable; "
         "the kind is read from the folder).", rich_help_panel=H),
-    json_out: bool = typer.Option(False, "--json", help="One JSON report on stdout.", rich_help_panel=W),
+    json_out: bool = json_option(W),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=W),
 ):
     """Time each stage per backend and batch size (warm-up excluded) and print a table."""

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors
+from .options import json_option
 
 convert_app = typer.Typer(help="Convert foreign checkpoints into reptok run directories.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
@@ -32,7 +33,7 @@ def official(
     dtype: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 for the written weights."),
     raw: bool = typer.Option(False, "--raw", help="Sample with the raw generator (model.net) instead of its EMA (training always starts from the raw one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout."),
+    json_out: bool = json_option(),
 ):
     """Convert reptok-xl-600k-ImageNet.ckpt (or any checkpoint in its layout) for sample / reconstruct / export."""
     from reptok.convert import convert_official

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import app, emit_json, err, handle_errors
-from .options import device_option
+from .options import device_option, json_option
 
 data_app = typer.Typer(
     name="data",
@@ -68,7 +68,7 @@ def prep(
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column (default: detected; 'none' for unlabelled).", rich_help_panel=_HF),
     caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column (default: detected; 'none' to drop captions).", rich_help_panel=_HF),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and is not empty.", rich_help_panel=_OUT),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout.", rich_help_panel=_OUT),
+    json_out: bool = json_option(_OUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr.", rich_help_panel=_OUT),
 ) -> None:
     """Prepare SOURCE as a memory-mapped dataset (raw uint8 pixels, labels, captions) for training."""
@@ -128,7 +128,7 @@ def cache_latents(
     chunk_size: int = typer.Option(256, "--chunk-size", help="Images per resumable unit (the units are split across ranks)."),
     device: str = device_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another VAE / flips setting."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+    json_out: bool = json_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),
 ) -> None:
     """Store the SD-VAE posterior (mean, logvar) of every image in DIRECTORY/latents (sharded across torchrun ranks)."""
@@ -165,7 +165,7 @@ def cache_latents(
 @handle_errors
 def info(
     directory: Path = typer.Argument(..., help="A dataset directory written by 'reptok data prep'."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON line on stdout."),
+    json_out: bool = json_option(),
 ) -> None:
     """Summarise a prepared dataset: size, resolution, classes, captions, skipped inputs."""
     from reptok.data import dataset_info

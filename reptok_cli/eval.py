@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
-from .options import device_option
+from .options import device_option, json_option
 
 eval_app = typer.Typer(
     name="eval",
@@ -107,7 +107,7 @@ def recon(
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
-    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
+    json_out: bool = json_option(J),
 ):
     """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
     from reptok.evaluate.run import eval_recon, recon_results_path
@@ -149,7 +149,7 @@ def gen(
     device: str = device_option(J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
-    json_out: bool = typer.Option(False, "--json", help="One JSON summary line on stdout.", rich_help_panel=J),
+    json_out: bool = json_option(J),
 ):
     """FID, Inception Score and precision/recall of samples against a reference set."""
     from reptok.evaluate.run import eval_gen, results_path_for_samples

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, result_console
+from .options import json_option
 
 export_app = typer.Typer(help="Export the networks to ONNX graphs or TensorRT engines.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -33,7 +34,7 @@ def onnx(
     atol: Optional[float] = typer.Option(None, "--atol", help="Verification tolerance, x max(1, max|ref|) (fp32 1e-3, fp16 3e-2).", rich_help_panel=G),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime vs torch check.", rich_help_panel=G),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
-    json_out: bool = typer.Option(False, "--json", help="The manifest as one JSON line on stdout.", rich_help_panel=IO),
+    json_out: bool = json_option(IO),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=IO),
 ):
     """Export one ONNX graph per network call, verified against torch with ONNX Runtime."""
@@ -69,7 +70,7 @@ def trt(
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Read if present, written after the build.", rich_help_panel=E),
     workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Builder workspace limit.", rich_help_panel=E),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
-    json_out: bool = typer.Option(False, "--json", help="The sidecar as one JSON line on stdout.", rich_help_panel=IO),
+    json_out: bool = json_option(IO),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=IO),
 ):
     """Build TensorRT engines (one optimisation profile over the batch axis) from ONNX graphs."""

@@ -8,8 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import app, emit_json, handle_errors
 from reptok.run import resolve_config
+
+from .common import app, emit_json, handle_errors
+from .options import json_option
 
 
 @app.command("info", epilog="Examples:\n\n  reptok info --preset xl\n\n  reptok info --ckpt runs/tok --json")
@@ -17,7 +19,7 @@ from reptok.run import resolve_config
 def info(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A named config (tiny, small, base, large, xl)."),
     ckpt: Optional[str] = typer.Option(None, "--ckpt", help="A run directory (its config.json)."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    json_out: bool = json_option(),
 ):
     """Parameter counts and forward GFLOPs per component (computed on the meta device)."""
     from reptok.info import model_report
