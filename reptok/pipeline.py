@@ -387,13 +387,13 @@ class Pipeline(nn.Module):
         out = []
         for i in range(0, len(conds), b):
             part, k = idx[i: i + b], len(idx[i: i + b])
-            rows = _pad(conds[i: i + b], b)
-            g_noise = _pad(self.generator_noise(part, seed), b)
+            rows = pad_rows(conds[i: i + b], b)
+            g_noise = pad_rows(self.generator_noise(part, seed), b)
             if self.is_text:
                 z = self.generate_from(None, g_noise, prompts=rows, **sampler_kw)
             else:
                 z = self.generate_from(torch.tensor(rows, dtype=torch.long), g_noise, **sampler_kw)
-            images = self.decode_from(z, _pad(self.decoder_noise(part, seed), b), **sampler_kw)[:k]
+            images = self.decode_from(z, pad_rows(self.decoder_noise(part, seed), b), **sampler_kw)[:k]
             out.append(images.float().cpu())
         return to_output(torch.cat(out), output)
 
@@ -521,7 +521,7 @@ def _indices(seed, start: int, count: int) -> list:
     return list(range(int(start), int(start) + count))
 
 
-def _pad(x, n: int):
+def pad_rows(x, n: int):
     """Repeat the last row of a tensor (or list) up to ``n`` rows: every network call of a job
     sees one batch shape (as ``reptok sample`` does), so results do not depend on the split."""
     k = len(x)

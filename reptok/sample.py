@@ -29,6 +29,7 @@ import torch
 from . import io
 from . import run as rundir
 from .errors import InputError
+from .pipeline import pad_rows
 from .images import make_grid, save_png, tensor_to_uint8, uint8_hwc
 from .dist import DistInfo, barrier, gather_objects, shard_range
 
@@ -196,16 +197,6 @@ def plan_sample_job(ckpt: Path, out: Path, *, classes: Optional[str] = None, pro
 
 
 # ----------------------------------------------------------------------------- the job
-def _pad(x, n: int):
-    """Repeat the last row of a tensor (or list) until it has ``n`` rows (CUDA graphs: one shape)."""
-    k = len(x)
-    if k >= n:
-        return x
-    if isinstance(x, list):
-        return x + [x[-1]] * (n - k)
-    return torch.cat([x, x[-1:].expand(n - k, *x.shape[1:])])
-
-
 class _Writer:
     """PNG encoding + atomic writes on a small thread pool, off the sampling loop's critical path.
 
@@ -340,16 +331,16 @@ def sample_to(
         lab = labels_of(idx)
         noise = _to_device(noise, device)
         if prompts is not None:
-            z = pipe.generate_from(None, _pad(noise, b), prompts=_pad([prompts[c] for c in lab], b), **sampler_kw)
+            z = pipe.generate_from(None, pad_rows(noise, b), prompts=pad_rows([prompts[c] for c in lab], b), **sampler_kw)
         else:
-            labels = _to_device(_pad(torch.tensor(lab).clamp(min=0), b), device)
-            z = pipe.generate_from(labels, _pad(noise, b), **sampler_kw)
+            labels = _to_device(pad_rows(torch.tensor(lab).clamp(min=0), b), device)
+            z = pipe.generate_from(labels, pad_rows(noise, b), **sampler_kw)
         return z[: len(idx)]
 
     def decode(tokens, noise, k):
         """Queue decoder batch -> the function that waits for its uint8 images (k, H, W, 3)."""
         b = batch_size
-        return _fetch_uint8(pipe.decode_from(_pad(tokens, b), _pad(_to_device(noise, device), b), **sampler_kw)[:k])
+        return _fetch_uint8(pipe.decode_from(pad_rows(tokens, b), pad_rows(_to_device(noise, device), b), **sampler_kw)[:k])
 
     gen_batches = [todo[b: b + gen_batch_size] for b in range(0, len(todo), gen_batch_size)]
     dec_batches = [todo[b: b + batch_size] for b in range(0, len(todo), batch_size)]
