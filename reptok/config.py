@@ -339,30 +339,20 @@ def _coerce_scalar(base: str, value: Any, key: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise bad("true or false")
-    if base == "int":
-        if isinstance(value, bool):
-            raise bad("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if base in ("int", "float"):
+        what = "an integer" if base == "int" else "a number"
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                value = int(value.strip()) if base == "int" else float(value.strip())
             except ValueError:
-                pass
-        raise bad("an integer")
-    if base == "float":
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, (int, float)):
+                raise bad(what) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(what)
+        if base == "float":
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise bad("a number")
+        if isinstance(value, float) and not value.is_integer():
+            raise bad(what)
+        return int(value)
     if base == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -26,17 +26,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def class_runs(tmp_path_factory):
     """builtin:shapes (48 captioned images, 32 px) -> tiny tokenizer ``tok`` (6 steps, checkpoints
     and reconstruction grids at 3 and 6) -> ``tokens.npy`` -> tiny class generator ``gen`` (20 steps)."""
-    from clihelp import cli
-    from reptok.data.prep import prepare
+    from clihelp import tiny_chain
 
-    root = tmp_path_factory.mktemp("class_runs")
-    prepare("builtin:shapes", root / "data", limit=48)
-    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 6,
-        "--ckpt-every", 3, "--sample-every", 3, "--batch-size", 8, "--json")
-    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy", "--batch-size", 20)
-    cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "gen", "--preset", "tiny", "--steps", 20,
-        "--json")
-    return root
+    return tiny_chain(tmp_path_factory.mktemp("class_runs"), 48, 6, 20,
+                      recon_args=("--ckpt-every", 3, "--sample-every", 3, "--batch-size", 8, "--json"),
+                      extract_args=("--batch-size", 20), gen_args=("--json",))
 
 
 @pytest.fixture(scope="session")

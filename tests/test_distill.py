@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clihelp import cli, last_json  # noqa: E402
+from clihelp import cli, last_json, tiny_chain  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -23,14 +23,7 @@ DISTILL = ["--student-steps", K, "--teacher-steps", TEACHER_STEPS, "--batch-size
 def dwork(tmp_path_factory):
     """builtin:shapes (48) -> tiny tokenizer (30 steps) -> tokens -> tiny generator (10 steps);
     the tokenizer distilled into a 2-step student (20 steps)."""
-    from reptok.data.prep import prepare
-
-    root = tmp_path_factory.mktemp("distill")
-    prepare("builtin:shapes", root / "data", limit=48)
-    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 30,
-        "--sample-every", 0, "--batch-size", 8)
-    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy")
-    cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "gen", "--preset", "tiny", "--steps", 10)
+    root = tiny_chain(tmp_path_factory.mktemp("distill"), 48, 30, 10, recon_args=("--sample-every", 0, "--batch-size", 8))
     summary = last_json(cli("train", "distill", "--ckpt", root / "tok", "--out", root / "st", "--steps", 20, *DISTILL))
     (root / "distill_summary.json").write_text(json.dumps(summary))
     return root

@@ -19,14 +19,12 @@ import pytest
 import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from reptok_cli.app import app
+from clihelp import cli, tiny_chain  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                                 reason="torch.distributed with gloo is required")
 
-runner = CliRunner()
 
 # Weights after a few AdamW steps agree to ~1e-6: 2 ranks average two half-batch gradients where
 # 1 process takes one full-batch mean (float re-association only). The exception is the bias of
@@ -36,12 +34,6 @@ runner = CliRunner()
 ATOL, RTOL = 1e-5, 1e-5
 GRADIENT_FREE = re.compile(r"^generator\.mixer\.\d+\.0\.fn\.3\.bias$")
 GRADIENT_FREE_ATOL = 5e-3
-
-def cli(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
-    return res
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -91,18 +83,10 @@ def metrics(run: Path):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """builtin:shapes (32 images) -> tiny tokenizer (2 steps) -> tokens -> tiny generator (4 steps)."""
-    root = tmp_path_factory.mktemp("dist")
-    from reptok.data.prep import prepare
-
-    prepare("builtin:shapes", root / "data", limit=32)
     with one_thread():
-        cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 2,
-            "--batch-size", 8, "--sample-every", 0, "--json")
-        cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy",
-            "--batch-size", 8)
-        cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "gen", "--preset", "tiny",
-            "--steps", 4, "--batch-size", 8, "--json")
-    return root
+        return tiny_chain(tmp_path_factory.mktemp("dist"), 32, 2, 4,
+                          recon_args=("--batch-size", 8, "--sample-every", 0, "--json"),
+                          extract_args=("--batch-size", 8), gen_args=("--batch-size", 8, "--json"))
 
 
 # ----------------------------------------------------------------------------- training

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from reptok_cli.app import app
 
-from clihelp import cli, last_json  # noqa: E402
+from clihelp import cli, last_json, tiny_chain  # noqa: E402
 
 runner = CliRunner()
 
@@ -35,16 +35,10 @@ def env(tmp_path_factory):
 
     from reptok.io import save_tensors
     from reptok.data.dataset import PreparedDataset
-    from reptok.data.prep import prepare
     from reptok.evaluate import FIDInceptionV3
     from reptok.shapes.judge import JudgeNet, judge_cache_path
 
-    root = tmp_path_factory.mktemp("eval")
-    prepare("builtin:shapes", root / "data", limit=16)
-    cli("train", "recon", "--data", root / "data", "--out", root / "tok", "--preset", "tiny", "--steps", 2,
-        "--sample-every", 0, "--batch-size", 8)
-    cli("extract", "--ckpt", root / "tok", "--data", root / "data", "--out", root / "tokens.npy")
-    cli("train", "gen", "--tokens", root / "tokens.npy", "--out", root / "gen", "--preset", "tiny", "--steps", 2)
+    root = tiny_chain(tmp_path_factory.mktemp("eval"), 16, 2, 2, recon_args=("--sample-every", 0, "--batch-size", 8))
     cli("sample", "--ckpt", root / "gen", "--class", "all", "-n", 2, "--out", root / "samples.npz",
         "--decoder-steps", 2, "--steps", 2)
     ds = PreparedDataset(root / "data")
