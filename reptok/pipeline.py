@@ -110,10 +110,13 @@ class Pipeline(nn.Module):
                  components: Optional[Iterable[str]] = None) -> "Pipeline":
         """Rebuild the pipeline of a run directory (``reptok/run.py``'s format) on ``device``.
 
-        A generator run brings its tokenizer run's encoder, decoder and VAE. ``components`` limits
+        ``path``: a run folder or ``"hf://OWNER/NAME[@REVISION]"`` (``reptok/hub.py``). A
+        generator run brings its tokenizer run's encoder, decoder and VAE. ``components`` limits
         what is built (e.g. ``("generator",)`` for token-only work). ``use_ema``: the EMA weights
         (inference) where the run has them."""
-        run = Path(path)
+        from .hub import resolve_run
+
+        run = resolve_run(path)  # a folder, or hf://OWNER/NAME[@REVISION] fetched into the Hub cache
         doc = rundir.read_run_config(run)
         cfg: PipelineConfig = doc["config"]
         wanted = set(components) if components is not None else {"encoder", "decoder", "generator", "vae"}

@@ -27,6 +27,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from . import provenance
 from .config import PipelineConfig
 from .errors import InputError
 from .io import atomic_write_text, load_tensors, read_json, save_tensors
@@ -42,7 +43,12 @@ COMPONENTS = ("encoder", "decoder", "generator")
 
 # ----------------------------------------------------------------------------- run config
 def write_run_config(run: Path, cfg: PipelineConfig, kind: str, **extra) -> None:
+    """config.json; its ``provenance`` record is derived here from the links in ``extra``
+    (``converted_from``, ``init``, ``distilled``, ``tokenizer_run``, ``attached_from``) unless
+    ``extra`` carries one (a resumed run keeps the record it started with)."""
     doc = {"format": FORMAT, "kind": kind, "pipeline": cfg.to_dict(), **extra}
+    if "provenance" not in extra:
+        doc["provenance"] = provenance.derive(Path(run), doc)
     atomic_write_text(Path(run) / CONFIG, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
@@ -126,9 +132,15 @@ def split_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch
 
 
 def resolve_tokenizer_run(run: Path, doc: dict) -> Optional[Path]:
+    """A generator run's tokenizer run: relative to the run (an exported folder's ``tokenizer/``),
+    a path, or ``hf://OWNER/NAME`` (fetched like any Hub run)."""
+    from .hub import is_hub_spec, resolve_run
+
     ref = doc.get("tokenizer_run")
     if not ref:
         return None
+    if is_hub_spec(ref):
+        return resolve_run(ref)
     for cand in (Path(run) / ref, Path(ref)):
         if (cand / CONFIG).exists():
             return cand.resolve()

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
-from .options import device_option, json_option
+from .options import device_option, json_option, run_path
 
 W = "What to run"
 H = "How"
@@ -23,7 +23,7 @@ H = "How"
     "max_abs_err: vs torch eager fp32 on the same inputs; vs_torch: throughput / torch eager."))
 @handle_errors
 def bench(
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A run directory.", rich_help_panel=W),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", parser=run_path, help="A run directory.", rich_help_panel=W),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A preset with random weights (tiny, small, ..., xl).", rich_help_panel=W),
     backend: str = typer.Option("torch", "--backend", help="Comma list of torch, onnx, trt.", rich_help_panel=W),
     batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma list, e.g. 1,8,64.", rich_help_panel=W),

@@ -11,7 +11,7 @@ import typer
 from reptok.run import resolve_config
 
 from .common import emit_json, err, handle_errors, init_ranks, parse_device, result_console
-from .options import check_choice, device_option, given_flags, json_option, option_names, quiet_option
+from .options import check_choice, device_option, given_flags, json_option, option_names, quiet_option, run_path
 from .train import MODEL, OPT, RUN, _train_overrides, train_app
 
 
@@ -22,7 +22,7 @@ from .train import MODEL, OPT, RUN, _train_overrides, train_app
     "  reptok train distill --ckpt runs/tok --out runs/tok-4step --student-steps 4 --resume --steps 2000"))
 @handle_errors
 def distill(
-    ckpt: Path = typer.Option(..., "--ckpt", help="The teacher: a tokenizer run (reptok train recon).", rich_help_panel=RUN),
+    ckpt: Path = typer.Option(..., "--ckpt", parser=run_path, help="The teacher: a tokenizer run (reptok train recon).", rich_help_panel=RUN),
     out: Path = typer.Option(..., "--out", help="The student run directory to create (or resume).", rich_help_panel=RUN),
     student_steps: Optional[int] = typer.Option(None, "--student-steps", "-k", help="K: the student's Euler steps (required for a new run).", rich_help_panel=MODEL),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="The teacher's steps to reproduce (default: the teacher's decoder steps).", rich_help_panel=MODEL),
@@ -78,8 +78,8 @@ def distill(
     "  reptok sample --ckpt runs/gen-4step --class all -n 8 --out grid.png     # 4 decoder steps"))
 @handle_errors
 def attach(
-    generator: Path = typer.Option(..., "--generator", help="A generator run (reptok train gen).", rich_help_panel=RUN),
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="A tokenizer run with the same encoder, e.g. a distilled student.", rich_help_panel=RUN),
+    generator: Path = typer.Option(..., "--generator", parser=run_path, help="A generator run (reptok train gen).", rich_help_panel=RUN),
+    tokenizer: Path = typer.Option(..., "--tokenizer", parser=run_path, help="A tokenizer run with the same encoder, e.g. a distilled student.", rich_help_panel=RUN),
     out: Path = typer.Option(..., "--out", help="The new generator run directory.", rich_help_panel=RUN),
     json_out: bool = json_option(RUN),
 ):

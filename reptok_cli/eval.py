@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
-from .options import device_option, json_option
+from .options import device_option, json_option, run_path
 
 eval_app = typer.Typer(
     name="eval",
@@ -93,7 +93,7 @@ def _save(path: Path, results: dict) -> Optional[Path]:
     "  reptok eval recon --ckpt qs/tokenizer --data shapes-val --limit 500 --features judge --json"))
 @handle_errors
 def recon(
-    ckpt: Path = typer.Option(..., "--ckpt", help="A tokenizer run (or a pipeline/generator run with one).", rich_help_panel=J),
+    ckpt: Path = typer.Option(..., "--ckpt", parser=run_path, help="A tokenizer run (or a pipeline/generator run with one).", rich_help_panel=J),
     data: Path = typer.Option(..., "--data", help="A prepared dataset (reptok data prep) of HELD-OUT images, e.g. ImageNet val.", rich_help_panel=J),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (dataset order).", rich_help_panel=J),
     decoder_steps: Optional[int] = typer.Option(None, "--decoder-steps", help="Decoder steps (default from the run, official 50).", rich_help_panel=J),

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, result_console
-from .options import json_option
+from .options import json_option, run_path
 
 export_app = typer.Typer(help="Export the networks to ONNX graphs or TensorRT engines.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
@@ -25,7 +25,7 @@ E = "Engines"
     "CFG is not inside the generator graph: the shared sampler batches the null-class and class rows of a step into one call."))
 @handle_errors
 def onnx(
-    ckpt: Path = typer.Option(..., "--ckpt", help="A run directory (generator, tokenizer or converted run).", rich_help_panel=IO),
+    ckpt: Path = typer.Option(..., "--ckpt", parser=run_path, help="A run directory (generator, tokenizer or converted run).", rich_help_panel=IO),
     out: Path = typer.Option(..., "--out", help="Folder to write (graphs + manifest.json).", rich_help_panel=IO),
     components: str = typer.Option("generator,decoder,vae", "--components",
                                    help="Comma list of generator, decoder, vae, encoder.", rich_help_panel=G),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -11,14 +12,15 @@ from rich.table import Table
 from reptok.run import resolve_config
 
 from .common import app, emit_json, handle_errors
-from .options import json_option
+from .options import json_option, run_path
 
 
 @app.command("info", epilog="Examples:\n\n  reptok info --preset xl\n\n  reptok info --ckpt runs/tok --json")
 @handle_errors
 def info(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A named config (tiny, small, base, large, xl)."),
-    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="A run directory (its config.json)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", parser=run_path,
+                                        help="A run directory (its config.json) or hf://OWNER/NAME[@REVISION]."),
     json_out: bool = json_option(),
 ):
     """Parameter counts and forward GFLOPs per component (computed on the meta device)."""
@@ -36,6 +38,7 @@ def info(
     if run:
         for key in ("kind", "step", "last_loss", "parent", "weights_sha256"):
             Console().print(f"{key}: {run[key]}", highlight=False, soft_wrap=True)
+        _print_provenance(run["provenance"], ckpt)
     t = Table(title=f"reptok {cfg.preset or ckpt} ({cfg.image_size}px)")
     for col in ("component", "params", "trainable", "GFLOPs / call", "note"):
         t.add_column(col, justify="right" if col in ("params", "trainable", "GFLOPs / call") else "left")
@@ -70,7 +73,23 @@ def _run_summary(ckpt: Optional[str]) -> Optional[dict]:
     from reptok.run import read_run_config
     from reptok.train.start import checkpoint_step, last_loss
 
+    from reptok import provenance
+
     doc = read_run_config(Path(ckpt))
     parent = doc.get("tokenizer_run") or (doc.get("distilled") or {}).get("teacher") or doc.get("init")
+    prov = provenance.of(Path(ckpt), doc)
     return {"kind": doc["kind"], "step": checkpoint_step(Path(ckpt)), "last_loss": last_loss(Path(ckpt)),
-            "parent": parent, "weights_sha256": weights_hash(Path(ckpt)) or None}
+            "parent": parent, "weights_sha256": weights_hash(Path(ckpt)) or None,
+            "provenance": prov, "licence": provenance.licence_of(prov)}
+
+
+def _print_provenance(prov: dict, ckpt) -> None:
+    """The provenance chain, then the licence notice of a run derived from the authors' release."""
+    from reptok import provenance
+
+    out = Console()
+    out.print("provenance:", highlight=False)
+    for line in provenance.chain_lines(prov, str(ckpt), indent=1):
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
+    for line in provenance.notice_lines(prov):
+        out.print(line, highlight=False, soft_wrap=True, markup=False)

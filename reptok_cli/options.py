@@ -48,6 +48,15 @@ def engine_option(panel: Optional[str] = None, help: str = "A folder of exported
     return typer.Option(None, "--engine", help=help, rich_help_panel=panel)
 
 
+def run_path(value: str) -> Path:
+    """The parser of every option that names a run (``--ckpt``, ``--init``, ...): a folder, or
+    ``hf://OWNER/NAME[@REVISION]``, fetched through the Hugging Face cache (``reptok/hub.py``)
+    so the command reads a local folder from here on; a bad repo id is exit 2."""
+    from reptok.hub import resolve_run
+
+    return resolve_run(value)
+
+
 def check_choice(option: str, value: Optional[str], choices, allow_none: bool = True) -> Optional[str]:
     """``--precision fp33`` -> InputError "--precision 'fp33': choose one of ...; did you mean 'fp32'?"."""
     import difflib

@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device, progress_bar
-from .options import check_choice, check_sampling, device_option, engine_option, json_option, overwrite_option, quiet_option
+from .options import (check_choice, check_sampling, device_option, engine_option, json_option, overwrite_option,
+                      quiet_option, run_path)
 
 S = "Sampler"
 J = "Job"
@@ -23,7 +24,7 @@ J = "Job"
     "  reptok sample --ckpt runs/t2i --prompts prompts.txt -n 8 --cfg 3 --out t2i/"))
 @handle_errors
 def sample(
-    ckpt: Path = typer.Option(..., "--ckpt", help="A generator run (or a converted official model).", rich_help_panel=J),
+    ckpt: Path = typer.Option(..., "--ckpt", parser=run_path, help="A generator run (or a converted official model).", rich_help_panel=J),
     out: Path = typer.Option(..., "--out", help="Folder of PNGs, a grid .png, or an ADM .npz.", rich_help_panel=J),
     classes: Optional[str] = typer.Option(None, "--class", "-c", help="An id, a list 1,5,9, a range 0-9, or all (default 0). Class runs only.", rich_help_panel=J),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="A text prompt (repeatable). Text-to-image runs only.", rich_help_panel=J),

@@ -8,14 +8,14 @@ from typing import List
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device, progress_bar
-from .options import check_sampling, device_option, json_option, overwrite_option, quiet_option
+from .options import check_sampling, device_option, json_option, overwrite_option, quiet_option, run_path
 
 
 @app.command("extract", epilog="Examples:\n\n  reptok extract --ckpt runs/tok --data data/shapes --out tokens.npy\n\n"
              "  torchrun --nproc-per-node 8 -m reptok_cli extract --ckpt runs/tok --data data/in1k --out in1k.npy")
 @handle_errors
 def extract(
-    ckpt: Path = typer.Option(..., "--ckpt", help="A tokenizer run (or any run with an encoder)."),
+    ckpt: Path = typer.Option(..., "--ckpt", parser=run_path, help="A tokenizer run (or any run with an encoder)."),
     data: Path = typer.Option(..., "--data", help="A prepared dataset."),
     out: Path = typer.Option(..., "--out", help="tokens.npy (sidecars tokens.json, tokens.labels.npy beside it)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
@@ -80,7 +80,7 @@ def _load_images(paths: List[Path], size: int):
 @handle_errors
 def reconstruct(
     images: List[Path] = typer.Argument(..., help="Image files."),
-    ckpt: Path = typer.Option(..., "--ckpt"),
+    ckpt: Path = typer.Option(..., "--ckpt", parser=run_path),
     out: Path = typer.Option(..., "--out", help="Folder for side-by-side PNGs (original | reconstruction)."),
     decoder_steps: int = typer.Option(None, "--decoder-steps"),
     solver: str = typer.Option(None, "--solver", help="euler | heun"),
@@ -126,7 +126,7 @@ def reconstruct(
 @handle_errors
 def interpolate(
     a: Path = typer.Argument(...), b: Path = typer.Argument(...),
-    ckpt: Path = typer.Option(..., "--ckpt"),
+    ckpt: Path = typer.Option(..., "--ckpt", parser=run_path),
     frames: int = typer.Option(8, "--frames", min=2),
     out: Path = typer.Option(..., "--out", help="A PNG strip (or a folder for one PNG per frame)."),
     decoder_steps: int = typer.Option(None, "--decoder-steps"),

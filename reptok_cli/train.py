@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
-from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option
+from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option, run_path
 
 train_app = typer.Typer(help="Train the tokenizer (recon) or the generator (gen).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -107,7 +107,7 @@ def recon(
     time_sampler: Optional[str] = typer.Option(None, "--time-sampler", help=TIME_HELP + " (official: logit_normal).", rich_help_panel=OPT),
     time_loc: Optional[float] = typer.Option(None, "--time-loc", help="Logit-normal location (0; t = 0 is noise).", rich_help_panel=OPT),
     time_scale: Optional[float] = typer.Option(None, "--time-scale", help="Logit-normal scale (1).", rich_help_panel=OPT),
-    init: Optional[Path] = typer.Option(None, "--init", help=INIT_HELP, rich_help_panel=RUN),
+    init: Optional[Path] = typer.Option(None, "--init", parser=run_path, help=INIT_HELP, rich_help_panel=RUN),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Reconstruction grid every K steps.", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.", rich_help_panel=RUN),
@@ -180,7 +180,7 @@ def gen(
     seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", rich_help_panel=RUN),
-    init: Optional[Path] = typer.Option(None, "--init", help=INIT_HELP + " Keeps its token normalisation.", rich_help_panel=RUN),
+    init: Optional[Path] = typer.Option(None, "--init", parser=run_path, help=INIT_HELP + " Keeps its token normalisation.", rich_help_panel=RUN),
     device: str = device_option(RUN),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with loss scaling)", rich_help_panel=RUN),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes per rank (default 0: tokens are in memory).", rich_help_panel=RUN),

@@ -769,13 +769,15 @@ def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[st
     from safetensors.torch import save_file
 
     from ..io import atomic_dir, atomic_write_text
+    from ..provenance import converter_id
     from ..run import EMA, MODEL, write_run_config
 
     _check_out(out, overwrite)  # again: the load may have taken minutes
     with atomic_dir(out, overwrite=overwrite) as tmp:  # the run appears whole, in one rename
         write_run_config(tmp, cfg, "pipeline",
                          converted_from={"format": "official-lightning", "source": Path(summary["source"]).name,
-                                         "sha256": summary["sha256"], "details": CONVERSION})
+                                         "sha256": summary["sha256"], "details": CONVERSION,
+                                         "converter": converter_id("official")})
         save_file(weights, str(tmp / MODEL), metadata={"format": "pt", "source": "reptok convert official"})
         save_file(infer, str(tmp / EMA), metadata={"format": "pt", "source": "reptok convert official"})
         vae_model.save_config(str(tmp / VAE_DIR))

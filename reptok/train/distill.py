@@ -252,8 +252,9 @@ def attach_generator(generator: Path, tokenizer: Path, out: Path) -> dict:
     cfg: PipelineConfig = gdoc["config"]
     tcfg: PipelineConfig = tdoc["config"]
     cfg.sampling.decoder_steps, cfg.sampling.decoder_solver = tcfg.sampling.decoder_steps, tcfg.sampling.decoder_solver
-    extra = {k: v for k, v in gdoc.items() if k not in ("format", "kind", "pipeline", "config")}
+    extra = {k: v for k, v in gdoc.items() if k not in ("format", "kind", "pipeline", "config", "provenance")}
     extra["tokenizer_run"] = str(tokenizer)
+    extra["attached_from"] = str(generator.resolve())  # the provenance: its weights are a copy
     if tdoc.get("distilled"):
         extra["distilled"] = tdoc["distilled"]
     for name in (rundir.MODEL, rundir.EMA):

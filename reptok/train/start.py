@@ -121,6 +121,9 @@ def prepare_run_dir(out: Path, cfg: PipelineConfig, kind: str, resume: bool, inf
         old = rundir.read_run_config(out)
         if old["kind"] != kind:
             raise InputError(f"{out} is a {old['kind']} run, not a {kind} run")
+        # A resumed run keeps what it recorded at its start (--init, provenance) unless restated.
+        kept = {k: v for k, v in old.items() if k not in ("format", "kind", "pipeline", "config")}
+        extra = {**kept, **(extra or {})}
     cfg.validate()
     # Every rank checks the directory before rank 0 writes into it (otherwise a slower rank can
     # see rank 0's fresh config.json and refuse the run as "already holds a run").
