@@ -77,6 +77,22 @@ def _report(title: str, rows, results: dict, written: Optional[Path], json_out: 
         out.print(f"[green]wrote[/] {written}", highlight=False)
 
 
+def _record(run: Optional[Path], results: dict, kind: str, samples: Optional[Path] = None) -> None:
+    """Keep the result in RUN/eval/ with its protocol (the model card cites it); a failure to
+    write there is a warning, the numbers are still printed."""
+    from reptok.evaluate.record import record_in_run
+
+    if run is None:
+        return
+    try:
+        path = record_in_run(run, results, kind, samples=samples)
+    except OSError as e:
+        err.print(f"[yellow]warning:[/] could not record the result in {run} ({e})", highlight=False)
+        return
+    if path is not None:
+        results["run_record"] = str(path)
+
+
 def _save(path: Path, results: dict) -> Optional[Path]:
     from reptok.evaluate.run import write_results
 
@@ -123,6 +139,7 @@ def recon(
     err.print(f"decoded with {results['fast_path']}", highlight=False)
     written = _save(out or recon_results_path(ckpt), results)
     results["results_file"] = str(written) if written else None
+    _record(ckpt, results, "recon")
     _report(f"reconstruction: {results['n']} images, {results['decoder_steps']} decoder steps ({results['solver']})",
             [("PSNR (dB)", "psnr", 3), ("SSIM", "ssim", 4), ("rFID", "rfid", 3),
              ("IS (reconstructions)", "inception_score", 3), ("precision", "precision", 4),
@@ -146,12 +163,16 @@ def gen(
     k: int = typer.Option(3, "--k", help="Nearest neighbour for precision/recall (Kynkaanniemi et al.: 3).", rich_help_panel=F),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of each set.", rich_help_panel=J),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
+    run: Optional[Path] = typer.Option(None, "--run", parser=run_path, rich_help_panel=J,
+                                       help="The run the samples came from: the result is kept in RUN/eval/ for its model "
+                                            "card (default: the run a PNG folder's manifest names)."),
     device: str = device_option(J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
     json_out: bool = json_option(J),
 ):
     """FID, Inception Score and precision/recall of samples against a reference set."""
+    from reptok.evaluate.record import run_of_samples
     from reptok.evaluate.run import eval_gen, results_path_for_samples
     from reptok.outputs import check_new_output
 
@@ -163,6 +184,7 @@ def gen(
                            batch_size=batch_size, k=k, limit=limit, device=dev, progress=bar)
     written = _save(out or results_path_for_samples(samples), results)
     results["results_file"] = str(written) if written else None
+    _record(run or run_of_samples(samples), results, "gen", samples)
     n_ref = results["n_ref"] if results["n_ref"] is not None else "precomputed mu/sigma"
     _report(f"{results['n_samples']} samples vs reference: {n_ref}",
             [("FID", "fid", 3), ("Inception Score", "inception_score", 3), ("IS std", "inception_score_std", 3),

@@ -1,4 +1,4 @@
-"""``reptok export onnx`` and ``reptok export trt``: graphs and engines for fast inference."""
+"""``reptok export onnx`` / ``trt``: graphs and engines for fast inference; ``reptok export hub``: a run for the Hub."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import typer
 from .common import app, emit_json, err, handle_errors, result_console
 from .options import json_option, run_path
 
-export_app = typer.Typer(help="Export the networks to ONNX graphs or TensorRT engines.", no_args_is_help=True)
+export_app = typer.Typer(help="Export the networks to ONNX graphs or TensorRT engines, or a run to a Hugging Face Hub folder.",
+                         no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 IO = "Input / output"
@@ -88,3 +89,33 @@ def trt(
     else:
         result_console().print(f"[green]wrote[/] {sidecar['out']}: {', '.join(e['file'] for e in sidecar['engines'].values())} "
                   f"(TensorRT {sidecar['tensorrt']}, {sidecar['gpu']}, {precision})")
+
+
+@export_app.command("hub", epilog=(
+    "Examples:\n\n  reptok export hub runs/gen --out hub/gen --repo-id me/reptok-shapes\n\n"
+    "  hf upload me/reptok-shapes hub/gen .\n\n"
+    "  reptok sample --ckpt hf://me/reptok-shapes --class 0 -n 4 --out s/\n\n"
+    "  reptok export hub runs/ft-tok --out hub/ft --include-training-state   # others can train --init from it"))
+@handle_errors
+def hub(
+    run: Path = typer.Argument(..., parser=run_path, help="A run directory (or hf://OWNER/NAME)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (upload it with 'hf upload').", rich_help_panel=IO),
+    include_training_state: bool = typer.Option(False, "--include-training-state",
+                                                help="Add model.safetensors (the raw weights train --init starts from).",
+                                                rich_help_panel=IO),
+    repo_id: Optional[str] = typer.Option(None, "--repo-id", help="OWNER/NAME it will be uploaded to (used in the card's examples).",
+                                          rich_help_panel=IO),
+    license: Optional[str] = typer.Option(None, "--license", help="Licence id for the card (runs not derived from the "
+                                          "authors' release; derived runs carry theirs).", rich_help_panel=IO),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
+    json_out: bool = json_option(IO),
+):
+    """A run as a Hugging Face Hub folder: weights, config, model card (provenance, licence, evals)."""
+    from export.hub import export_hub
+
+    summary = export_hub(run, out, include_training_state=include_training_state, repo_id=repo_id, license=license,
+                         overwrite=overwrite)
+    if json_out:
+        emit_json(summary)
+    else:
+        result_console().print(f"[green]wrote[/] {summary['out']}: {', '.join(summary['files'])}", highlight=False)
