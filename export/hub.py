@@ -53,7 +53,9 @@ def export_hub(run, out, *, include_training_state: bool = False, repo_id: Optio
             tdoc = rundir.read_run_config(tok)
             files += [f"{TOKENIZER_DIR}/{f}" for f in
                       _export_run(tok, tdoc, tmp / TOKENIZER_DIR, include_training_state, tokenizer=None)]
-        card = model_card(doc, prov, read_run_evals(run), repo_id=repo_id, license=license,
+        evals = read_run_evals(run) + ([{**e, "file": f"{TOKENIZER_DIR}/{e['file']}"} for e in read_run_evals(tok)]
+                                       if tok is not None else [])
+        card = model_card(doc, prov, evals, repo_id=repo_id, license=license,
                           name=run.resolve().name, files=files)
         atomic_write_text(tmp / CARD, card)
     return {"out": str(out), "files": sorted([CARD] + files), "kind": doc["kind"],

@@ -50,9 +50,12 @@ def converter_id(kind: str = "official") -> str:
 
 def _link(ref, base: Optional[Path], depth: int) -> dict:
     """A parent run named by ``ref`` (absolute, or relative to ``base``) with its own record."""
-    from .hub import hub_origin
+    from .hub import hub_origin, is_hub_spec, parse_spec
     from .io import read_json
 
+    if is_hub_spec(ref):  # named by repo id: not fetched here (writing a config needs no network)
+        repo, rev = parse_spec(ref)
+        return {"run": ref, "hub": f"{repo}@{rev or 'main'}", "provenance": None}
     cands = ([Path(base) / ref] if base is not None else []) + [Path(ref)]
     found = next((c for c in cands if (c / "config.json").is_file()), None)
     link = {"run": str(found.resolve() if found is not None else ref)}

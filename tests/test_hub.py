@@ -164,14 +164,22 @@ def _pixels(run):
     return Pipeline.from_run(run)(classes=[0, 1], seed=3, output="np", steps=2, decoder_steps=2)
 
 
-def test_eval_result_kept_in_the_run_with_its_protocol(shared_gen, tmp_path):
-    """Catches: the PNG folder's run not found, the sampler of its manifest not recorded."""
+def test_eval_results_kept_in_the_run_with_their_protocol(shared_gen, class_runs, tmp_path):
+    """Catches: the PNG folder's run not found, the sampler of its manifest not recorded, eval
+    recon not recording into its --ckpt (or recording the run's default decoder steps)."""
     gen, res = shared_gen
     rec = json.loads((gen / "eval" / "gen-samples.json").read_text())
     assert res["run_record"] == str(gen / "eval" / "gen-samples.json")
     assert rec["metrics"]["fid"] == res["fid"] and rec["protocol"]["n"] == 4
     assert rec["protocol"]["sampler"]["steps"] == 2 and rec["protocol"]["sampler"]["decoder_steps"] == 2
     assert rec["protocol"]["tool"]["features"] == "judge" and rec["protocol"]["reference"]["n"] == 8
+    tok = tmp_path / "tok"
+    shutil.copytree(class_runs / "tok", tok, ignore=shutil.ignore_patterns("train_state.pt", "samples"))
+    out = last_json(cli("eval", "recon", "--ckpt", tok, "--data", class_runs / "data", "--limit", 4,
+                        "--decoder-steps", 3, "--features", "judge", "--no-fast", "--json"))
+    rec = json.loads((tok / "eval" / "recon-data.json").read_text())
+    assert rec["metrics"]["psnr"] == out["psnr"] and rec["protocol"]["n"] == 4
+    assert rec["protocol"]["sampler"]["decoder_steps"] == 3 and rec["kind"] == "recon"
 
 
 def test_export_hub_card_and_same_pixels_by_path_and_offline_hf(shared_gen, tmp_path, offline_hub):
