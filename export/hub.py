@@ -10,6 +10,7 @@ The folder is itself a run (the same ``config.json`` format), so ``Pipeline.from
     ema.safetensors    the inference weights, every component in one file
     model.safetensors  the training state (only with --include-training-state: train --init)
     vae/               a local VAE (converted runs and runs made from them)
+    conversion.json    a converted run's record of the conversion
     eval/*.json        the run's evaluation results (cited by the card)
     tokenizer/         a generator run's tokenizer run, exported the same way; config.json's
                        ``tokenizer_run`` is "tokenizer" (relative), so the folder loads standalone
@@ -46,6 +47,9 @@ def export_hub(run, out, *, include_training_state: bool = False, repo_id: Optio
         raise InputError(f"--license {license}: {run} derives from the authors' release and keeps its licence "
                          f"({lic['name']}); drop --license")
     tok = rundir.resolve_tokenizer_run(run, doc)
+    for r in [run] + ([tok] if tok is not None else []):
+        if include_training_state and not (r / rundir.MODEL).exists():
+            raise InputError(f"--include-training-state: {r} has no {rundir.MODEL}")
     check_new_output(out, overwrite, folder=True)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         files = _export_run(run, doc, tmp, include_training_state, tokenizer=tok)
@@ -75,9 +79,7 @@ def _export_run(run: Path, doc: dict, dest: Path, training: bool, tokenizer: Opt
     files = []
     save_tensors(dest / rundir.EMA, rundir.read_weights(run, use_ema=True))
     files.append(rundir.EMA)
-    if training:
-        if not (run / rundir.MODEL).exists():
-            raise InputError(f"--include-training-state: {run} has no {rundir.MODEL}")
+    if training:  # checked to exist before any work
         shutil.copyfile(run / rundir.MODEL, dest / rundir.MODEL)
         files.append(rundir.MODEL)
     cfg = doc["config"]
@@ -88,6 +90,11 @@ def _export_run(run: Path, doc: dict, dest: Path, training: bool, tokenizer: Opt
             if tokenizer is None:  # a generator loads its tokenizer's VAE (Pipeline.from_run)
                 shutil.copytree(location, dest / "vae")
                 files += [f"vae/{p.name}" for p in sorted((dest / "vae").iterdir())]
+    from reptok.convert.official import CONVERSION
+
+    if (run / CONVERSION).is_file():  # a converted run's tensor-by-tensor record (provenance names it)
+        shutil.copyfile(run / CONVERSION, dest / CONVERSION)
+        files.append(CONVERSION)
     if (run / EVAL_DIR).is_dir():
         shutil.copytree(run / EVAL_DIR, dest / EVAL_DIR)
         files += [f"{EVAL_DIR}/{p.name}" for p in sorted((dest / EVAL_DIR).iterdir())]
