@@ -171,6 +171,14 @@ class TrainConfig:
     grad_accum: int = 1
     # Random horizontal flips (seeded with the rest of step s). On for the ImageNet presets.
     hflip: bool = False
+    # Validation on a held-out set (train recon --val-data / train gen --val-tokens), see
+    # reptok/train/validate.py: every val_every steps (0: off), on val_examples held-out items
+    # (fixed-t flow loss), val_fid_n of them reconstructed / generated for the Fréchet proxies.
+    val_every: int = 500
+    val_examples: int = 1000
+    val_fid_n: int = 256
+    # Features of stage a's FID proxy: auto (the builtin judge up to 32 px, Inception above) | judge | inception | none
+    val_features: str = "auto"
 
 
 @dataclass
@@ -250,10 +258,18 @@ class PipelineConfig:
             raise ConfigError(f"train.token_lr_scale={self.train.token_lr_scale}: must be > 0")
         if not 0.0 <= self.train.cooldown <= 1.0:
             raise ConfigError(f"train.cooldown={self.train.cooldown}: must be a fraction of the steps in [0, 1]")
+        t = self.train
+        if t.val_every < 0 or t.val_examples < 1 or t.val_fid_n < 0:
+            raise ConfigError(f"train.val_every={t.val_every} / val_examples={t.val_examples} / val_fid_n={t.val_fid_n}: "
+                              f"expected val_every >= 0 (0: off), val_examples >= 1, val_fid_n >= 0 (0: no Fréchet proxy)")
+        if t.val_features not in VAL_FEATURES:
+            raise ConfigError(f"train.val_features={t.val_features!r}: choose one of {' | '.join(VAL_FEATURES)}",
+                              key="train.val_features", value=t.val_features, allowed="choose one of " + " | ".join(VAL_FEATURES))
         check_rules(self)
         return self
 
 
+VAL_FEATURES = ("auto", "judge", "inception", "none")  # reptok.train.validate
 TIME_SAMPLERS = ("logit_normal", "uniform")  # reptok.flow.sample_time
 TOKEN_NORMS = ("scalar", "per_dim")
 
