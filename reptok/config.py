@@ -258,13 +258,6 @@ class PipelineConfig:
             raise ConfigError(f"train.token_lr_scale={self.train.token_lr_scale}: must be > 0")
         if not 0.0 <= self.train.cooldown <= 1.0:
             raise ConfigError(f"train.cooldown={self.train.cooldown}: must be a fraction of the steps in [0, 1]")
-        t = self.train
-        if t.val_every < 0 or t.val_examples < 1 or t.val_fid_n < 0:
-            raise ConfigError(f"train.val_every={t.val_every} / val_examples={t.val_examples} / val_fid_n={t.val_fid_n}: "
-                              f"expected val_every >= 0 (0: off), val_examples >= 1, val_fid_n >= 0 (0: no Fréchet proxy)")
-        if t.val_features not in VAL_FEATURES:
-            raise ConfigError(f"train.val_features={t.val_features!r}: choose one of {' | '.join(VAL_FEATURES)}",
-                              key="train.val_features", value=t.val_features, allowed="choose one of " + " | ".join(VAL_FEATURES))
         check_rules(self)
         return self
 
@@ -491,7 +484,8 @@ RULES: "list[tuple[str, Callable[[Any], bool], str]]" = [
     ("train.warmup", *_ge(0)), ("train.cooldown", *_unit(True)), ("train.grad_clip", *_ge(0)),
     ("train.ema", *_unit()), ("train.cos_weight", *_ge(0)), ("train.token_lr_scale", *_gt0()),
     ("train.log_every", *_ge(1)), ("train.ckpt_every", *_ge(0)), ("train.sample_every", *_ge(0)),
-    ("train.grad_accum", *_ge(1)),
+    ("train.grad_accum", *_ge(1)), ("train.val_every", *_ge(0)), ("train.val_examples", *_ge(1)),
+    ("train.val_fid_n", *_ge(0)), ("train.val_features", *_choice(VAL_FEATURES)),
 ]
 
 

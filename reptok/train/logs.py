@@ -93,7 +93,8 @@ class TrainLogger:
             return
         step, split = int(rec["step"]), rec.get("split", "train")
         if split == "train" and self.flops is not None and "images_per_s" in rec:
-            rec = {**rec, **flops.utilisation(rec["images_per_s"], self.flops, self.peak)}
+            util = flops.utilisation(rec["images_per_s"], self.flops, self.peak)
+            rec = {**rec, **{k: v for k, v in util.items() if v is not None}}  # no "mfu" without a known peak
         with open(self.run / METRICS, "a") as f:
             f.write(json.dumps(rec) + "\n")
         scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -98,9 +98,15 @@ def my_chunks(n: int, info: DistInfo):
 
 
 def fd_of(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of two feature sets (evaluate.metrics; with fewer items than feature
+    dimensions the covariances are singular: its eps retry handles that, the warning is noise)."""
+    import warnings
+
     from ..evaluate.metrics import feature_stats, frechet_distance
 
-    return float(frechet_distance(*feature_stats(a), *feature_stats(b)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(frechet_distance(*feature_stats(a), *feature_stats(b)))
 
 
 class Validation:
