@@ -64,7 +64,11 @@ def device_peak(device, amp_dtype=None) -> Tuple[str, Optional[Tuple[str, float]
 def utilisation(examples_per_s: float, gflops_per_example: float, peak: Optional[Tuple[str, float]]) -> dict:
     """``{"tflops": achieved, "mfu": fraction or None}``."""
     achieved = examples_per_s * gflops_per_example / 1e3
-    return {"tflops": round(achieved, 4), "mfu": round(achieved / peak[1], 5) if peak else None}
+    return {"tflops": _sig(achieved), "mfu": _sig(achieved / peak[1]) if peak else None}
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")  # tiny CPU models run at 1e-5 TFLOP/s: keep significant digits
 
 
 def describe(util: dict, device_name: str, peak: Optional[Tuple[str, float]]) -> str:

@@ -68,14 +68,15 @@ def print_table(report: dict) -> None:
 
     what = report.get("preset") or report.get("ckpt")
     t = Table(title=f"reptok bench: {what} on {report['device']} ({report['threads']} threads)")
-    num = ("batch", "ms", "min-max ms", "img/s", "vs torch", "max err")
-    for col in ("backend", "prec", "stage", "batch", "ms", "min-max ms", "img/s", "vs torch", "max err", "note"):
+    num = ("batch", "ms", "min-max ms", "img/s", "TFLOP/s", "MFU", "vs torch", "max err")
+    for col in ("backend", "prec", "stage", "batch", "ms", "min-max ms", "img/s", "TFLOP/s", "MFU", "vs torch", "max err", "note"):
         t.add_column(col, justify="right" if col in num else "left", no_wrap=col in ("backend", "stage"))
     short = {"CPUExecutionProvider": "ort-cpu", "CUDAExecutionProvider": "ort-cuda", "TensorRT": "trt"}
     for r in report["rows"]:
         name = short.get(r["provider"], r["backend"]) if r["backend"] in ("onnx", "trt") else r["backend"]
         t.add_row(name, r["precision"], r["stage"], str(r["batch"]), f"{r['latency_ms']:.2f}",
-                  f"{r['latency_min_ms']:.2f}-{r['latency_max_ms']:.2f}", f"{r['images_per_s']:.1f}", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
+                  f"{r['latency_min_ms']:.2f}-{r['latency_max_ms']:.2f}", f"{r['images_per_s']:.1f}", f"{r['tflops']:.3g}",
+                  f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "no MFU", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
                   f"{r['max_abs_err']:.1e}" if r["max_abs_err"] is not None else "", r["note"])
     Console().print(t)
     for n in report["notes"]:
