@@ -123,3 +123,19 @@ def test_mfu_from_a_known_peak_and_none_on_cpu():
     assert (name, peak) == ("CPU", None)
     cpu = flops.utilisation(250.0, 4.0, peak)
     assert cpu["mfu"] is None and flops.describe(cpu, name, peak) == "1 TFLOP/s, no MFU (unknown device: CPU)"
+
+
+def test_bench_train_rows_model_alone_and_loader_fed():
+    from reptok.info import model_report
+    from reptok.presets import get_preset
+
+    res = cli("bench", "--preset", "tiny", "--train", "gen", "--batch-sizes", 8, "--iters", 2, "--device", "cpu", "--json")
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [(r["stage"], r["mode"]) for r in doc["rows"]] == [("gen", "model"), ("gen", "loader")]
+    (gen,) = model_report(get_preset("tiny"), components=("generator",))
+    for r in doc["rows"]:  # a training step: 3 x the generator's forward FLOPs (forward + 2 backward)
+        assert r["batch"] == 8 and r["mfu"] is None
+        assert r["tflops"] == pytest.approx(r["images_per_s"] * 3 * gen["gflops"] / 1e3, rel=2e-3)
+    assert doc["peak"] == {"device": "CPU", "peak_tflops": None}
+    assert "choose from recon, gen" in cli("bench", "--preset", "tiny", "--train", "decoder", code=2).output
+    assert "--preset" in cli("bench", "--ckpt", "x", "--train", "gen", code=2).output
