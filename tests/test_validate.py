@@ -82,6 +82,15 @@ def test_validation_is_off_without_a_held_out_set_and_a_bad_one_exits_2(class_ru
     assert "none.npy" in res.output and not (tmp_path / "h" / "config.json").exists()
 
 
+def test_text_to_image_validation_conditions_on_the_held_out_captions(class_runs, tmp_path):
+    toks = class_runs / "tokens.npy"
+    cli("train", "gen", "--tokens", toks, "--val-tokens", toks, "--text-encoder", "tiny", "--out", tmp_path / "t",
+        "--preset", "tiny", "--steps", 2, "--batch-size", 8, "--val-every", 2, "--set", "train.val_fid_n=16",
+        "--set", "train.val_examples=16", "--json")
+    (rec,) = rows(tmp_path / "t")
+    assert rec["rf"] > 0 and rec["token_fd"] > 0 and rec["fd_n"] == 16 and "fd_per_class" not in rec
+
+
 # ----------------------------------------------------------------------------- stage a
 def test_recon_validation_rows_scalars_and_grid(class_runs, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")

@@ -203,7 +203,8 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
                    text=feats, text_encoder=text_encoder)
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
                   precision=precision, workers=workers, compile=compile, tensorboard=tensorboard, wandb=wandb,
-                  config=cfg.to_dict(), validate=gen_validation(val, cfg, info, device, amp_dtype_for(precision, device)),
+                  config=cfg.to_dict(), validate=gen_validation(val, cfg, info, device, amp_dtype_for(precision, device),
+                                                                text_encoder),
                   gflops=train_gflops(cfg, "gen"))
     summary["run"] = str(out)
     if feats is not None:
@@ -219,6 +220,8 @@ def _val_tokens(path: Path, meta: dict, cfg: PipelineConfig) -> dict:
     if val["meta"].get("checkpoint") != meta.get("checkpoint"):
         raise InputError(f"--val-tokens {path}: extracted by another tokenizer run ({val['meta'].get('checkpoint')}) "
                          f"than the training tokens ({meta.get('checkpoint')}); extract both with the same --ckpt")
+    if cfg.generator is not None and cfg.generator.text_encoder is not None and not val["captions"]:
+        raise InputError(f"--val-tokens {path}: no captions sidecar; a text-to-image run validates on captioned tokens")
     classes = cfg.generator.num_classes if cfg.generator is not None else 0
     if classes and (val["labels"] >= classes).any():
         raise InputError(f"--val-tokens {path}: labels go up to {int(val['labels'].max())} but the generator has "
@@ -226,16 +229,17 @@ def _val_tokens(path: Path, meta: dict, cfg: PipelineConfig) -> dict:
     return val
 
 
-def gen_validation(val: Optional[dict], cfg: PipelineConfig, info: DistInfo, device, amp_dtype):
+def gen_validation(val: Optional[dict], cfg: PipelineConfig, info: DistInfo, device, amp_dtype, text_encoder=None):
     from .validate import GenValidation, validation_off
 
     if val is None:
         return validation_off("no held-out set (train gen --val-tokens FILE, tokens from reptok extract)")
     if cfg.train.val_every == 0:
         return validation_off("train.val_every=0")
-    if cfg.generator.text_encoder is not None:
-        return validation_off("text-to-image generators are not validated yet")
-    return GenValidation(val["tokens"], val["labels"], cfg, info=info, device=device, amp_dtype=amp_dtype)
+    text = None
+    if text_encoder is not None:  # the held-out captions, encoded once like the training ones
+        text = (CaptionFeatures(text_encoder, val["captions"], device=device), text_encoder, val["captions"])
+    return GenValidation(val["tokens"], val["labels"], cfg, info=info, device=device, amp_dtype=amp_dtype, text=text)
 
 
 def _text_encoder_for(tokens_path: Path, data: dict, cfg: PipelineConfig):

@@ -19,8 +19,9 @@ and the plain log:
   proxy: few images, so it is biased upwards and only comparable at the same N). A grid of the
   first 8 (originals over reconstructions) goes to TensorBoard as ``val/recon``;
 - stage b: ``token_fd``, the Fréchet distance in token space between ``train.val_fid_n``
-  generated tokens (class-balanced: class i mod C, the run's sampler steps and CFG) and as many
-  held-out tokens; ``fd_per_class`` is the number of generated tokens per class.
+  generated tokens (class-balanced: class i mod C, the run's sampler steps and CFG; text-to-image:
+  on the captions of the held-out tokens it is compared with) and as many held-out tokens;
+  ``fd_per_class`` is the number of generated tokens per class.
 
 Work is split in fixed chunks of ``CHUNK`` items dealt round-robin to the ranks; each rank writes
 its items' values into zero-filled buffers that are summed across ranks (adding zeros is exact),
@@ -260,7 +261,7 @@ class ReconValidation(Validation):
 class GenValidation(Validation):
     """Stage b on held-out tokens (see the module docstring)."""
 
-    def __init__(self, tokens, labels, cfg, *, info: DistInfo, device, amp_dtype=None):
+    def __init__(self, tokens, labels, cfg, *, info: DistInfo, device, amp_dtype=None, text=None):
         t = cfg.train
         super().__init__(t.val_every, info, device, amp_dtype, t.seed)
         self.cfg = cfg
@@ -269,6 +270,9 @@ class GenValidation(Validation):
         self.items = evenly_spaced(len(self.tokens), t.val_examples)
         self.ref_items = evenly_spaced(len(self.tokens), t.val_fid_n)
         self.classes = cfg.generator.num_classes
+        # Text-to-image: (CaptionFeatures of the held-out captions, the text encoder, the captions);
+        # the loss conditions on each item's caption, the generated tokens on the reference items' captions.
+        self.text = text
         fd = (f"token Fréchet distance of {len(self.ref_items)} generated vs held-out tokens"
               if len(self.ref_items) > 1 else "no token Fréchet distance (val_fid_n < 2)")
         self.describe = (f"validation every {self.every} steps on {len(self.items)} held-out tokens "
@@ -280,27 +284,39 @@ class GenValidation(Validation):
         buf = Buffers(self.device, self.info, rf=n)
         for a, b in my_chunks(n, self.info):
             idx = self.items[a:b]
-            yk = self.labels[idx].to(self.device).repeat_interleave(K_TIMES)
+            cond = self._condition(idx)
             with self.autocast():
                 x1 = gen.normalize(self.tokens[idx].to(self.device))
-                buf.put("rf", a, fixed_t_loss(lambda xt, t: gen(xt, t, yk), x1, idx, self.seed))
+                buf.put("rf", a, fixed_t_loss(lambda xt, t: gen(xt, t, *cond), x1, idx, self.seed))
         rf = float(buf.reduce()["rf"].mean())
         rec = {"loss": round(rf, 6), "rf": round(rf, 6)}
         if len(self.ref_items) > 1:
             rec.update(self._token_fd(gen))
         return rec
 
+    def _condition(self, idx) -> tuple:
+        """The generator's condition arguments for items ``idx``, repeated for the K times."""
+        if self.text is None:
+            return (self.labels[idx].to(self.device).repeat_interleave(K_TIMES),)
+        hidden, mask = self.text[0].rows(torch.as_tensor(idx))
+        return (hidden.to(self.device).repeat_interleave(K_TIMES, 0), mask.to(self.device).repeat_interleave(K_TIMES, 0))
+
     def _token_fd(self, gen) -> dict:
         from ..pipeline import Pipeline
 
-        view = Pipeline(self.cfg, generator=gen)
+        view = Pipeline(self.cfg, generator=gen, text_encoder=None if self.text is None else self.text[1])
         view.autocast_dtype = self.amp_dtype
         m, dim = len(self.ref_items), self.tokens.shape[1]
-        scale = None if gen.null_class is not None else 1.0  # no null class: no CFG to apply
+        # The run's CFG; a class generator trained without a null class has none to apply.
+        scale = None if self.text is not None or gen.null_class is not None else 1.0
         buf = Buffers(self.device, self.info, tok=(m, dim))
         for a, b in my_chunks(m, self.info):
-            labels = torch.arange(a, b) % max(self.classes, 1)
-            out = view.generate(labels, view.generator_noise(range(a, b), self.seed), cfg=scale)
+            noise = view.generator_noise(range(a, b), self.seed)
+            if self.text is not None:
+                prompts = [str(self.text[2][i]) for i in self.ref_items[a:b]]
+                out = view.generate(None, noise, cfg=scale, prompts=prompts)
+            else:
+                out = view.generate(torch.arange(a, b) % max(self.classes, 1), noise, cfg=scale)
             buf.put("tok", a, out.float())
         fake = buf.reduce()["tok"]
         rec = {"token_fd": round(fd_of(fake, self.tokens[self.ref_items].double().numpy()), 5), "fd_n": m}
