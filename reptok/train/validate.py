@@ -31,7 +31,7 @@ so every rank ends with the same per-item values as one process.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ import torch.distributed as tdist
 from .. import flow
 from ..dist import DistInfo
 from ..errors import InputError
-from ..pipeline import STREAM_GENERATOR, index_noise
+from ..pipeline import index_noise
 
 K_TIMES = 8
 CHUNK = 16  # held-out items per forward (x K_TIMES rows): fixed, so batch composition never changes
