@@ -303,10 +303,11 @@ def _run_bench(ckpt, preset, backends, batch_sizes, steps, warmup, iters, compil
     finally:
         tmp.close()
     _relative(rows)
+    peak = _utilisation(rows, ref, e2e_steps, dev, notes)
     return {
         **source, "device": str(dev), "precision": precision, "batch_sizes": batch_sizes,
         "warmup": warmup, "iters": iters, "end_to_end_steps": e2e_steps, "threads": torch.get_num_threads(),
-        "image_size": cfg.image_size, "rows": rows, "notes": notes,
+        "image_size": cfg.image_size, "peak": peak, "rows": rows, "notes": notes,
     }
 
 
@@ -445,3 +446,33 @@ def _relative(rows: List[dict]) -> None:
     for r in rows:
         b = base.get((r["stage"], r["batch"]))
         r["vs_torch"] = round(r["images_per_s"] / b, 3) if b and r["images_per_s"] else None
+
+
+def stage_gflops(pipe, e2e_steps: dict) -> Dict[str, float]:
+    """GFLOPs per image of each stage (``reptok info``'s counts): one generator / decoder NFE, one
+    VAE decode, and ``end_to_end`` = the NFEs of ``Pipeline.nfe`` (CFG doubles the guided ones)."""
+    from .info import model_report
+
+    per = {r["component"]: r["gflops"] for r in model_report(pipe.cfg, components=("decoder", "generator", "vae"))}
+    out = {k: v for k, v in per.items()}
+    if "generator" in per:
+        n = pipe.nfe(**e2e_steps)
+        out["end_to_end"] = (per["generator"] * (n["generator"] + n["generator_guided"])
+                             + per["decoder"] * n["decoder"] + per.get("vae", 0.0))
+    return out
+
+
+def _utilisation(rows: List[dict], ref, e2e_steps: dict, dev, notes: List[str]) -> dict:
+    """tflops (achieved) and mfu (None off the peak table) per row; returns the device's peaks."""
+    from . import flops
+
+    gf = stage_gflops(ref, e2e_steps)
+    peaks = {}
+    for r in rows:
+        if r["precision"] not in peaks:
+            peaks[r["precision"]] = flops.device_peak(dev, PRECISIONS.get(r["precision"]))
+        name, peak = peaks[r["precision"]]
+        r.update(flops.utilisation(r["images_per_s"], gf.get(r["stage"], 0.0), peak))
+    if any(p is None for _, p in peaks.values()):
+        notes.append(f"no MFU: {name} is not in the peak table (unknown device: no MFU, see reptok/flops.py)")
+    return {prec: {"device": n, "peak_tflops": p[1] if p else None} for prec, (n, p) in peaks.items()}

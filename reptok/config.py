@@ -171,6 +171,14 @@ class TrainConfig:
     grad_accum: int = 1
     # Random horizontal flips (seeded with the rest of step s). On for the ImageNet presets.
     hflip: bool = False
+    # Validation on a held-out set (train recon --val-data / train gen --val-tokens), see
+    # reptok/train/validate.py: every val_every steps (0: off), on val_examples held-out items
+    # (fixed-t flow loss), val_fid_n of them reconstructed / generated for the Fréchet proxies.
+    val_every: int = 500
+    val_examples: int = 1000
+    val_fid_n: int = 256
+    # Features of stage a's FID proxy: auto (the builtin judge up to 32 px, Inception above) | judge | inception | none
+    val_features: str = "auto"
 
 
 @dataclass
@@ -254,6 +262,7 @@ class PipelineConfig:
         return self
 
 
+VAL_FEATURES = ("auto", "judge", "inception", "none")  # reptok.train.validate
 TIME_SAMPLERS = ("logit_normal", "uniform")  # reptok.flow.sample_time
 TOKEN_NORMS = ("scalar", "per_dim")
 
@@ -475,7 +484,8 @@ RULES: "list[tuple[str, Callable[[Any], bool], str]]" = [
     ("train.warmup", *_ge(0)), ("train.cooldown", *_unit(True)), ("train.grad_clip", *_ge(0)),
     ("train.ema", *_unit()), ("train.cos_weight", *_ge(0)), ("train.token_lr_scale", *_gt0()),
     ("train.log_every", *_ge(1)), ("train.ckpt_every", *_ge(0)), ("train.sample_every", *_ge(0)),
-    ("train.grad_accum", *_ge(1)),
+    ("train.grad_accum", *_ge(1)), ("train.val_every", *_ge(0)), ("train.val_examples", *_ge(1)),
+    ("train.val_fid_n", *_ge(0)), ("train.val_features", *_choice(VAL_FEATURES)),
 ]
 
 

@@ -29,10 +29,11 @@ def _flops(fn) -> int:
     return fc.get_total_flops()
 
 
-def build_meta(cfg: PipelineConfig):
-    """All components of ``cfg`` on the meta device (random-init encoder, SD-VAE-sized VAE)."""
-    from diffusers import AutoencoderKL
+ALL = ("encoder", "decoder", "generator", "vae")
 
+
+def build_meta(cfg: PipelineConfig, components=ALL):
+    """The ``components`` of ``cfg`` on the meta device (random-init encoder, SD-VAE-sized VAE)."""
     from .models.decoder import FlowDecoder
     from .models.encoder import SSLEncoder
     from .models import build_generator
@@ -40,31 +41,40 @@ def build_meta(cfg: PipelineConfig):
     ecfg = copy.deepcopy(cfg.encoder)
     ecfg.weights = "random"  # sizes only: never download for a report
     with torch.device("meta"):
-        out = {"encoder": SSLEncoder(ecfg), "decoder": FlowDecoder(cfg.decoder)}
-        if cfg.generator is not None:
+        out = {}
+        if "encoder" in components:
+            out["encoder"] = SSLEncoder(ecfg)
+        if "decoder" in components:
+            out["decoder"] = FlowDecoder(cfg.decoder)
+        if cfg.generator is not None and "generator" in components:
             out["generator"] = build_generator(cfg.generator)
-        if not cfg.vae.is_pixel:
+        if not cfg.vae.is_pixel and "vae" in components:
+            from diffusers import AutoencoderKL
+
             out["vae"] = AutoencoderKL(**SD_VAE_CONFIG)
     return out
 
 
-def model_report(cfg: PipelineConfig) -> List[dict]:
-    """Rows of {component, params, trainable, gflops (per image per network call), note}."""
-    m = build_meta(cfg)
+def model_report(cfg: PipelineConfig, components=ALL) -> List[dict]:
+    """Rows of {component, params, trainable, gflops (per image per network call), note}, one
+    per component of ``components`` that ``cfg`` has."""
+    m = build_meta(cfg, components)
     b = 1
     rows = []
     img = torch.empty(b, 3, cfg.image_size, cfg.image_size, device="meta")
-    enc = m["encoder"]
-    rows.append(dict(component="encoder", params=_count(enc), trainable=_count(enc, True),
-                     gflops=_flops(lambda: enc(img)) / 1e9, note=f"{cfg.encoder.model}, once per image"))
-    dec = m["decoder"]
     d = cfg.decoder
-    x = torch.empty(b, d.in_channels, d.input_size, d.input_size, device="meta")
+    if "encoder" in m:
+        enc = m["encoder"]
+        rows.append(dict(component="encoder", params=_count(enc), trainable=_count(enc, True),
+                         gflops=_flops(lambda: enc(img)) / 1e9, note=f"{cfg.encoder.model}, once per image"))
     t = torch.empty(b, device="meta")
-    z = torch.empty(b, d.token_dim, device="meta")
-    rows.append(dict(component="decoder", params=_count(dec), trainable=_count(dec, True),
-                     gflops=_flops(lambda: dec(x, t, z)) / 1e9,
-                     note=f"per step; x{cfg.sampling.decoder_steps} steps per image"))
+    if "decoder" in m:
+        dec = m["decoder"]
+        x = torch.empty(b, d.in_channels, d.input_size, d.input_size, device="meta")
+        z = torch.empty(b, d.token_dim, device="meta")
+        rows.append(dict(component="decoder", params=_count(dec), trainable=_count(dec, True),
+                         gflops=_flops(lambda: dec(x, t, z)) / 1e9,
+                         note=f"per step; x{cfg.sampling.decoder_steps} steps per image"))
     if "generator" in m:
         g = m["generator"]
         gc = cfg.generator

@@ -77,6 +77,7 @@ def _time_overrides(part: str, sampler, loc, scale) -> dict:
 
 
 TIME_HELP = "Training time sampler: logit_normal | uniform"
+VAL_EVERY_HELP = "Validate every K steps and at the last (default 500; 0 = off)."
 INIT_HELP = "Start from this run's raw weights (a converted official run or any reptok run), fresh optimizer."
 
 
@@ -110,6 +111,8 @@ def recon(
     init: Optional[Path] = typer.Option(None, "--init", parser=run_path, help=INIT_HELP, rich_help_panel=RUN),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Reconstruction grid every K steps.", rich_help_panel=RUN),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Held-out prepared dataset: validation flow loss, PSNR / SSIM, FID proxy (README: Validation).", rich_help_panel=RUN),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help=VAL_EVERY_HELP, rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.", rich_help_panel=RUN),
     device: str = device_option(RUN),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16 | fp16 (with loss scaling)", rich_help_panel=RUN),
@@ -128,7 +131,8 @@ def recon(
 
     dev = parse_device(device)
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, sample_every, ema)
-    over.update({"train.cos_weight": cos_weight, "train.token_lr_scale": token_lr_scale, "train.hflip": hflip})
+    over.update({"train.cos_weight": cos_weight, "train.token_lr_scale": token_lr_scale, "train.hflip": hflip,
+                 "train.val_every": val_every})
     over.update(_time_overrides("decoder", time_sampler, time_loc, time_scale))
     _check_runtime(workers, precision, wandb)
     sets = parse_set(set_)
@@ -143,7 +147,8 @@ def recon(
         summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
                               progress=not (json_out or quiet), precision=precision, init=init, workers=workers,
                               compile=compile_, grad_checkpoint=grad_checkpoint, tensorboard=not no_tensorboard,
-                              wandb=wandb, notify=None if quiet else (lambda line: err.print(line, highlight=False)))
+                              wandb=wandb, notify=None if quiet else (lambda line: err.print(line, highlight=False)),
+                              val_data=val_data)
     _finish(summary, info, json_out, "img/s")
 
 
@@ -179,6 +184,8 @@ def gen(
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", rich_help_panel=OPT),
     seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=OPT),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", rich_help_panel=RUN),
+    val_tokens: Optional[Path] = typer.Option(None, "--val-tokens", help="Held-out tokens (reptok extract of a held-out set): validation flow loss and token Fréchet distance.", rich_help_panel=RUN),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help=VAL_EVERY_HELP, rich_help_panel=RUN),
     resume: bool = typer.Option(False, "--resume", rich_help_panel=RUN),
     init: Optional[Path] = typer.Option(None, "--init", parser=run_path, help=INIT_HELP + " Keeps its token normalisation.", rich_help_panel=RUN),
     device: str = device_option(RUN),
@@ -198,7 +205,7 @@ def gen(
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, None, ema)
     over.update({"generator.class_dropout": class_dropout, "generator.num_classes": num_classes,
                  "generator.text_encoder": text_encoder, "generator.caption_dropout": caption_dropout,
-                 "generator.token_norm": token_norm})
+                 "generator.token_norm": token_norm, "train.val_every": val_every})
     over.update(_time_overrides("generator", time_sampler, time_loc, time_scale))
     _check_runtime(workers, precision, wandb)
     sets = parse_set(set_)
@@ -210,5 +217,5 @@ def gen(
     with fresh_run_guard(out, resume, info.is_main):
         summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not (json_out or quiet),
                             precision=precision, init=init, workers=workers, compile=compile_,
-                            tensorboard=not no_tensorboard, wandb=wandb)
+                            tensorboard=not no_tensorboard, wandb=wandb, val_tokens=val_tokens)
     _finish(summary, info, json_out, "tokens/s")

@@ -76,8 +76,9 @@ def assert_same_weights(a: Path, b: Path, name="model.safetensors"):
         atol = GRADIENT_FREE_ATOL if GRADIENT_FREE.match(k) else ATOL
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=RTOL, msg=lambda m: f"{name} {k}: {m}")
 
-def metrics(run: Path):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+def metrics(run: Path, split: str = "train"):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split", "train") == split]
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,10 @@ def work(tmp_path_factory):
 # ----------------------------------------------------------------------------- training
 def test_gen_two_ranks_equal_one_process_then_resume_on_one_rank(work, tmp_path):
     """2 ranks x grad-accum 2 (DDP no_sync) == 1 process; the 2-rank run resumed on 1 rank ==
-    an uninterrupted 1-process run."""
+    an uninterrupted 1-process run. Validation (sharded over the ranks) gives the same rows."""
     common = ["--tokens", work / "tokens.npy", "--preset", "tiny", "--batch-size", 8, "--ckpt-every", 3,
-              "--set", "train.log_every=1", "--json"]
+              "--set", "train.log_every=1", "--val-tokens", work / "tokens.npy", "--val-every", 3,
+              "--set", "train.val_fid_n=20", "--json"]
     res = torchrun("train", "gen", "--out", tmp_path / "two", "--steps", 3, "--grad-accum", 2, *common)
     out = json_lines(res.stdout)
     assert len(out) == 1 and out[0]["steps"] == 3  # only rank 0 prints the summary
@@ -103,6 +105,11 @@ def test_gen_two_ranks_equal_one_process_then_resume_on_one_rank(work, tmp_path)
         cli("train", "gen", "--out", tmp_path / "one3", "--steps", 3, *common)
     for name in ("model.safetensors", "ema.safetensors"):
         assert_same_weights(tmp_path / "two", tmp_path / "one3", name)
+    # EMA weights agree to ~1e-9 here, far below the rows' rounding (6 decimals): a missing or doubled
+    # all-reduce, or chunks that change with the world size, would move them by far more.
+    (va,), (vb,) = metrics(tmp_path / "two", "val"), metrics(tmp_path / "one3", "val")
+    assert va["step"] == 3 and va["rf"] == pytest.approx(vb["rf"], abs=1.5e-6)
+    assert va["token_fd"] == pytest.approx(vb["token_fd"], rel=1e-6) and va["fd_n"] == 20
 
     with one_thread():
         cli("train", "gen", "--out", tmp_path / "one6", "--steps", 6, *common)

@@ -18,6 +18,10 @@ def test_quickstart_tiny_writes_report(tmp_path):
         assert key in report
     assert 0.0 <= report["class_accuracy"] <= 1.0 and report["samples_judged"] == 12
     assert report["judge_accuracy_on_real"] > 0.9
+    val = report["validation"]  # held-out set, val_every = steps // 4 -> 1: every step
+    assert [r["step"] for r in val["tokenizer"]] == [1, 2, 3] and [r["step"] for r in val["generator"]] == [1, 2, 3]
+    assert {"rf", "psnr", "fid_proxy"} <= set(val["tokenizer"][-1]) and "token_fd" in val["generator"][-1]
+    assert "| tokenizer step | rf |" in (out / "report.md").read_text()
     for name in ("samples_grid.png", "reconstructions.png", "report.json", "report.md", "tokens.npy"):
         assert (out / name).exists(), name
     assert set(report["seconds"]) == {"data", "judge", "train recon", "extract", "train gen", "sample", "reconstruct"}

@@ -222,6 +222,13 @@ def test_bench_spread_and_threads():
     assert doc["threads"] == 1
     row = doc["rows"][0]
     assert row["latency_min_ms"] <= row["latency_ms"] <= row["latency_max_ms"]
+    # TFLOP/s from reptok info's decoder FLOPs; a CPU has no peak in the table: no MFU, said once.
+    from reptok.info import model_report
+    from reptok.presets import get_preset
+
+    (dec,) = model_report(get_preset("tiny"), components=("decoder",))
+    assert row["tflops"] == pytest.approx(row["images_per_s"] * dec["gflops"] / 1e3, rel=1e-3, abs=1e-4)
+    assert row["mfu"] is None and any("no MFU" in n for n in doc["notes"])
     assert _cli("bench", "--preset", "tiny", "--threads", "0").exit_code == 2
 
 

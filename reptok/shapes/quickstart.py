@@ -2,7 +2,8 @@
 
 data prep -> train recon (stage a) -> extract -> train gen (stage b) -> a class-by-class sample
 grid and reconstructions -> a report (reconstruction PSNR, class accuracy of the samples judged
-by the builtin classifier, time per stage), printed and saved as report.json / report.md.
+by the builtin classifier, time per stage, the validation curves of both stages on a held-out
+builtin:shapes set), printed and saved as report.json / report.md.
 Every stage calls the same package functions as the individual commands.
 """
 
@@ -34,6 +35,9 @@ class QuickstartPlan:
     grid_per_class: int = 8
     eval_per_class: int = 40
     eval_recon: int = 96
+    val_images: int = 256  # held-out set for validation during training (at most images / 4)
+    val_fid_n: int = 128
+    val_points: int = 4  # validations per stage (and one at the last step)
     seed: int = 0
 
 
@@ -77,6 +81,8 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
     base = get_preset(plan.preset)
     with stage("data"):
         prepare(f"builtin:shapes:{plan.images}", out / "data", resolution=base.image_size, seed=plan.seed)
+        n_val = min(plan.val_images, max(plan.images // 4, 16))
+        prepare(f"builtin:shapes:{n_val}", out / "val", resolution=base.image_size, seed=plan.seed + 20_000)
     with stage("judge"):
         judge = load_judge(device)
     if base.encoder.weights.startswith("builtin:"):
@@ -86,14 +92,18 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         cfg = PipelineConfig.from_dict(base.to_dict())
         cfg.train.steps, cfg.train.batch_size = plan.recon_steps, plan.recon_batch
         cfg.train.ckpt_every = cfg.train.sample_every = max(plan.recon_steps // 2, 1)
-        train_recon(out / "data", out / "tokenizer", cfg, device=device, progress=progress)
+        _validation_plan(cfg, plan, plan.recon_steps)
+        train_recon(out / "data", out / "tokenizer", cfg, device=device, progress=progress, val_data=out / "val")
     with stage("extract"):
         tok = Pipeline.from_run(out / "tokenizer", device, components=("encoder",))
         extract_tokens(tok, out / "data", out / "tokens.npy", batch_size=256)
+        extract_tokens(tok, out / "val", out / "val_tokens.npy", batch_size=256)
     with stage("train gen"):
         gcfg = gen_config(out / "tokens.npy", base, {"train.steps": plan.gen_steps, "train.batch_size": plan.gen_batch,
                                                      "train.ckpt_every": plan.gen_steps})
-        train_gen(out / "tokens.npy", out / "generator", gcfg, device=device, progress=progress)
+        _validation_plan(gcfg, plan, plan.gen_steps)
+        train_gen(out / "tokens.npy", out / "generator", gcfg, device=device, progress=progress,
+                  val_tokens=out / "val_tokens.npy")
     from ..backends import apply_fast_path
 
     # The fast path of `reptok sample` (bf16 + CUDA graphs on CUDA; torch eager fp32 on a CPU).
@@ -124,6 +134,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         "recon_class_accuracy": round(recon_acc, 4),
         "judge_accuracy_on_real": round(real_acc, 4),
         "samples_judged": int(len(pred)),
+        "validation": {"tokenizer": val_rows(out / "tokenizer"), "generator": val_rows(out / "generator")},
         "seconds": times,
         "total_seconds": round(sum(times.values()), 1),
         "files": {"samples_grid": str(out / "samples_grid.png"), "reconstructions": str(out / "reconstructions.png"),
@@ -132,6 +143,27 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
     io.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     io.atomic_write_text(out / "report.md", _markdown(report, pipe.cfg.class_names))
     return report
+
+
+def _validation_plan(cfg, plan: QuickstartPlan, steps: int) -> None:
+    cfg.train.val_every = max(steps // plan.val_points, 1)
+    cfg.train.val_examples, cfg.train.val_fid_n = plan.val_images, plan.val_fid_n
+
+
+def val_rows(run: Path) -> list:
+    """The validation rows (``"split": "val"``) of a run's metrics.jsonl."""
+    rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x]
+    return [r for r in rows if r.get("split") == "val"]
+
+
+VAL_COLUMNS = {"tokenizer": ("rf", "cos", "psnr", "ssim", "fid_proxy"), "generator": ("rf", "token_fd")}
+
+
+def _val_table(stage: str, rows: list) -> list:
+    cols = VAL_COLUMNS[stage]
+    lines = [f"| {stage} step | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {r['step']} | " + " | ".join(f"{r[c]:.4g}" if c in r else "-" for c in cols) + " |" for r in rows]
+    return lines + [""]
 
 
 def _markdown(r: dict, class_names) -> str:
@@ -143,7 +175,11 @@ def _markdown(r: dict, class_names) -> str:
              f"- class accuracy of reconstructions: {r['recon_class_accuracy']:.1%}",
              "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["seconds"].items()]
-    lines += [f"| **total** | **{r['total_seconds']}** |", "",
+    lines += [f"| **total** | **{r['total_seconds']}** |", "", "Validation on a held-out builtin:shapes set "
+              "(README: Validation during training):", ""]
+    for stage, rows in r["validation"].items():
+        lines += _val_table(stage, rows)
+    lines += ["",
               "`samples_grid.png`: one row per class" + (f" ({', '.join(class_names)})" if class_names else "") + ".",
               "`reconstructions.png`: original / reconstruction pairs.", ""]
     return "\n".join(lines)

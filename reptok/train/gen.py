@@ -31,6 +31,7 @@ from ..models import build_generator
 from ..models.generator import TokenGenerator
 from ..dist import DistInfo
 from ..run import resolve_config
+from ..flops import train_gflops
 from .loop import _check_batch, fit
 from .start import check_init, check_out, has_checkpoint, init_run_config, load_init, prepare_run_dir, read_init
 
@@ -138,11 +139,12 @@ def token_stats(tokens: np.ndarray, meta: dict, token_norm: str):
 def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool = False, device: str = "cpu",
               info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto",
               init: Optional[Path] = None, workers: Optional[int] = None, compile: bool = False,
-              tensorboard: bool = True, wandb: Optional[str] = None) -> dict:
+              tensorboard: bool = True, wandb: Optional[str] = None, val_tokens: Optional[Path] = None) -> dict:
     """Train a generator run in ``out`` on ``tokens_path``. ``init``: start from that run's raw
     generator weights (a generator or pipeline run, e.g. converted official weights) and keep its
     normalisation buffers, with a fresh optimizer and EMA. The tokens sit in memory, so the
-    loader reads them in the training process unless ``workers`` asks for more."""
+    loader reads them in the training process unless ``workers`` asks for more. ``val_tokens``:
+    held-out tokens for validation (``reptok.train.validate``; a resumed run finds its own)."""
     from .logs import check_wandb
     from .loop import amp_dtype_for
 
@@ -166,11 +168,17 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
         if labels.max(initial=-1) >= cfg.generator.num_classes:
             raise InputError(f"{tokens_path}: labels go up to {int(labels.max())} but the generator has "
                              f"{cfg.generator.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
+    if resume and val_tokens is None and (Path(out) / "config.json").exists():
+        from ..run import read_run_config
+
+        val_tokens = read_run_config(Path(out)).get("val_tokens")
+    val = _val_tokens(val_tokens, meta, cfg) if val_tokens is not None else None
     tokenizer_run = meta.get("checkpoint")
     cfg.class_names = meta.get("class_names")
     _check_batch(cfg.train, info)  # before the run directory is created
     init_state = read_init(init, "gen", cfg) if init is not None and not resume else None
-    extra = {"tokenizer_run": tokenizer_run, "tokens": str(Path(tokens_path).resolve())}
+    extra = {"tokenizer_run": tokenizer_run, "tokens": str(Path(tokens_path).resolve()),
+             "val_tokens": str(Path(val_tokens).resolve()) if val_tokens is not None else None}
     if init_state is not None:
         extra["init"] = str(Path(init).resolve())
     cfg = prepare_run_dir(out, cfg, "generator", resume, info, extra=extra)
@@ -195,11 +203,43 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
                    text=feats, text_encoder=text_encoder)
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
                   precision=precision, workers=workers, compile=compile, tensorboard=tensorboard, wandb=wandb,
-                  config=cfg.to_dict())
+                  config=cfg.to_dict(), validate=gen_validation(val, cfg, info, device, amp_dtype_for(precision, device),
+                                                                text_encoder),
+                  gflops=train_gflops(cfg, "gen"))
     summary["run"] = str(out)
     if feats is not None:
         summary.update(text_encoder=cfg.generator.text_encoder, unique_captions=feats.unique)
     return summary
+
+
+def _val_tokens(path: Path, meta: dict, cfg: PipelineConfig) -> dict:
+    """The held-out tokens, checked against the training tokens before any work."""
+    val = load_tokens(path)
+    if val["meta"]["dim"] != meta["dim"]:
+        raise InputError(f"--val-tokens {path}: {val['meta']['dim']}-dim tokens, the training tokens have {meta['dim']}")
+    if val["meta"].get("checkpoint") != meta.get("checkpoint"):
+        raise InputError(f"--val-tokens {path}: extracted by another tokenizer run ({val['meta'].get('checkpoint')}) "
+                         f"than the training tokens ({meta.get('checkpoint')}); extract both with the same --ckpt")
+    if cfg.generator is not None and cfg.generator.text_encoder is not None and not val["captions"]:
+        raise InputError(f"--val-tokens {path}: no captions sidecar; a text-to-image run validates on captioned tokens")
+    classes = cfg.generator.num_classes if cfg.generator is not None else 0
+    if classes and (val["labels"] >= classes).any():
+        raise InputError(f"--val-tokens {path}: labels go up to {int(val['labels'].max())} but the generator has "
+                         f"{classes} classes")
+    return val
+
+
+def gen_validation(val: Optional[dict], cfg: PipelineConfig, info: DistInfo, device, amp_dtype, text_encoder=None):
+    from .validate import GenValidation, validation_off
+
+    if val is None:
+        return validation_off("no held-out set (train gen --val-tokens FILE, tokens from reptok extract)")
+    if cfg.train.val_every == 0:
+        return validation_off("train.val_every=0")
+    text = None
+    if text_encoder is not None:  # the held-out captions, encoded once like the training ones
+        text = (CaptionFeatures(text_encoder, val["captions"], device=device), text_encoder, val["captions"])
+    return GenValidation(val["tokens"], val["labels"], cfg, info=info, device=device, amp_dtype=amp_dtype, text=text)
 
 
 def _text_encoder_for(tokens_path: Path, data: dict, cfg: PipelineConfig):

@@ -16,9 +16,13 @@ from typing import Optional
 
 import numpy as np
 
+from .. import flops
 from ..errors import InputError
 
 METRICS = "metrics.jsonl"
+# Record keys that are not losses (left out of the log line's loss list).
+NOT_LOSSES = ("lr", "grad_norm", "images_per_s", "gpu_mem_gib", "loss_scale", "tflops", "mfu", "fid_n", "fd_n",
+              "fd_per_class")
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -51,8 +55,12 @@ class TrainLogger:
     """One logger per run on rank 0 (``enabled=False`` on the other ranks: every call is a no-op)."""
 
     def __init__(self, run: Path, *, enabled: bool, start: int, total: int, progress: bool = True,
-                 tensorboard: bool = True, wandb: Optional[str] = None, config: Optional[dict] = None):
+                 tensorboard: bool = True, wandb: Optional[str] = None, config: Optional[dict] = None,
+                 gflops: Optional[float] = None, device="cpu", amp_dtype=None):
         self.run, self.enabled, self.start, self.total = Path(run), enabled, start, total
+        # Training GFLOPs per example (reptok.flops.train_gflops): adds tflops / mfu to each row.
+        self.flops = gflops
+        self.device_name, self.peak = flops.device_peak(device, amp_dtype) if gflops else ("", None)
         self.bar = self.tb = self.wandb = None
         self.plain = progress and not sys.stderr.isatty()
         self.t0 = time.perf_counter()
@@ -79,30 +87,41 @@ class TrainLogger:
                                  id=self.run.name, resume="allow")
 
     def record(self, rec: dict) -> None:
-        """One logging step's record (``rec["step"]`` = steps done)."""
+        """One logging step's record (``rec["step"]`` = steps done); ``rec["split"] == "val"``
+        marks a validation row (TensorBoard / W&B tags ``val/*``, log line ``val step ...``)."""
         if not self.enabled:
             return
-        step = int(rec["step"])
+        step, split = int(rec["step"]), rec.get("split", "train")
+        if split == "train" and self.flops is not None and "images_per_s" in rec:
+            util = flops.utilisation(rec["images_per_s"], self.flops, self.peak)
+            rec = {**rec, **{k: v for k, v in util.items() if v is not None}}  # no "mfu" without a known peak
         with open(self.run / METRICS, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+        scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar(f"{split}/{k}", v, step)
             self.tb.flush()
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
-        losses = " ".join(f"{k} {v:.4f}" for k, v in scalars.items()
-                          if k not in ("lr", "grad_norm", "images_per_s", "gpu_mem_gib", "loss_scale"))
+            self.wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=step)
+        losses = " ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k not in NOT_LOSSES)
+        if split != "train":
+            line = f"{split} step {step}/{self.total} {losses}"
+            if self.bar is not None:
+                self.bar.console.print(line, highlight=False)
+            elif self.plain:
+                print(line, file=sys.stderr, flush=True)
+            return
         rate = rec.get("images_per_s", 0.0)
+        util = "" if self.flops is None else "  " + flops.describe(rec, self.device_name, self.peak)
         if self.bar is not None:
-            self.bar.update(self.bar_task, info=f"{losses}  {rate:.1f} img/s")
+            self.bar.update(self.bar_task, info=f"{losses}  {rate:.1f} img/s{util}")
         elif self.plain:
             elapsed = time.perf_counter() - self.t0
             done = step - self.start
             eta = elapsed / max(done, 1) * (self.total - step)
             print(f"train step {step}/{self.total} {losses} lr {rec.get('lr', 0):.3g} "
-                  f"{rate:.1f} img/s eta {_fmt_eta(eta)}", file=sys.stderr, flush=True)
+                  f"{rate:.1f} img/s{util} eta {_fmt_eta(eta)}", file=sys.stderr, flush=True)
 
     def advance(self, done: int) -> None:
         if self.bar is not None:

@@ -257,6 +257,8 @@ def fit(
     tensorboard: bool = True,
     wandb: Optional[str] = None,
     config: Optional[dict] = None,
+    validate=None,
+    gflops: Optional[float] = None,
 ) -> dict:
     """Train ``task`` for ``cfg.steps`` optimizer steps; returns a summary dict.
 
@@ -267,7 +269,9 @@ def fit(
     (True: the loader uses worker processes by default).
 
     Host synchronisation happens only at logging / checkpoint steps (losses are summed on the
-    device); ``on_sample`` may return a uint8 grid, logged as an image.
+    device); ``on_sample`` may return a uint8 grid, logged as an image. ``validate``: a
+    ``reptok.train.validate.Validation`` (every rank runs it on the EMA weights when it is due);
+    ``gflops``: training GFLOPs per example, for the TFLOP/s and MFU of the log.
     """
     run = Path(run)
     _check_batch(cfg, info)
@@ -299,7 +303,10 @@ def fit(
     pin = dev_type == "cuda"
     summary = {"start_step": start, "steps": cfg.steps, "last_loss": None, "workers": workers}
     log = TrainLogger(run, enabled=info.is_main, start=start, total=cfg.steps, progress=progress,
-                      tensorboard=tensorboard, wandb=wandb, config=config)
+                      tensorboard=tensorboard, wandb=wandb, config=config, gflops=gflops, device=device,
+                      amp_dtype=amp_dtype)
+    if validate is not None and progress:
+        log.message(validate.describe)
     keys = None
     window_loss = None  # summed over the steps since the last host read, on the device
     t_start, seen = time.perf_counter(), 0
@@ -396,6 +403,8 @@ def fit(
                         done % cfg.sample_every == 0 or done == cfg.steps):
                     log.image("samples", on_sample(ema.modules, done), done)
                     model.train()
+                if validate is not None and validate.due(done, cfg.steps):
+                    validate.run(ema.modules, done, log)
     finally:
         log.close()
         del loader  # shuts the workers down

@@ -24,6 +24,7 @@ from ..images import make_grid, save_png, tensor_to_uint8
 from ..dist import DistInfo
 from .loop import _check_batch, fit
 from .start import load_init, prepare_run_dir, read_init
+from ..flops import train_gflops
 
 
 class ReconSource:
@@ -137,7 +138,7 @@ def train_recon(
     device: str = "cpu", info: DistInfo = DistInfo(), progress: bool = True, precision: str = "auto",
     grid_images: int = 8, init: Optional[Path] = None, workers: Optional[int] = None, compile: bool = False,
     grad_checkpoint: bool = False, tensorboard: bool = True, wandb: Optional[str] = None,
-    notify: Optional[Callable[[str], None]] = None,
+    notify: Optional[Callable[[str], None]] = None, val_data: Optional[Path] = None,
 ) -> dict:
     """Train a tokenizer run in ``out`` on the prepared dataset ``data``; returns a summary.
 
@@ -145,7 +146,8 @@ def train_recon(
     a converted official run gives the fp32 fine-tuned DINO and the original cls token, i.e. the
     official training computation), with a fresh optimizer and EMA. A latent cache of ``data``
     (``reptok data cache-latents``) is used when it matches the run's VAE and resolution (a
-    mismatch is an InputError); ``notify`` receives one line saying so."""
+    mismatch is an InputError); ``notify`` receives one line saying so. ``val_data``: a held-out
+    prepared dataset for validation (``reptok.train.validate``; a resumed run finds its own)."""
     from ..data.dataset import PreparedDataset
     from .logs import check_wandb
     from .loop import amp_dtype_for
@@ -164,10 +166,14 @@ def train_recon(
     cfg.class_names = dataset.class_names
     if resume and (Path(out) / rundir.CONFIG).exists():
         # A resumed baseline stays a baseline even without --freeze-token on the command line.
-        freeze_token = freeze_token or bool(rundir.read_run_config(Path(out)).get("freeze_token"))
+        old = rundir.read_run_config(Path(out))
+        freeze_token = freeze_token or bool(old.get("freeze_token"))
+        val_data = val_data if val_data is not None else old.get("val_data")
+    val_set = _val_dataset(val_data, cfg) if val_data is not None else None
     _check_batch(cfg.train, info)  # before the run directory is created
     init_state = read_init(init, "recon", cfg) if init is not None and not resume else None
-    extra = {"freeze_token": freeze_token, "data": str(Path(data).resolve())}
+    extra = {"freeze_token": freeze_token, "data": str(Path(data).resolve()),
+             "val_data": str(Path(val_data).resolve()) if val_data is not None else None}
     if init_state is not None:
         extra["init"] = str(Path(init).resolve())
     cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra=extra)
@@ -189,9 +195,35 @@ def train_recon(
         save_png(Path(out) / "samples" / f"recon_{step:07d}.png", grid)
         return grid
 
+    validate = recon_validation(val_set, pipe.latent, cfg, info, device, amp_dtype_for(precision, device), freeze_token)
     summary = fit(task, Path(out), cfg.train, device=device, info=info, resume=resume, progress=progress,
                   on_sample=on_sample, precision=precision, workers=workers, compile=compile,
-                  tensorboard=tensorboard, wandb=wandb, config=cfg.to_dict())
+                  tensorboard=tensorboard, wandb=wandb, config=cfg.to_dict(), validate=validate,
+                  gflops=train_gflops(cfg, "recon", freeze_token))
     summary["run"] = str(out)
     summary["latent_cache"] = str(cache.dir) if cache is not None else None
     return summary
+
+
+def _val_dataset(val_data: Path, cfg: PipelineConfig):
+    """The held-out prepared dataset, checked before any work."""
+    from ..data.dataset import PreparedDataset
+
+    ds = PreparedDataset(val_data)
+    if ds.resolution != cfg.image_size:
+        raise InputError(f"--val-data {val_data}: images are {ds.resolution}px but the run trains at "
+                         f"{cfg.image_size}px; prepare it with --resolution {cfg.image_size}")
+    return ds
+
+
+def recon_validation(val_set, latent, cfg: PipelineConfig, info: DistInfo, device, amp_dtype, freeze_token: bool):
+    from .validate import ReconValidation, recon_extractor, validation_off
+
+    if val_set is None:
+        return validation_off("no held-out set (train recon --val-data DIR, a prepared dataset)")
+    if cfg.train.val_every == 0:
+        return validation_off("train.val_every=0")
+    extractor, features = recon_extractor(cfg.train.val_features, cfg.image_size, device) if cfg.train.val_fid_n > 1 \
+        else (None, "val_fid_n < 2")
+    return ReconValidation(val_set, latent, cfg, info=info, device=device, amp_dtype=amp_dtype,
+                           freeze_token=freeze_token, extractor=extractor, features=features)

@@ -52,7 +52,8 @@ def checkpoint_step(out: Path) -> Optional[int]:
 
 
 def last_loss(out: Path) -> Optional[float]:
-    """The loss of the last line of RUN/metrics.jsonl that has one (None without a log)."""
+    """The training loss of the last line of RUN/metrics.jsonl that has one (None without a
+    log; validation rows, ``"split": "val"``, are skipped)."""
     import json
 
     path = Path(out) / "metrics.jsonl"
@@ -63,7 +64,7 @@ def last_loss(out: Path) -> Optional[float]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "loss" in rec:
+        if "loss" in rec and rec.get("split", "train") == "train":
             return float(rec["loss"])
     return None
 
