@@ -30,10 +30,9 @@ _WEIGHTS_HELP = "pt_inception-2015-12-05-6726825d.pth (default: torch.hub cache,
 def _progress(quiet: bool = False):
     """A ``progress(description, total) -> advance(k)`` factory drawing rich bars on stderr
     (``quiet``: a context yielding None, no bars)."""
-    if quiet:
-        import contextlib
-
-        return contextlib.nullcontext(None)
+    if quiet:  # a generator context must yield even when there is nothing to draw
+        yield None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
