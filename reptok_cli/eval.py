@@ -24,6 +24,19 @@ J = "Job"
 
 _FEATURES_HELP = "inception (standard FID Inception; needs its weights) | judge (builtin-shapes classifier, offline)."
 _WEIGHTS_HELP = "pt_inception-2015-12-05-6726825d.pth (default: torch.hub cache, else download)."
+_IS_RULE_HELP = "adm (chunks of 5,000, as the ADM evaluator at any N) | splits10 (10 in-order splits)."
+_PR_HELP = "adm (float16 distance blocks with float32 fallback, as the ADM evaluator) | float64 (exact)."
+
+
+def _rules(is_rule: str, pr_distances: str):
+    from reptok.evaluate.run import Rules
+
+    return Rules(is_rule, pr_distances).check()
+
+
+def _rule_options():
+    return (typer.Option("adm", "--is-rule", help=_IS_RULE_HELP, rich_help_panel=F),
+            typer.Option("adm", "--pr-distances", help=_PR_HELP, rich_help_panel=F))
 
 
 @contextlib.contextmanager
@@ -70,6 +83,10 @@ def _report(title: str, rows, results: dict, written: Optional[Path], json_out: 
     out.print(t)
     feats = results["features"]
     out.print(f"[bold]features:[/] {feats['name']}: {feats['description']}", highlight=False, soft_wrap=True)
+    proto = results.get("protocol")
+    if proto:
+        out.print(f"[bold]rules:[/] IS {proto['is_rule']}, precision/recall distances {proto['pr_distances']}; "
+                  f"{proto['numerics']}; feature batch {proto['feature_batch']}", highlight=False, soft_wrap=True)
     for note in results.get("notes", []):
         out.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if written is not None:
@@ -97,10 +114,12 @@ def recon(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (dataset order).", rich_help_panel=J),
     decoder_steps: Optional[int] = typer.Option(None, "--decoder-steps", help="Decoder steps (default from the run, official 50).", rich_help_panel=J),
     solver: Optional[str] = typer.Option(None, "--solver", help="euler | heun (default from the run).", rich_help_panel=J),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", rich_help_panel=J),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Reconstruction batch (features do not depend on it).", rich_help_panel=J),
     seed: int = typer.Option(0, "--seed", help="Decoder noise seed (noise depends on seed and image index).", rich_help_panel=J),
     features: str = typer.Option("inception", "--features", help=_FEATURES_HELP, rich_help_panel=F),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP, rich_help_panel=F),
+    is_rule: str = _rule_options()[0],
+    pr_distances: str = _rule_options()[1],
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: RUN/eval_recon.json).", rich_help_panel=J),
     device: str = device_option(J),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
@@ -112,14 +131,17 @@ def recon(
     from reptok.evaluate.run import eval_recon, recon_results_path
     from reptok.outputs import check_new_output
 
+    rules = _rules(is_rule, pr_distances)
     if out is not None:  # an explicit results file is never replaced silently (the default one is)
         check_new_output(out, overwrite)
     dev = parse_device(device)
     with _progress(quiet) as bar:
         results = eval_recon(ckpt, data, limit=limit, decoder_steps=decoder_steps, solver=solver,
                              batch_size=batch_size, seed=seed, features=features,
-                             inception_weights=inception_weights, device=dev, progress=bar, fast=not no_fast)
-    err.print(f"decoded with {results['fast_path']}", highlight=False)
+                             inception_weights=inception_weights, device=dev, progress=bar, fast=not no_fast,
+                             rules=rules)
+    if not quiet:
+        err.print(f"decoded with {results['fast_path']}", highlight=False)
     written = _save(out or recon_results_path(ckpt), results)
     results["results_file"] = str(written) if written else None
     _report(f"reconstruction: {results['n']} images, {results['decoder_steps']} decoder steps ({results['solver']})",
@@ -141,8 +163,10 @@ def gen(
     ref: Path = typer.Option(..., "--ref", help="Same kinds, or an ADM reference batch .npz with mu/sigma.", rich_help_panel=J),
     features: str = typer.Option("inception", "--features", help=_FEATURES_HELP, rich_help_panel=F),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help=_WEIGHTS_HELP, rich_help_panel=F),
-    batch_size: int = typer.Option(100, "--batch-size", "-b", rich_help_panel=J),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", help="Loading batch (features do not depend on it).", rich_help_panel=J),
     k: int = typer.Option(3, "--k", help="Nearest neighbour for precision/recall (Kynkaanniemi et al.: 3).", rich_help_panel=F),
+    is_rule: str = _rule_options()[0],
+    pr_distances: str = _rule_options()[1],
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of each set.", rich_help_panel=J),
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
     device: str = device_option(J),
@@ -154,12 +178,13 @@ def gen(
     from reptok.evaluate.run import eval_gen, results_path_for_samples
     from reptok.outputs import check_new_output
 
+    rules = _rules(is_rule, pr_distances)
     if out is not None:  # an explicit results file is never replaced silently (the default one is)
         check_new_output(out, overwrite)
     dev = parse_device(device)
     with _progress(quiet) as bar:
         results = eval_gen(samples, ref, features=features, inception_weights=inception_weights,
-                           batch_size=batch_size, k=k, limit=limit, device=dev, progress=bar)
+                           batch_size=batch_size, k=k, limit=limit, device=dev, progress=bar, rules=rules)
     written = _save(out or results_path_for_samples(samples), results)
     results["results_file"] = str(written) if written else None
     n_ref = results["n_ref"] if results["n_ref"] is not None else "precomputed mu/sigma"

@@ -587,3 +587,67 @@ def test_images_to_uint8():
     u = images_to_uint8(x)
     assert u.dtype == np.uint8 and u.shape == (2, 1, 5, 3)
     assert u[0, 0, :, 0].tolist() == [0, 128, 255, 255, 255]
+
+
+# ----------------------------------------------------------------------------- batch-size independence
+class _BatchDependent:
+    """An extractor whose output depends on its batch, as a kernel choosing its algorithm by
+    shape does: feature = the image's mean value + the batch mean + the batch size."""
+
+    name = "batchdep"
+    chunk = 4
+
+    def describe(self):
+        return "test"
+
+    def __call__(self, images):
+        v = images.astype(np.float64).mean(axis=(1, 2, 3))
+        f = (v + v.mean() + len(v))[:, None]
+        return {"features": f, "logits": np.c_[f, -f]}
+
+
+def test_feature_stream_fixed_chunks_make_features_independent_of_the_batch_size():
+    """Catches passing the loader's batches through (no re-chunking) and an unpadded last chunk."""
+    from reptok.evaluate.inputs import FeatureStream
+
+    imgs = _pattern(10, 5, 5)
+    v = imgs.astype(np.float64).mean(axis=(1, 2, 3))
+    padded = np.r_[v, 0.0, 0.0]  # chunks [0:4], [4:8], [8:10] + 2 black images
+    expected = np.concatenate([padded[i:i + 4] + padded[i:i + 4].mean() + 4 for i in (0, 4, 8)])[:10]
+    for sizes in ([3, 3, 3, 1], [5, 5], [10], [1] * 10):
+        stream = FeatureStream(_BatchDependent())
+        for a, b in zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)):
+            stream.add(imgs[a:b])
+        feats, logits = stream.result()
+        np.testing.assert_array_equal(feats[:, 0], expected.astype(np.float32))
+        np.testing.assert_array_equal(logits[:, 1], -expected.astype(np.float32))
+
+
+def test_inception_features_and_scores_identical_for_two_batch_sizes(random_inception, tmp_path):
+    """The real network on a CPU, chunk 2 (as CUDA uses 100): loading batches of 1 and 3 give
+    bit-identical pool3 features, logits and IS; TF32 is off during the forward and restored."""
+    ex = FIDInceptionExtractor(random_inception, chunk=2)
+    assert FIDInceptionExtractor(random_inception).chunk == 1  # CPU default: no padding work
+    seen = []
+    forward = random_inception.forward
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+              torch.backends.cudnn.deterministic)
+
+    def spy(x):
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                     torch.backends.cudnn.deterministic))
+        return forward(x)
+
+    random_inception.forward = spy
+    try:
+        imgs = _pattern(3, 16, 16)
+        a = compute_stats(ex, [imgs[i:i + 1] for i in range(3)])
+        b = compute_stats(ex, [imgs])
+    finally:
+        del random_inception.forward
+    np.testing.assert_array_equal(a["features"], b["features"])
+    np.testing.assert_array_equal(a["logits"], b["logits"])
+    assert inception_score(a["logits"]) == inception_score(b["logits"])
+    assert set(seen) == {("ieee", "ieee", True)} and len(seen) == 4  # 2 chunks per run
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cudnn.deterministic) == before != ("ieee", "ieee", True)

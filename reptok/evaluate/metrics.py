@@ -125,8 +125,11 @@ def frechet_distance(
 
 
 # ----------------------------------------------------------------------------- IS
-IS_RULES = ("adm", "splits10")
 ADM_IS_SPLIT_SIZE = 5000
+IS_RULES = {
+    "adm": "in-order chunks of 5,000 images, the last one possibly shorter (the ADM evaluator)",
+    "splits10": "10 in-order splits at i*N//10 (improved-GAN / torch-fidelity; reptok's rule before the ADM one)",
+}
 
 
 def inception_score(
@@ -222,7 +225,11 @@ STRICT_FP32_DOC = "float32 IEEE (TF32 off for matmuls and cuDNN convolutions), c
 
 
 # ----------------------------------------------------------------------------- precision / recall
-PR_DISTANCES = ("adm", "float64")
+PR_DISTANCES = {
+    "adm": "squared distances in float16 blocks of 10,000 x 10,000, float32 for a block that is not "
+           "finite (the ADM evaluator's DistanceBlock)",
+    "float64": "Euclidean distances in float64 (torch.cdist), same blocks",
+}
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
