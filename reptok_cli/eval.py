@@ -67,12 +67,16 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
-def _report(title: str, rows, results: dict, written: Optional[Path], json_out: bool = False) -> None:
-    """The results table (stdout; stderr with --json, whose line is the result then)."""
+def _report(title: str, rows, results: dict, written: Optional[Path], json_out: bool = False,
+            quiet: bool = False) -> None:
+    """The results table (stdout; stderr with --json, whose line is the result then, and
+    nothing with --json -q)."""
     from rich.table import Table
 
     from .common import result_console
 
+    if json_out and quiet:
+        return
     out = result_console(json_out)
 
     t = Table(title=title, title_justify="left", min_width=60, show_header=True, header_style="bold")
@@ -147,7 +151,7 @@ def recon(
     _report(f"reconstruction: {results['n']} images, {results['decoder_steps']} decoder steps ({results['solver']})",
             [("PSNR (dB)", "psnr", 3), ("SSIM", "ssim", 4), ("rFID", "rfid", 3),
              ("IS (reconstructions)", "inception_score", 3), ("precision", "precision", 4),
-             ("recall", "recall", 4), ("images", "n", 0)], results, written, json_out)
+             ("recall", "recall", 4), ("images", "n", 0)], results, written, json_out, quiet)
     if json_out:
         emit_json(results)
 
@@ -191,6 +195,46 @@ def gen(
     _report(f"{results['n_samples']} samples vs reference: {n_ref}",
             [("FID", "fid", 3), ("Inception Score", "inception_score", 3), ("IS std", "inception_score_std", 3),
              (f"precision (k={k})", "precision", 4), (f"recall (k={k})", "recall", 4),
-             ("samples", "n_samples", 0), ("reference images", "n_ref", 0)], results, written, json_out)
+             ("samples", "n_samples", 0), ("reference images", "n_ref", 0)], results, written, json_out, quiet)
     if json_out:
         emit_json(results)
+
+
+@eval_app.command("probe", epilog=(
+    "Examples:\n\n  reptok eval probe --ckpt runs/tok --data data/in1k-val\n\n"
+    "  reptok eval probe --ckpt qs/tokenizer --data qs/data --json"))
+@handle_errors
+def probe(
+    ckpt: Path = typer.Option(..., "--ckpt", help="A tokenizer run (or a generator run with one).", rich_help_panel=J),
+    data: Path = typer.Option(..., "--data", help="A prepared dataset with class labels.", rich_help_panel=J),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (dataset order).", rich_help_panel=J),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Held-out share of each class.", rich_help_panel=J),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/test split.", rich_help_panel=J),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", rich_help_panel=J),
+    device: str = device_option(J),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
+    json_out: bool = json_option(J),
+):
+    """Linear probe (logistic regression) of the fine-tuned token and of the frozen SSL token."""
+    from rich.table import Table
+
+    from reptok.evaluate.probe import probe_run
+
+    from .common import result_console
+
+    dev = parse_device(device)
+    with _progress(quiet) as bar:
+        res = probe_run(ckpt, data, limit=limit, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                        device=dev, progress=bar)
+    t = Table(title=f"linear probe: {res['n_train']} train / {res['n_test']} test images, {res['classes']} classes "
+                    f"(chance {res['chance']:.3f})", title_justify="left", header_style="bold")
+    for col in ("token", "test accuracy", "train accuracy"):
+        t.add_column(col, justify="left" if col == "token" else "right")
+    for r in res["rows"]:
+        t.add_row(r["token"], f"{r['accuracy']:.4f}", f"{r['train_accuracy']:.4f}")
+    if not (json_out and quiet):
+        out = result_console(json_out)
+        out.print(t)
+        out.print(f"mean cosine(fine-tuned, frozen SSL token): {res['mean_cosine']:.4f}", highlight=False)
+    if json_out:
+        emit_json(res)
