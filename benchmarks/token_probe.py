@@ -19,7 +19,7 @@ import torch
 
 from reptok.evaluate.probe import logistic_probe, standardise
 from reptok.shapes.render import NUM_CLASSES, render_shape
-from reptok.models.encoder import SSLEncoder
+from reptok.shapes.ssl import build_encoder
 from reptok.presets import get_preset
 
 
@@ -63,7 +63,7 @@ def main() -> None:
           f"(pixel variance {pixels[int(0.8 * args.images):].var(0).mean():.4f})")
     print(f"{'encoder':22} {'class acc':>9} {'R2 cx':>6} {'R2 cy':>6} {'R2 r':>6} {'pixel mse':>10}")
     for name, ecfg in encoders.items():
-        enc = SSLEncoder(ecfg)
+        enc = build_encoder(ecfg)
         with torch.no_grad():
             tokens = torch.cat([enc(x[i: i + 500]) for i in range(0, len(x), 500)]).numpy()
         r = probe(tokens, labels, geometry, pixels)
