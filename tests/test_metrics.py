@@ -651,3 +651,28 @@ def test_inception_features_and_scores_identical_for_two_batch_sizes(random_ince
     assert set(seen) == {("ieee", "ieee", True)} and len(seen) == 4  # 2 chunks per run
     assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
             torch.backends.cudnn.deterministic) == before != ("ieee", "ieee", True)
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_inception_batch_invariant_tf32_off_and_adm_pr_as_on_cpu(random_inception):
+    """On CUDA (chunk 100): loading batches of 7 and 64 give bit-identical features; they stay
+    within 1e-4 of the CPU features (TF32, 10-bit mantissas, would move them further); the
+    float16 precision/recall blocks on the GPU give the CPU's answer."""
+    imgs = _pattern(130, 24, 24)
+    import copy
+
+    ex = FIDInceptionExtractor(copy.deepcopy(random_inception), device="cuda")  # .to() is in place
+    assert ex.chunk == 100
+    a = compute_stats(ex, [imgs[i:i + 7] for i in range(0, 130, 7)])
+    b = compute_stats(ex, [imgs[i:i + 64] for i in range(0, 130, 64)])
+    np.testing.assert_array_equal(a["features"], b["features"])
+    np.testing.assert_array_equal(a["logits"], b["logits"])
+    cpu = compute_stats(FIDInceptionExtractor(random_inception), [imgs[:8]])
+    scale = np.abs(cpu["features"]).max()
+    assert np.abs(a["features"][:8] - cpu["features"]).max() <= 1e-4 * scale
+    rng = np.random.default_rng(1)  # a 1/16 grid: float32 sums exact in any reduction order
+    real, fake = 12 + rng.integers(0, 128, (300, 32)) / 16, 12 + rng.integers(0, 128, (280, 32)) / 16
+    assert precision_recall(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), batch_size=128) == \
+        precision_recall(real, fake, batch_size=128)
