@@ -33,7 +33,7 @@ from ..pipeline import Pipeline
 from ..io import atomic_write_text, file_sha256
 from ..errors import InputError
 from .inception import FIDInceptionV3, find_fid_inception_weights, load_fid_inception
-from .inputs import EvalInputError, FeatureStream, ImageSet, load_images, load_reference_stats
+from .inputs import EvalInputError, FeatureStream, ImageSet, feature_chunk, load_images, load_reference_stats
 from .metrics import (ADM_IS_SPLIT_SIZE, IS_RULES, PR_DISTANCES, STRICT_FP32_DOC, feature_stats,
                       frechet_distance, inception_score, precision_recall, psnr, ssim)
 
@@ -205,7 +205,7 @@ def _protocol(extractor, rules: Rules, batch_size: int) -> dict:
         "features_weights": None if weights is None else str(weights),
         "features_weights_sha256": None if weights is None or not os.path.isfile(weights) else file_sha256(weights),
         "batch_size": batch_size,
-        "feature_batch": FeatureStream(extractor).chunk,
+        "feature_batch": feature_chunk(extractor),
         "numerics": STRICT_FP32_DOC if extractor.name == "inception" else "float32",
         "torch": torch.__version__,
     }
