@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .common import app, emit_json, err, handle_errors, parse_device
-from .options import device_option, json_option
+from .options import device_option, json_option, quiet_option
 
 eval_app = typer.Typer(
     name="eval",
@@ -128,7 +128,7 @@ def recon(
     device: str = device_option(J),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs).", rich_help_panel=J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
+    quiet: bool = quiet_option(J),
     json_out: bool = json_option(J),
 ):
     """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
@@ -175,7 +175,7 @@ def gen(
     out: Optional[Path] = typer.Option(None, "--out", help="Results JSON (default: <samples>.eval.json / <folder>/eval.json).", rich_help_panel=J),
     device: str = device_option(J),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file.", rich_help_panel=J),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
+    quiet: bool = quiet_option(J),
     json_out: bool = json_option(J),
 ):
     """FID, Inception Score and precision/recall of samples against a reference set."""
@@ -212,7 +212,7 @@ def probe(
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split.", rich_help_panel=J),
     batch_size: int = typer.Option(64, "--batch-size", "-b", rich_help_panel=J),
     device: str = device_option(J),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars on stderr.", rich_help_panel=J),
+    quiet: bool = quiet_option(J),
     json_out: bool = json_option(J),
 ):
     """Linear probe (logistic regression) of the fine-tuned token and of the frozen SSL token."""
