@@ -1,9 +1,9 @@
 """What does an encoder's token know? Linear probes on held-out builtin:shapes.
 
 For each encoder (a preset's encoder with its weights, and the same architecture at random init),
-encodes N held-out shapes and fits ridge regressions from the standardised token (80% / 20%
-split) to: the class (accuracy), the geometry (R^2 of centre x, centre y, radius) and the pixels
-(mean squared error of a linear reconstruction, in [-1, 1] units; the pixel variance is printed
+encodes N held-out shapes and fits linear probes from the standardised token (80% / 20%
+split) to: the class (accuracy of reptok's logistic probe, the one ``reptok eval probe`` runs),
+the geometry (ridge R^2 of centre x, centre y, radius) and the pixels (ridge; mean squared error of a linear reconstruction, in [-1, 1] units; the pixel variance is printed
 for scale). A token the decoder can turn into class-correct shapes needs class and geometry.
 
     python benchmarks/token_probe.py [--preset small] [--images 3000]
@@ -17,23 +17,26 @@ import dataclasses
 import numpy as np
 import torch
 
+from reptok.evaluate.probe import logistic_probe, standardise
 from reptok.shapes.render import NUM_CLASSES, render_shape
-from reptok.models.encoder import SSLEncoder
+from reptok.shapes.ssl import build_encoder
 from reptok.presets import get_preset
 
 
 def probe(tokens: np.ndarray, labels: np.ndarray, geometry: np.ndarray, pixels: np.ndarray) -> dict:
+    """Class accuracy: reptok's logistic probe (``reptok eval probe``); geometry and pixels: ridge
+    regressions on the same standardised token (train statistics), 80% / 20% in order."""
     n = len(tokens)
-    z = (tokens - tokens.mean(0)) / (tokens.std(0) + 1e-6)
-    z = np.c_[z, np.ones(n)]
-    tr, te = slice(0, int(0.8 * n)), slice(int(0.8 * n), n)
-    gram = z[tr].T @ z[tr] + np.eye(z.shape[1])
+    tr, te = np.arange(int(0.8 * n)), np.arange(int(0.8 * n), n)
+    acc = logistic_probe(tokens, labels, tr, te)["accuracy"]
+    ztr, zte = (np.c_[z.numpy(), np.ones(len(z))] for z in standardise(*(torch.from_numpy(tokens[i]).double()
+                                                                        for i in (tr, te))))
+    gram = ztr.T @ ztr + np.eye(ztr.shape[1])
 
     def ridge(y):
-        return z[te] @ np.linalg.solve(gram, z[tr].T @ y[tr])
+        return zte @ np.linalg.solve(gram, ztr.T @ y[tr])
 
     r2 = 1 - ((ridge(geometry) - geometry[te]) ** 2).mean(0) / geometry[te].var(0)
-    acc = float((ridge(np.eye(NUM_CLASSES)[labels]).argmax(1) == labels[te]).mean())
     mse = float(((ridge(pixels) - pixels[te]) ** 2).mean())
     return {"class_acc": acc, "r2_cx": r2[0], "r2_cy": r2[1], "r2_radius": r2[2], "pixel_mse": mse}
 
@@ -60,7 +63,7 @@ def main() -> None:
           f"(pixel variance {pixels[int(0.8 * args.images):].var(0).mean():.4f})")
     print(f"{'encoder':22} {'class acc':>9} {'R2 cx':>6} {'R2 cy':>6} {'R2 r':>6} {'pixel mse':>10}")
     for name, ecfg in encoders.items():
-        enc = SSLEncoder(ecfg)
+        enc = build_encoder(ecfg)
         with torch.no_grad():
             tokens = torch.cat([enc(x[i: i + 500]) for i in range(0, len(x), 500)]).numpy()
         r = probe(tokens, labels, geometry, pixels)

@@ -231,6 +231,9 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+_EVALUATOR_KEYS = ("is_rule", "pr_distances", "features_weights_sha256", "batch_size", "feature_batch", "numerics", "torch")
+
+
 def _evals_section(evals: List[dict]) -> str:
     if not evals:
         return "## Evaluation\n\nNo `reptok eval` result was recorded in this run."
@@ -248,6 +251,9 @@ def _evals_section(evals: List[dict]) -> str:
                  f"- sampler: {', '.join(f'{k} {v}' for k, v in sampler.items() if v is not None) if sampler else 'not recorded'}",
                  f"- tool: {tool.get('features')} features ({tool.get('description')}), reptok {tool.get('reptok_version')}"
                  + (f", k = {p['k']}" if p.get("k") else "")]
+        evaluator = tool.get("evaluator") or {}
+        if evaluator:
+            lines.append("- evaluator: " + ", ".join(f"{k} {evaluator[k]}" for k in _EVALUATOR_KEYS if evaluator.get(k) is not None))
         lines += [f"- rule: {r}" for r in p.get("rules") or []]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)

@@ -145,3 +145,15 @@ def load_tensors(path: Path, what: str = "weights file") -> Dict[str, torch.Tens
         return load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise InputError(f"{path}: unreadable {what} ({e})") from None
+
+
+# ----------------------------------------------------------------------------- identity
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (read in 16 MiB pieces), as hex."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()

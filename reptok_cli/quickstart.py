@@ -52,5 +52,6 @@ def quickstart(
     t.add_row("time: total (s)", f"{report['total_seconds']}")
     from rich.console import Console
 
-    Console().print(t)  # the result: stdout
-    err.print(f"samples: {report['files']['samples_grid']}\nreport: {out / 'report.md'}")
+    out_console = Console(soft_wrap=True)
+    out_console.print(t)  # the result, with where it is: stdout (-q leaves stderr empty)
+    out_console.print(f"samples: {report['files']['samples_grid']}\nreport: {out / 'report.md'}", highlight=False)

@@ -179,8 +179,16 @@ def test_gen_inception_path_random_weights(env, tmp_path, offline, fast_fid):
     assert str(env / "inception.pth") in out["features"]["description"]
     assert np.isfinite(out["fid"]) and np.isfinite(out["inception_score"])
     assert out["precision"] is not None and out["n_samples"] == 4 and out["n_ref"] == 4
-    assert any("299x299" in n for n in out["notes"]) and any("50,000" in n for n in out["notes"])
+    assert any("299x299" in n for n in out["notes"])
+    assert any("50,000" in n and "Inception Score" in n and "1 chunk(s)" in n for n in out["notes"])
     assert fast_fid == [((2048,), (2048, 2048), (2048,), (2048, 2048))]
+    # Everything needed to compare two numbers is recorded.
+    import hashlib
+
+    proto = out["protocol"]
+    assert proto["features_weights_sha256"] == hashlib.sha256((env / "inception.pth").read_bytes()).hexdigest()
+    assert (proto["is_rule"], proto["pr_distances"], proto["batch_size"], proto["feature_batch"]) == ("adm", "adm", 4, 1)
+    assert "TF32 off" in proto["numerics"] and proto["tool"].startswith("reptok ")
 
 
 # ----------------------------------------------------------------------------- eval recon
@@ -275,3 +283,7 @@ def test_recon_bad_inputs_exit_2(judge_cache, tmp_path):
     res = cli("eval", "recon", "--ckpt", env / "tok", "--data", env / "data", "--features", "judge",
               "--solver", "rk4", code=2)
     assert "euler" in res.output
+    for opt, val, choices in (("--is-rule", "adm5000", "splits10"), ("--pr-distances", "fp16", "float64")):
+        res = cli("eval", "recon", "--ckpt", env / "tok", "--data", env / "data", "--features", "judge",
+                  opt, val, code=2)  # a typo in a rule name: refused before any work
+        assert res.output.count("error:") == 1 and choices in res.output

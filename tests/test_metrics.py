@@ -179,7 +179,76 @@ def test_inception_score_matches_adm_formula():
         inception_score(-p, splits=3, from_logits=False)
 
 
+@pytest.mark.parametrize("n", [200, 10_000, 12_345, 50_000])
+def test_inception_score_default_follows_adm_chunks_of_5000(n):
+    """ADM's evaluator: consecutive chunks of 5,000 (one chunk at N = 200, a short last one at
+    12,345); catches the old 10-split rule as default and a dropped partial chunk."""
+    rng = np.random.default_rng(n)
+    # Class-skewed predictions that drift along the set, so every chunking gives another mean.
+    drift = np.linspace(0, 3, n)[:, None] * np.eye(10)[np.arange(n) * 7 // n]
+    p = rng.dirichlet(np.full(10, 0.3), size=n) + drift
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for c in range(-(-n // 5000)):
+        part = p[5000 * c: 5000 * (c + 1)]
+        kl = part * (np.log(part) - np.log(np.mean(part, 0)[None]))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    mean, std = inception_score(p, from_logits=False)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-10) and std == pytest.approx(np.std(scores), abs=1e-10)
+    old = inception_score(p, splits=10, from_logits=False)[0]
+    assert (old == pytest.approx(mean, rel=1e-10)) == (n == 50_000)  # the rules agree at 50K only
+
+
 # ----------------------------------------------------------------------------- precision / recall
+def _adm_fp16_reference(u, v):
+    """ADM's DistanceBlock written independently in numpy float16 (each op rounds to float16;
+    squares summed in float32), with its float32 fallback for a non-finite block."""
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        nu = (u16 * u16).astype(np.float32).sum(1).astype(np.float16)
+        nv = (v16 * v16).astype(np.float32).sum(1).astype(np.float16)
+        mm = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+        d = np.maximum(nu[:, None] - np.float16(2) * mm + nv[None, :], np.float16(0))
+    if np.isfinite(d).all():
+        return d.astype(np.float32)
+    u32, v32 = u.astype(np.float32), v.astype(np.float32)
+    return np.maximum((u32 ** 2).sum(1)[:, None] - 2 * u32 @ v32.T + (v32 ** 2).sum(1)[None, :], 0)
+
+
+def _blocked_pr(real, fake, k, bs, dist):
+    def full(a, b):  # distances assembled block by block, as ADM's row/column batches
+        return np.block([[dist(a[i:i + bs], b[j:j + bs]) for j in range(0, len(b), bs)]
+                         for i in range(0, len(a), bs)])
+
+    r_rad = np.sort(full(real, real), axis=1)[:, k]
+    f_rad = np.sort(full(fake, fake), axis=1)[:, k]
+    d = full(real, fake)
+    return (d <= r_rad[:, None]).any(0).mean(), (d <= f_rad[None, :]).any(1).mean()
+
+
+def test_precision_recall_adm_distances_equal_an_independent_float16_implementation():
+    """Features on a 1/16 grid (so float32 sums are exact and only the float16 roundings
+    matter); one huge row forces the float32 fallback in the blocks that contain it. Catches
+    float32/float64 distances by default, a fallback for the whole set instead of per block
+    (or never), and `<` instead of `<=` on ties."""
+    rng = np.random.default_rng(3)
+    # A common offset, as Inception's non-negative features have: |x|^2 ~ 8,000, where float16
+    # steps are 4, so |u|^2 - 2 u.v + |v|^2 loses most of a distance^2 of ~300.
+    real = 12.0 + rng.integers(0, 128, (40, 32)) / 16.0
+    fake = 12.0 + rng.integers(0, 128, (35, 32)) / 16.0 + rng.integers(0, 2, (35, 32)) / 4.0
+    fake[5] = 200.0  # |x|^2 = 1.28e6 > float16 max: its blocks fall back to float32
+    for bs in (16, 10_000):
+        got = precision_recall(real, fake, k=3, batch_size=bs)
+        assert got == _blocked_pr(real, fake, 3, bs, _adm_fp16_reference)
+    grid_r, grid_f = rng.integers(0, 3, (30, 6)), rng.integers(0, 3, (30, 6))  # many exact ties
+    assert precision_recall(grid_r, grid_f, k=3) == _blocked_pr(grid_r, grid_f, 3, 30, _adm_fp16_reference)
+    exact = precision_recall(real, fake, k=3, distances="float64")
+    assert exact == pytest.approx(_brute_pr(real, fake, 3), abs=1e-12)
+    assert got != exact  # float16 rounding changes the answer on these features
+    with pytest.raises(ValueError, match="distances"):
+        precision_recall(real, fake, distances="fp16")
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_precision_recall_matches_brute_force(k):
     rng = np.random.default_rng(10 + k)
@@ -187,7 +256,7 @@ def test_precision_recall_matches_brute_force(k):
     fake = rng.standard_normal((33, 5)) * 1.3 + 0.4
     expected = _brute_pr(real, fake, k)
     for bs in (7, 1000):  # batched merging of the running top-(k+1) must not change the answer
-        got = precision_recall(real, fake, k=k, batch_size=bs)
+        got = precision_recall(real, fake, k=k, batch_size=bs, distances="float64")
         assert got == pytest.approx(expected, abs=1e-12)
     assert 0 < min(expected) < 1  # a non-trivial case
 
@@ -518,3 +587,92 @@ def test_images_to_uint8():
     u = images_to_uint8(x)
     assert u.dtype == np.uint8 and u.shape == (2, 1, 5, 3)
     assert u[0, 0, :, 0].tolist() == [0, 128, 255, 255, 255]
+
+
+# ----------------------------------------------------------------------------- batch-size independence
+class _BatchDependent:
+    """An extractor whose output depends on its batch, as a kernel choosing its algorithm by
+    shape does: feature = the image's mean value + the batch mean + the batch size."""
+
+    name = "batchdep"
+    chunk = 4
+
+    def describe(self):
+        return "test"
+
+    def __call__(self, images):
+        v = images.astype(np.float64).mean(axis=(1, 2, 3))
+        f = (v + v.mean() + len(v))[:, None]
+        return {"features": f, "logits": np.c_[f, -f]}
+
+
+def test_feature_stream_fixed_chunks_make_features_independent_of_the_batch_size():
+    """Catches passing the loader's batches through (no re-chunking) and an unpadded last chunk."""
+    from reptok.evaluate.inputs import FeatureStream
+
+    imgs = _pattern(10, 5, 5)
+    v = imgs.astype(np.float64).mean(axis=(1, 2, 3))
+    padded = np.r_[v, 0.0, 0.0]  # chunks [0:4], [4:8], [8:10] + 2 black images
+    expected = np.concatenate([padded[i:i + 4] + padded[i:i + 4].mean() + 4 for i in (0, 4, 8)])[:10]
+    for sizes in ([3, 3, 3, 1], [5, 5], [10], [1] * 10):
+        stream = FeatureStream(_BatchDependent())
+        for a, b in zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes)):
+            stream.add(imgs[a:b])
+        feats, logits = stream.result()
+        np.testing.assert_array_equal(feats[:, 0], expected.astype(np.float32))
+        np.testing.assert_array_equal(logits[:, 1], -expected.astype(np.float32))
+
+
+def test_inception_features_and_scores_identical_for_two_batch_sizes(random_inception, tmp_path):
+    """The real network on a CPU, chunk 2 (as CUDA uses 100): loading batches of 1 and 3 give
+    bit-identical pool3 features, logits and IS; TF32 is off during the forward and restored."""
+    ex = FIDInceptionExtractor(random_inception, chunk=2)
+    assert FIDInceptionExtractor(random_inception).chunk == 1  # CPU default: no padding work
+    seen = []
+    forward = random_inception.forward
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+              torch.backends.cudnn.deterministic)
+
+    def spy(x):
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                     torch.backends.cudnn.deterministic))
+        return forward(x)
+
+    random_inception.forward = spy
+    try:
+        imgs = _pattern(3, 16, 16)
+        a = compute_stats(ex, [imgs[i:i + 1] for i in range(3)])
+        b = compute_stats(ex, [imgs])
+    finally:
+        del random_inception.forward
+    np.testing.assert_array_equal(a["features"], b["features"])
+    np.testing.assert_array_equal(a["logits"], b["logits"])
+    assert inception_score(a["logits"]) == inception_score(b["logits"])
+    assert set(seen) == {("ieee", "ieee", True)} and len(seen) == 4  # 2 chunks per run
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cudnn.deterministic) == before != ("ieee", "ieee", True)
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_inception_batch_invariant_tf32_off_and_adm_pr_as_on_cpu(random_inception):
+    """On CUDA (chunk 100): loading batches of 7 and 64 give bit-identical features; they stay
+    within 1e-4 of the CPU features (TF32, 10-bit mantissas, would move them further); the
+    float16 precision/recall blocks on the GPU give the CPU's answer."""
+    imgs = _pattern(130, 24, 24)
+    import copy
+
+    ex = FIDInceptionExtractor(copy.deepcopy(random_inception), device="cuda")  # .to() is in place
+    assert ex.chunk == 100
+    a = compute_stats(ex, [imgs[i:i + 7] for i in range(0, 130, 7)])
+    b = compute_stats(ex, [imgs[i:i + 64] for i in range(0, 130, 64)])
+    np.testing.assert_array_equal(a["features"], b["features"])
+    np.testing.assert_array_equal(a["logits"], b["logits"])
+    cpu = compute_stats(FIDInceptionExtractor(random_inception), [imgs[:8]])
+    scale = np.abs(cpu["features"]).max()
+    assert np.abs(a["features"][:8] - cpu["features"]).max() <= 1e-4 * scale
+    rng = np.random.default_rng(1)  # a 1/16 grid: float32 sums exact in any reduction order
+    real, fake = 12 + rng.integers(0, 128, (300, 32)) / 16, 12 + rng.integers(0, 128, (280, 32)) / 16
+    assert precision_recall(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), batch_size=128) == \
+        precision_recall(real, fake, batch_size=128)

@@ -40,7 +40,6 @@ scale_factor); the generator's training time sampler comes from ``flow_cfg``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import re
@@ -59,6 +58,7 @@ from ..config import (
     VAEConfig,
 )
 from ..errors import InputError
+from ..io import file_sha256
 from .safe_load import jsonable, safe_torch_load, to_plain
 
 PathLike = Union[str, Path]
@@ -550,14 +550,6 @@ def _ignored_group(key: str, unused_gen: Optional[str]) -> Optional[str]:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists():
         if not out.is_dir():
@@ -717,7 +709,7 @@ def convert_official(
         infer.update({f"{comp}.{k}": v for k, v in part.items()})
     weights, infer = _materialise(weights, dt), _materialise(infer, dt)
     vae_w = _materialise(vae, dt)
-    sha = _sha256(ck.path) if hash_source else None
+    sha = file_sha256(ck.path) if hash_source else None
     summary = {
         "format": "reptok-conversion/1",
         "source": str(ck.path.resolve()),

@@ -2,7 +2,8 @@
 
 Library layer for ``reptok eval``: the CLI checks the Inception weights first
 (:func:`find_fid_inception_weights`), opens the sets (:func:`load_images`), extracts features
-(:func:`compute_stats`) and computes the metrics below.
+(:func:`compute_stats`, in the fixed chunks of a :class:`FeatureStream`) and computes the metrics
+below; :mod:`reptok.evaluate.probe` is ``reptok eval probe``.
 """
 
 from .inception import (
@@ -18,6 +19,7 @@ from .inception import (
 )
 from .inputs import (
     EvalInputError,
+    FeatureStream,
     ImageSet,
     compute_stats,
     images_to_uint8,
@@ -25,16 +27,24 @@ from .inputs import (
     load_reference_stats,
 )
 from .metrics import (
+    IS_RULES,
+    PR_DISTANCES,
+    adm_squared_distances,
     feature_stats,
     frechet_distance,
     inception_score,
     precision_recall,
     psnr,
     ssim,
+    strict_fp32,
 )
 
 __all__ = [
     "EvalInputError",
+    "FeatureStream",
+    "IS_RULES",
+    "PR_DISTANCES",
+    "adm_squared_distances",
     "FID_WEIGHTS_FILENAME",
     "FID_WEIGHTS_URL",
     "FIDInceptionExtractor",
@@ -55,4 +65,5 @@ __all__ = [
     "preprocess_for_inception",
     "psnr",
     "ssim",
+    "strict_fp32",
 ]

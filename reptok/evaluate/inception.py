@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .metrics import strict_fp32
 from torchvision.models.inception import (
     BasicConv2d,
     InceptionA,
@@ -287,7 +288,12 @@ class FIDInceptionExtractor:
     """:class:`FeatureExtractor` over :class:`FIDInceptionV3`.
 
     Returns ``features`` float32 (B, 2048) pool3 and ``logits`` float32 (B, 1008) unbiased
-    logits, as numpy arrays. Runs in float32 under ``torch.no_grad`` on ``device``.
+    logits, as numpy arrays. Runs in IEEE float32 (TF32 off, cuDNN deterministic:
+    :func:`~reptok.evaluate.metrics.strict_fp32`) under ``torch.no_grad`` on ``device``.
+    ``chunk``: the batch the evaluation feeds it (a :class:`~reptok.evaluate.inputs.FeatureStream`
+    pads the stream to multiples of it, so results do not depend on the loader's batch size);
+    default 1 on a CPU (no padding, and per-image throughput there equals batched) and 100 on
+    CUDA.
     """
 
     name = "inception"
@@ -299,6 +305,7 @@ class FIDInceptionExtractor:
         device: Union[str, torch.device] = "cpu",
         resize: str = "tf",
         weights_path: Optional[str] = None,
+        chunk: Optional[int] = None,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
@@ -306,6 +313,7 @@ class FIDInceptionExtractor:
         self.model = model.to(self.device).float().eval().requires_grad_(False)
         self.resize = resize
         self.weights_path = weights_path
+        self.chunk = int(chunk) if chunk else (1 if self.device.type == "cpu" else 100)
 
     def describe(self) -> str:
         weights = self.weights_path or "RANDOM WEIGHTS (testing only; numbers are meaningless)"
@@ -324,8 +332,9 @@ class FIDInceptionExtractor:
 
     @torch.no_grad()
     def __call__(self, images) -> Dict[str, np.ndarray]:
-        x = preprocess_for_inception(images, self.resize, device=self.device)
-        pool, logits = self.model(x)
+        with strict_fp32():
+            x = preprocess_for_inception(images, self.resize, device=self.device)
+            pool, logits = self.model(x)
         return {
             "features": pool.float().cpu().numpy(),
             "logits": logits.float().cpu().numpy(),

@@ -2,9 +2,12 @@
 
 * :func:`frechet_distance` / :func:`feature_stats` -- FID exactly as the ADM evaluator
   (``guided-diffusion/evaluations/evaluator.py``) and pytorch-fid compute it.
-* :func:`inception_score` -- IS as the ADM evaluator / improved-GAN code compute it.
+* :func:`inception_score` -- IS as the ADM evaluator computes it (chunks of 5,000), or over
+  S in-order splits (improved-GAN / torch-fidelity).
 * :func:`precision_recall` -- improved precision and recall (Kynkaanniemi et al. 2019) with
-  the ADM ``ManifoldEstimator`` semantics, batched in torch so 50K x 50K runs on a GPU.
+  the ADM ``ManifoldEstimator`` semantics and, by default, its float16 distances
+  (:func:`adm_squared_distances`); batched in torch so 50K x 50K runs on a GPU.
+* :func:`strict_fp32` -- TF32 off (and cuDNN deterministic) for feature extraction and distances.
 * :func:`psnr` / :func:`ssim` -- per-image reconstruction metrics (SSIM matches scikit-image's
   ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``).
 
@@ -13,8 +16,9 @@ Feature extraction (Inception) lives in :mod:`reptok.evaluate.inception`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,12 +29,17 @@ from scipy.special import log_softmax
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 __all__ = [
+    "IS_RULES",
+    "PR_DISTANCES",
+    "STRICT_FP32_DOC",
+    "adm_squared_distances",
     "feature_stats",
     "frechet_distance",
     "inception_score",
     "precision_recall",
     "psnr",
     "ssim",
+    "strict_fp32",
 ]
 
 
@@ -38,6 +47,11 @@ def _to_numpy(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _as_float_tensor(x: ArrayLike, device, dtype) -> torch.Tensor:
+    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x.detach()
+    return t.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- FID
@@ -111,10 +125,21 @@ def frechet_distance(
 
 
 # ----------------------------------------------------------------------------- IS
+ADM_IS_SPLIT_SIZE = 5000
+IS_RULES = {
+    "adm": "in-order chunks of 5,000 images, the last one possibly shorter (the ADM evaluator)",
+    "splits10": "10 in-order splits at i*N//10 (improved-GAN / torch-fidelity; reptok's rule before the ADM one)",
+}
+
+
 def inception_score(
-    logits_or_probs: ArrayLike, splits: int = 10, *, from_logits: bool = True
+    logits_or_probs: ArrayLike,
+    splits: Optional[int] = None,
+    *,
+    split_size: int = ADM_IS_SPLIT_SIZE,
+    from_logits: bool = True,
 ) -> Tuple[float, float]:
-    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``, mean and std over ``splits`` parts.
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``, mean and std over parts of the samples.
 
     logits_or_probs: (N, K). With ``from_logits=True`` (default) rows are logits and a softmax
     is applied (in float64, via log-softmax for stability); with ``from_logits=False`` rows are
@@ -122,17 +147,25 @@ def inception_score(
     (``pool3 @ W``, no bias), which is what the ADM evaluator's softmax and torch-fidelity's
     ``logits_unbiased`` use.
 
-    The samples are split in order (no shuffling, like ADM) at ``i * N // splits``
-    (improved-GAN / torch-fidelity boundaries; for N = 50000 and 10 splits this equals ADM's
-    ``split_size=5000``). p(y) is the mean prediction within each split. Returns
-    ``(mean, std)`` over splits (population std, ``ddof=0``, as improved-GAN).
+    Parts, always in order (no shuffling, like ADM):
+
+    * default (``splits=None``): the ADM evaluator's rule, consecutive chunks of ``split_size``
+      (5,000) samples, the last one possibly shorter (N = 200 -> one part, N = 12,000 -> 5,000 +
+      5,000 + 2,000);
+    * ``splits=S``: S parts cut at ``i * N // S`` (improved-GAN / torch-fidelity boundaries; the
+      old reptok rule with S = 10; equal to ADM's only when N = 50,000).
+
+    p(y) is the mean prediction within each part. Returns ``(mean, std)`` over parts
+    (population std, ``ddof=0``, as improved-GAN; ADM reports the mean only).
     """
     x = _to_numpy(logits_or_probs).astype(np.float64)
     if x.ndim != 2:
         raise ValueError(f"expected (N, K) logits or probabilities, got shape {x.shape}")
     n = x.shape[0]
-    if not 1 <= splits <= n:
+    if splits is not None and not 1 <= splits <= n:
         raise ValueError(f"splits must be in [1, N={n}], got {splits}")
+    if split_size < 1:
+        raise ValueError(f"split_size must be >= 1, got {split_size}")
     if from_logits:
         logp = log_softmax(x, axis=1)
         p = np.exp(logp)
@@ -142,47 +175,104 @@ def inception_score(
         p = x
         with np.errstate(divide="ignore"):
             logp = np.log(p)
-
-    scores = []
-    for i in range(splits):
-        part_p = p[i * n // splits : (i + 1) * n // splits]
-        part_logp = logp[i * n // splits : (i + 1) * n // splits]
-        with np.errstate(divide="ignore"):
-            log_py = np.log(part_p.mean(axis=0, keepdims=True))
-        # 0 * log 0 := 0 (ADM's formula would give NaN for exact zeros, e.g. one-hot probs).
-        with np.errstate(invalid="ignore"):
-            term = part_p * (part_logp - log_py)
-        kl = np.where(part_p > 0, term, 0.0)
-        scores.append(np.exp(kl.sum(axis=1).mean()))
+    if splits is None:
+        bounds = [(i, min(i + split_size, n)) for i in range(0, n, split_size)]
+    else:
+        bounds = [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
+    scores = [_is_part(p[a:b], logp[a:b]) for a, b in bounds]
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def _is_part(part_p: np.ndarray, part_logp: np.ndarray) -> float:
+    with np.errstate(divide="ignore"):
+        log_py = np.log(part_p.mean(axis=0, keepdims=True))
+    # 0 * log 0 := 0 (ADM's formula would give NaN for exact zeros, e.g. one-hot probs).
+    with np.errstate(invalid="ignore"):
+        term = part_p * (part_logp - log_py)
+    kl = np.where(part_p > 0, term, 0.0)
+    return float(np.exp(kl.sum(axis=1).mean()))
+
+
+# ----------------------------------------------------------------------------- numerics
+@contextlib.contextmanager
+def strict_fp32():
+    """float32 matmuls and cuDNN convolutions in IEEE float32 (TF32 off), cuDNN deterministic
+    and not benchmarking, restored afterwards. TF32 (on by default for cuDNN convolutions) moves
+    Inception features away from the reference evaluator's; benchmarking may pick another
+    algorithm per run. A no-op for CPU tensors."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.deterministic)
+    # torch >= 2.9 has per-backend fp32_precision; mixing it with the legacy allow_tf32 flags raises.
+    new_api = hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision")
+    precision = (cudnn.conv.fp32_precision, matmul.fp32_precision) if new_api else \
+        (cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        cudnn.benchmark, cudnn.deterministic = False, True
+        if new_api:
+            cudnn.conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        else:
+            cudnn.allow_tf32, matmul.allow_tf32 = False, False
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
+        if new_api:
+            cudnn.conv.fp32_precision, matmul.fp32_precision = precision
+        else:
+            cudnn.allow_tf32, matmul.allow_tf32 = precision
+
+
+STRICT_FP32_DOC = "float32 IEEE (TF32 off for matmuls and cuDNN convolutions), cuDNN deterministic, no benchmark"
+
+
 # ----------------------------------------------------------------------------- precision / recall
-def _as_float_tensor(x: ArrayLike, device, dtype) -> torch.Tensor:
-    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x.detach()
-    if dtype is None:
-        # float64 inputs stay float64 (exact comparisons in tests); everything else float32.
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return t.to(device=device, dtype=dtype)
+PR_DISTANCES = {
+    "adm": "squared distances in float16 blocks of 10,000 x 10,000, float32 for a block that is not "
+           "finite (the ADM evaluator's DistanceBlock)",
+    "float64": "Euclidean distances in float64 (torch.cdist), same blocks",
+}
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+def adm_squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The ADM evaluator's ``DistanceBlock``: squared distances ``|u|^2 - 2 u.v + |v|^2`` (clamped
+    at 0) in float16, or in float32 when any entry of the float16 block is not finite.
+
+    Emulates its TensorFlow graph op by op: inputs cast to float16; squares rounded to float16
+    and summed with float32 accumulation (TF's GPU reduction of halves); the matmul of the
+    float16 inputs accumulated in float32 and rounded to float16 (cuBLAS, TF's default); the
+    subtraction and addition each rounded to float16. u: (A, D), v: (B, D) -> (A, B) float32.
+    """
+    u16, v16 = u.half(), v.half()
+    nu = (u16 * u16).float().sum(1).half()
+    nv = (v16 * v16).float().sum(1).half()
+    mm = (u16.float() @ v16.float().T).half()
+    d = (nu[:, None] - 2 * mm + nv[None, :]).clamp_min(0)
+    if bool(torch.isfinite(d).all()):
+        return d.float()
+    u32, v32 = u.float(), v.float()
+    return ((u32 * u32).sum(1)[:, None] - 2 * (u32 @ v32.T) + (v32 * v32).sum(1)[None, :]).clamp_min(0)
+
+
+def _knn_radii(x: torch.Tensor, k: int, batch_size: int, dist: Distance) -> torch.Tensor:
     """Distance from every row of x (N, D) to its k-th nearest neighbour, excluding itself.
 
-    Each row's own distance (0) is the smallest, so the k-th neighbour excluding self is index k
-    of the ascending sorted row -- exactly ADM's ``manifold_radii`` (``partition(...)[:, k]``).
-    Memory stays at (batch_size, batch_size + k + 1) by merging a running top-(k+1).
+    Index k of the ascending sorted row of distances to all N rows (itself included, normally
+    the 0 at index 0) -- exactly ADM's ``manifold_radii`` (``partition(...)[:, k]``), also when
+    float16 rounding makes a self-distance non-zero. Memory stays at (batch_size, batch_size +
+    k + 1) by merging a running top-(k+1).
     """
     n = x.shape[0]
-    radii = torch.empty(n, dtype=x.dtype, device=x.device)
+    radii = None
     for i in range(0, n, batch_size):
         rows = x[i : i + batch_size]
         best: Optional[torch.Tensor] = None
         for j in range(0, n, batch_size):
-            d = torch.cdist(rows, x[j : j + batch_size])
+            d = dist(rows, x[j : j + batch_size])
             if best is not None:
                 d = torch.cat([best, d], dim=1)
             best = torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False, sorted=True).values
+        if radii is None:
+            radii = torch.empty(n, dtype=best.dtype, device=x.device)
         radii[i : i + batch_size] = best[:, k]
     return radii
 
@@ -195,24 +285,40 @@ def precision_recall(
     *,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
+    distances: str = "adm",
 ) -> Tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019), ADM ManifoldEstimator semantics.
 
     real_feats: (N_real, D); fake_feats: (N_fake, D) (numpy or torch).
-    Each sample's radius is the Euclidean distance to its k-th nearest neighbour in its own set
+    Each sample's radius is the distance to its k-th nearest neighbour in its own set
     (excluding itself). **Precision** = fraction of fake samples within (``<=``) the radius of at
     least one real sample; **recall** = fraction of real samples within the radius of at least
     one fake sample. Returns ``(precision, recall)`` as floats.
 
-    Distances are ``torch.cdist`` on ``device`` (default: the tensors' device, CPU for numpy) in
-    blocks of ``batch_size`` x ``batch_size``, so 50K x 50K fits on a GPU (10000 -> 400 MB per
-    float32 block). Computed in float32 unless the inputs are float64 or ``dtype`` is given (ADM
-    uses float16 distances; differences only matter for exact ties).
+    ``distances``:
+
+    * ``"adm"`` (default): squared distances exactly as the ADM evaluator computes them
+      (:func:`adm_squared_distances`: float16, float32 fallback per non-finite block), in its
+      blocks of ``batch_size`` x ``batch_size`` (its row/column batch: 10,000), so the blocks
+      that fall back are the same. float16 keeps 11 significant bits (spacing 0.25 to 0.5 for
+      squared distances in the hundreds): neighbours tie or swap order, and published ADM
+      precision / recall carry that rounding;
+    * ``"float64"``: ``torch.cdist`` in ``dtype`` (default float64), exact up to float64
+      round-off, in the same blocks (``dtype`` is ignored by ``"adm"``).
+
+    Runs on ``device`` (default: the tensors' device, CPU for numpy) with TF32 off; a
+    10,000 x 10,000 block takes ~0.4 GB (float32) to ~0.8 GB (float64).
     """
+    if distances not in PR_DISTANCES:
+        raise ValueError(f"distances must be one of {', '.join(PR_DISTANCES)}, got {distances!r}")
     if device is None:
         device = real_feats.device if isinstance(real_feats, torch.Tensor) else "cpu"
+    if distances == "adm":
+        dtype, dist = torch.float32, adm_squared_distances
+    else:
+        dtype, dist = dtype or torch.float64, torch.cdist
     real = _as_float_tensor(real_feats, device, dtype)
-    fake = _as_float_tensor(fake_feats, device, real.dtype)
+    fake = _as_float_tensor(fake_feats, device, dtype)
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(
             f"features must be (N, D) with equal D, got {tuple(real.shape)} and {tuple(fake.shape)}"
@@ -225,20 +331,23 @@ def precision_recall(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with torch.no_grad(), strict_fp32():
+        return _pr_counts(real, fake, k, batch_size, dist)
 
-    with torch.no_grad():
-        real_radii = _knn_radii(real, k, batch_size)
-        fake_radii = _knn_radii(fake, k, batch_size)
-        real_in = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
-        fake_in = torch.zeros(fake.shape[0], dtype=torch.bool, device=real.device)
-        # One real-vs-fake distance block serves both directions (as ADM's less_thans).
-        for i in range(0, real.shape[0], batch_size):
-            r = real[i : i + batch_size]
-            rr = real_radii[i : i + batch_size]
-            for j in range(0, fake.shape[0], batch_size):
-                d = torch.cdist(r, fake[j : j + batch_size])  # (real block, fake block)
-                fake_in[j : j + batch_size] |= (d <= rr[:, None]).any(dim=0)
-                real_in[i : i + batch_size] |= (d <= fake_radii[j : j + batch_size][None, :]).any(dim=1)
+
+def _pr_counts(real, fake, k: int, batch_size: int, dist: Distance) -> Tuple[float, float]:
+    real_radii = _knn_radii(real, k, batch_size, dist)
+    fake_radii = _knn_radii(fake, k, batch_size, dist)
+    real_in = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+    fake_in = torch.zeros(fake.shape[0], dtype=torch.bool, device=real.device)
+    # One real-vs-fake distance block serves both directions (as ADM's less_thans).
+    for i in range(0, real.shape[0], batch_size):
+        r = real[i : i + batch_size]
+        rr = real_radii[i : i + batch_size]
+        for j in range(0, fake.shape[0], batch_size):
+            d = dist(r, fake[j : j + batch_size])  # (real block, fake block)
+            fake_in[j : j + batch_size] |= (d <= rr[:, None]).any(dim=0)
+            real_in[i : i + batch_size] |= (d <= fake_radii[j : j + batch_size][None, :]).any(dim=1)
     return float(fake_in.double().mean()), float(real_in.double().mean())
 
 

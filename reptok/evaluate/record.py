@@ -34,7 +34,8 @@ def protocol(kind: str, results: dict, sampler: Optional[dict] = None) -> dict:
     """What a reader needs to compare the numbers: N, reference, sampler, tool, k, rules."""
     feats = results.get("features") or {}
     tool = {"features": feats.get("name"), "description": feats.get("description"),
-            "reptok_version": results.get("reptok_version")}
+            "reptok_version": results.get("reptok_version"),
+            "evaluator": results.get("protocol")}  # IS / PR rules, weights sha256, batch sizes, numerics
     if kind == "recon":
         return {"n": results.get("n"), "reference": {"data": results.get("data"), "resolution": results.get("resolution")},
                 "sampler": {"decoder_steps": results.get("decoder_steps"), "solver": results.get("solver"),

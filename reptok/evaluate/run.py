@@ -30,15 +30,18 @@ import torch
 from .. import __version__
 from .. import run as rundir
 from ..pipeline import Pipeline
-from ..io import atomic_write_text
+from ..io import atomic_write_text, file_sha256
 from ..errors import InputError
+from ..hub import hub_origin
 from .inception import FIDInceptionV3, find_fid_inception_weights, load_fid_inception
-from .inputs import EvalInputError, ImageSet, load_images, load_reference_stats
-from .metrics import feature_stats, frechet_distance, inception_score, precision_recall, psnr, ssim
+from .inputs import EvalInputError, FeatureStream, ImageSet, feature_chunk, load_images, load_reference_stats
+from .metrics import (ADM_IS_SPLIT_SIZE, IS_RULES, PR_DISTANCES, STRICT_FP32_DOC, feature_stats,
+                      frechet_distance, inception_score, precision_recall, psnr, ssim)
 
 __all__ = [
     "FEATURES",
     "FeatureChoice",
+    "Rules",
     "build_extractor",
     "eval_gen",
     "eval_recon",
@@ -155,6 +158,11 @@ def results_path_for_samples(samples: PathLike) -> Path:
 
 
 def recon_results_path(ckpt: PathLike) -> Path:
+    """``RUN/eval_recon.json``; for a run fetched from the Hub (a cache snapshot, not ours to write)
+    ``eval_recon-OWNER--NAME.json`` in the working directory."""
+    origin = hub_origin(Path(ckpt).resolve())
+    if origin is not None:
+        return Path.cwd() / f"eval_recon-{origin.split('@')[0].replace('/', '--')}.json"
     return Path(ckpt) / "eval_recon.json"
 
 
@@ -166,49 +174,55 @@ def write_results(path: PathLike, results: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- helpers
-class _Accumulator:
-    """Features (and logits) of one set, batch by batch."""
-
-    def __init__(self) -> None:
-        self.features: List[np.ndarray] = []
-        self.logits: Optional[List[np.ndarray]] = []
-
-    def add(self, out: dict) -> None:
-        f = out["features"]
-        f = f.detach().float().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f, np.float32)
-        self.features.append(f.reshape(f.shape[0], -1))
-        lg = out.get("logits")
-        if lg is None:
-            self.logits = None
-        elif self.logits is not None:
-            self.logits.append(lg.detach().float().cpu().numpy() if isinstance(lg, torch.Tensor)
-                               else np.asarray(lg, np.float32))
-
-    def result(self):
-        if not self.features:
-            raise EvalInputError("no images to compute features on")
-        feats = np.concatenate(self.features)
-        logits = np.concatenate(self.logits) if self.logits else None
-        return feats, logits
-
-
 def _extract(extractor, image_set: ImageSet, progress: Progress, description: str):
-    acc = _Accumulator()
+    stream = FeatureStream(extractor)
     advance = _bar(progress, description, len(image_set))
     for batch in image_set:
-        if not batch.flags.writeable:  # streamed npz batches are read-only views
-            batch = batch.copy()
-        acc.add(extractor(batch))
+        stream.add(batch)
         advance(len(batch))
-    return acc.result()
+    return stream.result()
+
+
+@dataclass
+class Rules:
+    """How the numbers are computed: the Inception Score parts (``is_rule``, a key of
+    :data:`~reptok.evaluate.metrics.IS_RULES`) and the precision/recall distances
+    (``pr_distances``, a key of :data:`~reptok.evaluate.metrics.PR_DISTANCES`)."""
+
+    is_rule: str = "adm"
+    pr_distances: str = "adm"
+
+    def check(self) -> "Rules":
+        if self.is_rule not in IS_RULES:
+            raise InputError(f"--is-rule {self.is_rule!r}: choose one of {' | '.join(IS_RULES)}")
+        if self.pr_distances not in PR_DISTANCES:
+            raise InputError(f"--pr-distances {self.pr_distances!r}: choose one of {' | '.join(PR_DISTANCES)}")
+        return self
+
+
+def _protocol(extractor, rules: Rules, batch_size: int) -> dict:
+    """What a result needs to be compared with another: the rules, the tool, the extractor's
+    weights (sha256 of the file), the batch sizes and the numerics."""
+    weights = getattr(extractor, "weights_path", None) or getattr(extractor, "path", None)
+    return {
+        "is_rule": rules.is_rule, "is_rule_doc": IS_RULES[rules.is_rule],
+        "pr_distances": rules.pr_distances, "pr_distances_doc": PR_DISTANCES[rules.pr_distances],
+        "tool": f"reptok {__version__}",
+        "features_weights": None if weights is None else str(weights),
+        "features_weights_sha256": None if weights is None or not os.path.isfile(weights) else file_sha256(weights),
+        "batch_size": batch_size,
+        "feature_batch": feature_chunk(extractor),
+        "numerics": STRICT_FP32_DOC if extractor.name == "inception" else "float32",
+        "torch": torch.__version__,
+    }
 
 
 def _scores(fake_feats, fake_logits, ref_feats, fake_stats, ref_stats, extractor, k, device,
-            notes: List[str], progress) -> dict:
+            notes: List[str], progress, rules: Rules) -> dict:
     """FID, Inception Score and precision/recall, the result keys both commands share."""
     fid = _fid(*fake_stats, *ref_stats, notes, progress)
-    is_mean, is_std, splits = _is(fake_logits, extractor, notes)
-    precision, recall = _pr(ref_feats, fake_feats, k, device, notes)
+    is_mean, is_std, splits = _is(fake_logits, extractor, notes, rules.is_rule)
+    precision, recall = _pr(ref_feats, fake_feats, k, device, notes, rules.pr_distances)
     return {
         "fid": _round(fid),
         "inception_score": _round(is_mean),
@@ -234,21 +248,27 @@ def _fid(mu1, sigma1, mu2, sigma2, notes: List[str], progress: Progress = None) 
     return value
 
 
-def _is(logits: Optional[np.ndarray], extractor, notes: List[str]):
+def _is(logits: Optional[np.ndarray], extractor, notes: List[str], rule: str = "adm"):
+    """(mean, std, number of parts) by ``rule``: ``adm`` chunks of 5,000, ``splits10`` 10 splits."""
     if logits is None or len(logits) < 1:
         notes.append("Inception Score: the feature extractor gives no logits; reported as null")
         return None, None, None
-    splits = min(IS_SPLITS, len(logits))
-    mean, std = inception_score(logits, splits=splits)
+    n = len(logits)
+    if rule == "adm":
+        mean, std = inception_score(logits)
+        parts = -(-n // ADM_IS_SPLIT_SIZE)
+    else:
+        parts = min(IS_SPLITS, n)
+        mean, std = inception_score(logits, splits=parts)
+        if parts != IS_SPLITS:
+            notes.append(f"Inception Score over {parts} splits (fewer images than {IS_SPLITS})")
     if extractor.name == "judge":
         notes.append(f"Inception Score computed over the judge's {logits.shape[1]} classes (at most "
                      f"{logits.shape[1]}); not comparable with Inception-network IS")
-    if splits != IS_SPLITS:
-        notes.append(f"Inception Score over {splits} splits (fewer images than the standard {IS_SPLITS})")
-    return mean, std, splits
+    return mean, std, parts
 
 
-def _pr(ref_feats, fake_feats, k: int, device: str, notes: List[str]):
+def _pr(ref_feats, fake_feats, k: int, device: str, notes: List[str], distances: str = "adm"):
     if ref_feats is None:
         notes.append("precision/recall need reference features: the --ref .npz holds only mu/sigma "
                      "(no arr_0 images), so they are reported as null")
@@ -257,13 +277,20 @@ def _pr(ref_feats, fake_feats, k: int, device: str, notes: List[str]):
         notes.append(f"precision/recall need more than k={k} images in each set "
                      f"({len(ref_feats)} reference, {len(fake_feats)} samples); reported as null")
         return None, None
-    return precision_recall(ref_feats, fake_feats, k=k, device=device)
+    return precision_recall(ref_feats, fake_feats, k=k, device=device, distances=distances)
 
 
-def _protocol_notes(extractor, n: int, notes: List[str]) -> None:
+def _protocol_notes(extractor, n: int, notes: List[str], rules: Rules = Rules()) -> None:
     if extractor.name == "inception" and n != STANDARD_N:
-        notes.append(f"{n} images: the standard protocol uses {STANDARD_N:,} (FID is biased upward "
-                     "for fewer); compare numbers only at equal counts")
+        if rules.is_rule == "adm":
+            parts = -(-n // ADM_IS_SPLIT_SIZE)
+            how = (f"over {parts} chunk(s) of up to {ADM_IS_SPLIT_SIZE:,}, as the ADM evaluator computes it "
+                   "at any N")
+        else:
+            how = f"over {min(IS_SPLITS, n)} in-order splits (the ADM evaluator would use chunks of 5,000)"
+        notes.append(f"{n} images: the standard protocol uses {STANDARD_N:,}. FID is biased upward for "
+                     f"fewer images; the Inception Score depends on the images per part ({how}); compare "
+                     "numbers only at equal counts and equal rules")
     if extractor.name == "judge":
         notes.append("features from the builtin-shapes judge: meaningful for builtin:shapes data "
                      "only and not comparable with Inception FID")
@@ -286,6 +313,7 @@ def eval_gen(
     device: str = "cpu",
     progress: Progress = None,
     extractor=None,
+    rules: Rules = Rules(),
 ) -> dict:
     """FID, Inception Score and precision/recall (k-NN, ``k``) of ``samples`` against ``ref``.
 
@@ -294,8 +322,11 @@ def eval_gen(
     them; precision/recall need its ``arr_0`` images and are null without them). ``limit``
     keeps the first N images of each set (precomputed statistics are used as they are).
     ``extractor`` overrides ``features`` (a ready FeatureExtractor; for tests / library use).
+    ``rules``: how IS and the precision/recall distances are computed (default: as ADM).
+    ``batch_size`` is the loading batch only: features do not depend on it (``FeatureStream``).
     """
     t0 = time.perf_counter()
+    rules.check()
     if k < 1:
         raise InputError(f"--k must be >= 1, got {k}")
     if batch_size < 1:
@@ -338,16 +369,17 @@ def eval_gen(
     else:
         mu_r, sigma_r = feature_stats(ref_feats)
     scores = _scores(fake_feats, fake_logits, ref_feats, (mu_s, sigma_s), (mu_r, sigma_r), extractor, k,
-                     device, notes, progress)
+                     device, notes, progress, rules)
     if ref_set is not None and (ref_set.height, ref_set.width) != (sample_set.height, sample_set.width):
         size = "299x299 (TF bilinear)" if extractor.name == "inception" else "32x32 (antialiased)"
         notes.append(f"samples are {sample_set.height}x{sample_set.width}, the reference "
                      f"{ref_set.height}x{ref_set.width}: both are resized to {size} by the feature "
                      "extractor, but FID is normally reported at matching resolutions")
-    _protocol_notes(extractor, len(fake_feats), notes)
+    _protocol_notes(extractor, len(fake_feats), notes, rules)
 
     return {
         **scores,
+        "protocol": _protocol(extractor, rules, batch_size),
         "n_samples": int(len(fake_feats)),
         "n_ref": None if ref_feats is None else int(len(ref_feats)),
         "samples": {"path": str(samples), "kind": sample_set.kind,
@@ -378,18 +410,20 @@ def eval_recon(
     progress: Progress = None,
     extractor=None,
     fast: bool = True,
+    rules: Rules = Rules(),
 ) -> dict:
     """Reconstruct the first ``limit`` images of a prepared dataset (in order) with the
     tokenizer of ``ckpt`` (image -> token -> decoder) and report PSNR, SSIM (uint8, per image,
     averaged) and rFID (reconstructions vs originals), plus IS of the reconstructions and
     precision/recall against the originals. Decoder noise comes from (seed, image index).
     ``fast``: the fast path of ``reptok.backends.apply_fast_path`` (bf16 + CUDA graphs on CUDA;
-    a no-op on a CPU); False = torch eager fp32.
+    a no-op on a CPU); False = torch eager fp32. ``rules``: as :func:`eval_gen`.
     """
     from .. import flow
     from ..data.dataset import PreparedDataset
 
     t0 = time.perf_counter()
+    rules.check()
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -430,7 +464,7 @@ def eval_recon(
                      "reconstructions; use a held-out split (e.g. ImageNet val) for reportable numbers")
     # 4. reconstruct and measure, batch by batch
     psnrs, ssims = [], []
-    real, fake = _Accumulator(), _Accumulator()
+    real, fake = FeatureStream(extractor), FeatureStream(extractor)
     advance = _bar(progress, f"reconstructing ({steps} decoder steps)", n)
     for i in range(0, n, batch_size):
         idx = list(range(i, min(i + batch_size, n)))
@@ -439,8 +473,8 @@ def eval_recon(
         a = ds.get_uint8(idx)
         psnrs.append(psnr(a, b))
         ssims.append(ssim(a, b))
-        real.add(extractor(a))
-        fake.add(extractor(b))
+        real.add(a)
+        fake.add(b)
         advance(len(idx))
     real_feats, _ = real.result()
     fake_feats, fake_logits = fake.result()
@@ -450,8 +484,8 @@ def eval_recon(
                      "the mean PSNR is over the finite values")
     psnr_mean = float(p[np.isfinite(p)].mean()) if np.isfinite(p).any() else float("inf")
     scores = _scores(fake_feats, fake_logits, real_feats, feature_stats(fake_feats), feature_stats(real_feats),
-                     extractor, k, device, notes, progress)
-    _protocol_notes(extractor, n, notes)
+                     extractor, k, device, notes, progress, rules)
+    _protocol_notes(extractor, n, notes, rules)
 
     return {
         "psnr": _round(psnr_mean),
@@ -464,6 +498,7 @@ def eval_recon(
         "decoder_steps": steps,
         "solver": solver,
         "fast_path": describe_fast_path(pipe.fast_path),
+        "protocol": _protocol(extractor, rules, batch_size),
         "seed": seed,
         "ckpt": str(ckpt),
         "data": str(data),

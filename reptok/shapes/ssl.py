@@ -15,9 +15,10 @@ background, then colour-jittered. Two losses on the final-norm [cls] output z:
 
 The pos_embed starts as MAE's 2D sine-cosine code (timm's 0.02-std init is drowned by the patch
 embeddings: without it the token learns no position in a CPU budget). No class labels are used.
-Measured on held-out shapes (``benchmarks/token_probe.py``, linear probes): class 0.81 (random
-ViT 0.38), centre R^2 0.96 / 0.97 (v2, SimCLR with the background swap only: 0.14), radius R^2
-0.67; a small MLP on the token gets the class right 88% of the time.
+Measured on held-out shapes (``benchmarks/token_probe.py``, linear probes): class 0.85 with the
+logistic probe of ``reptok eval probe`` (random ViT 0.39), centre R^2 0.96 / 0.97 (v2, SimCLR
+with the background swap only: 0.14), radius R^2 0.72; a small MLP on the token gets the class
+right 88% of the time.
 
 Trained on demand (about 70 s on 2 CPU cores for the small preset's ViT) and cached as
 safetensors in timm naming under ``$REPTOK_CACHE``; ``EncoderConfig.weights = "builtin:shapes-ssl"``
