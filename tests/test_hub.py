@@ -174,6 +174,8 @@ def test_eval_results_kept_in_the_run_with_their_protocol(shared_gen, class_runs
     assert rec["metrics"]["fid"] == res["fid"] and rec["protocol"]["n"] == 4
     assert rec["protocol"]["sampler"]["steps"] == 2 and rec["protocol"]["sampler"]["decoder_steps"] == 2
     assert rec["protocol"]["tool"]["features"] == "judge" and rec["protocol"]["reference"]["n"] == 8
+    evaluator = rec["protocol"]["tool"]["evaluator"]  # the evaluator's own rules travel with the record
+    assert (evaluator["is_rule"], evaluator["pr_distances"]) == ("adm", "adm")
     tok = tmp_path / "tok"
     shutil.copytree(class_runs / "tok", tok, ignore=shutil.ignore_patterns("train_state.pt", "samples"))
     out = last_json(cli("eval", "recon", "--ckpt", tok, "--data", class_runs / "data", "--limit", 4,
@@ -201,6 +203,7 @@ def test_export_hub_card_and_same_pixels_by_path_and_offline_hf(shared_gen, tmp_
     assert card.data.pipeline_tag == "unconditional-image-generation"
     assert {"reptok", "class-conditional"} <= set(card.data.tags)
     assert "eval/gen-samples.json" in card.text and f"{res['fid']:.4g}" in card.text
+    assert "is_rule adm, pr_distances adm" in card.text  # the card cites the evaluator's rules
     assert "hf://me/tiny" in card.text and "trained from scratch" in card.text
 
     ref = _pixels(gen)
