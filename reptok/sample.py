@@ -29,6 +29,7 @@ import torch
 from . import io
 from . import run as rundir
 from .errors import InputError
+from .flow import host_to_device
 from .pipeline import pad_rows
 from .images import make_grid, save_png, tensor_to_uint8, uint8_hwc
 from .dist import DistInfo, barrier, gather_objects, shard_range
@@ -243,11 +244,8 @@ def _prefetch(pool, fn, *args, pin: bool = False):
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without a sync on CUDA (a plain ``.to(cuda)`` of pageable memory waits for
-    the GPU to drain, which would stall the queue of batches in flight)."""
-    if device.type != "cuda":
-        return x
-    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+    """``flow.host_to_device`` (no sync on CUDA); CPU tensors stay as they are."""
+    return x if device.type != "cuda" else host_to_device(x, device)
 
 
 def _fetch_uint8(images: torch.Tensor) -> Callable[[], np.ndarray]:
