@@ -148,10 +148,12 @@ TW=$WORK/train
 rm -rf "$TW"
 TRES=$("$PY" -c "from reptok.presets import get_preset; print(get_preset('$TRAIN_PRESET').image_size)")
 step train_data 60 "${REPTOK[@]}" data prep "builtin:shapes:$TRAIN_IMAGES" --out "$TW/data" --resolution "$TRES" --json
+# The preset's SD-VAE shape (a pixel preset: an SD-VAE-layout VAE, 8x down, 4 channels; the CPU dry
+# run narrows its widths to 8-16 channels so that it costs seconds).
 step train_vae 60 "$PY" -c "
 from reptok.bench import random_autoencoder; from reptok.config import VAEConfig; from reptok.presets import get_preset
 v = get_preset('$TRAIN_PRESET').vae
-random_autoencoder(VAEConfig() if v.is_pixel else v, 0).save_pretrained('$TW/vae')"
+random_autoencoder(VAEConfig() if v.is_pixel else v, 0, narrow=$CPU).save_pretrained('$TW/vae')"
 step train_cache 60 needs=train_data,train_vae "${GUARD[@]}" data cache-latents "$TW/data" --vae "$TW/vae" \
   --device "$DEVICE" --json
 RECON=(train recon --data "$TW/data" --preset "$TRAIN_PRESET" --vae "$TW/vae" --encoder-weights random

@@ -72,6 +72,7 @@ def main() -> None:
     with open(out / "steps.tsv") as f:
         steps = [dict(r) for r in csv.DictReader(f, delimiter="\t")]
     for s in steps:
+        s["name"] = s.pop("step")
         s["result"] = json_lines(work / "res" / f"{s['name']}.out")
     env = next((s["result"][-1] for s in steps if s["name"] == "env" and s["result"]), {})
     figs = figures(steps, fpi, peak)

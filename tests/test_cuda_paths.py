@@ -3,6 +3,7 @@ EMA, the DDP options, the meta-device build of a run."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -56,3 +57,61 @@ def test_ddp_options():
     assert loop.ddp_options(info, "cuda") == {"device_ids": [1], "broadcast_buffers": False,
                                               "gradient_as_bucket_view": True}
     assert loop.ddp_options(info, "cpu")["device_ids"] is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_steps_like_the_default_on_cuda():
+    """On the GPU: the fused AdamW the loop builds moves the weights like torch's default AdamW."""
+    torch.manual_seed(0)
+    a, b = _Task().cuda(), _Task().cuda()
+    b.load_state_dict(a.state_dict())
+    cfg = TrainConfig()
+    opts = [loop.make_optimizer(t, [p for p in t.parameters() if p.requires_grad], cfg, dev)
+            for t, dev in ((a, "cuda"), (b, "cpu"))]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults["fused"]
+    x = torch.randn(4, 3, device="cuda")
+    for _ in range(3):
+        for t, opt in zip((a, b), opts):
+            opt.zero_grad()
+            t.a(x).square().sum().backward()
+            opt.step()
+    torch.testing.assert_close(a.a.weight, b.a.weight, atol=1e-6, rtol=1e-5)
+
+
+def _state_and_buffers(module: nn.Module) -> dict:
+    return {**dict(module.named_buffers()), **module.state_dict()}
+
+
+def test_meta_device_build_loads_the_same_weights(class_runs):
+    """Catches: ``from_run`` on the meta device leaving a computed buffer (RoPE positions, the
+    encoder's pixel mean / std) unmaterialised or different, or loading other values than the
+    build-then-copy path."""
+    from reptok import run as rundir
+    from reptok.pipeline import Pipeline
+
+    run = class_runs / "gen"
+    fast = Pipeline.from_run(run)
+    ref = Pipeline.build(rundir.read_run_config(run)["config"], components=("encoder", "decoder", "generator"),
+                         load_weights=False)
+    tok = rundir.read_weights(class_runs / "tok", True)
+    gen = rundir.read_weights(run, True)
+    for c, state in (("encoder", tok), ("decoder", tok), ("generator", gen)):
+        rundir.load_into(getattr(ref, c), rundir.split_prefix(state, c), c)  # the copy path
+        want, got = _state_and_buffers(getattr(ref, c)), _state_and_buffers(getattr(fast, c))
+        assert want.keys() == got.keys()
+        for k in want:
+            assert not got[k].is_meta and got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (c, k)
+
+
+def test_assign_load_keeps_the_modules_dtype(tmp_path):
+    """Catches: ``load_state_dict(assign=True)`` taking the file's dtype (a bf16-stored run would
+    then compute in bf16): the tensors are cast to the module's dtypes, as a copy would."""
+    from reptok import run as rundir
+
+    src = nn.Linear(3, 2)
+    state = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}
+    dst = nn.Linear(3, 2, device="meta")
+    rundir.load_into(dst, state, "test", assign=True)
+    assert dst.weight.dtype == torch.float32 and dst.weight.requires_grad
+    assert torch.equal(dst.weight, state["weight"].float())
