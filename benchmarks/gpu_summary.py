@@ -37,7 +37,7 @@ def peak_mem(run: str | None):
     return vals[-1] if vals else None
 
 
-def figures(steps: list, fpi: float, peak: float) -> list:
+def figures(steps: list, fpi: float, peak: float, xl: bool = True) -> list:
     """(what, value) rows of the headline figures present so far."""
     rows = []
     for s in steps:
@@ -49,7 +49,7 @@ def figures(steps: list, fpi: float, peak: float) -> list:
             ips = last["images_per_s"] or 0.0
             rows.append((f"{name}: img/s ({last['images']} images, batch {last['batch_size']}, NFE "
                          f"{last['nfe']['generator']}+{last['nfe']['decoder']}, {last['fast_path']})",
-                         f"{ips} (MFU {ips * fpi / peak:.1%}, warm-up {last.get('warmup_s')} s)"))
+                         f"{ips}" + (f" (MFU {ips * fpi / peak:.1%}" if xl else " (") + f", warm-up {last.get('warmup_s')} s)"))
         elif name == "sample_diff":
             rows.append((f"max / mean uint8 difference bf16 + graphs vs fp32 ({last['images']} images)",
                          f"{last['max_abs_uint8']} / {last['mean_abs_uint8']:.3f}"))
@@ -75,7 +75,7 @@ def main() -> None:
         s["name"] = s.pop("step")
         s["result"] = json_lines(work / "res" / f"{s['name']}.out")
     env = next((s["result"][-1] for s in steps if s["name"] == "env" and s["result"]), {})
-    figs = figures(steps, fpi, peak)
+    figs = figures(steps, fpi, peak, xl=preset == "xl")
     doc = {"preset": preset, "env": env, "figures": dict(figs),
            "steps": [{**s, "result": s["result"][-20:]} for s in steps]}
     tmp = out / "results.json.tmp"
