@@ -115,3 +115,71 @@ def test_assign_load_keeps_the_modules_dtype(tmp_path):
     rundir.load_into(dst, state, "test", assign=True)
     assert dst.weight.dtype == torch.float32 and dst.weight.requires_grad
     assert torch.equal(dst.weight, state["weight"].float())
+
+
+# ----------------------------------------------------------------------------- latent cache under torchrun
+def test_remaining_chunks_are_split_evenly():
+    """Catches: a resumed cache-latents keeping the static share of all chunks (rank 0's share
+    done, rank 1 encodes four chunks while rank 0 waits at the barrier past the NCCL timeout)."""
+    from reptok.data.latents import share_of_remaining
+
+    chunks, done = list(range(0, 8 * 256, 256)), {0, 256, 512, 768}
+    shares = [share_of_remaining(chunks, done, DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+    assert shares == [[1024, 1280], [1536, 1792]]
+    assert share_of_remaining(chunks, set(), DistInfo()) == chunks
+
+
+def test_chunks_of_ranks_never_share_a_page(tmp_path):
+    """Catches: chunk boundaries off page boundaries (the .npy header's 128 bytes, or a chunk of
+    a fractional number of pages): two ranks then write one page of the shared memory map."""
+    import numpy as np
+
+    from reptok.data.latents import create_aligned_npy, page_chunk
+
+    page, shape = 4096, (10, 2, 8, 4, 4)  # 512-byte rows
+    assert page_chunk(3, 512, page) == 8 and page_chunk(8, 512, page) == 8 and page_chunk(1, 24576, page) == 1
+    assert page_chunk(1, 1000, page) == 512  # 1000 * 512 = 125 pages
+    create_aligned_npy(tmp_path / "m.npy", shape, page=page)
+    mm = np.load(tmp_path / "m.npy", mmap_mode="r+")
+    assert mm.shape == shape and mm.dtype == np.float16 and mm.offset == page and not mm.any()
+    mm[3] = 1.0
+    mm.flush()
+    raw = np.fromfile(tmp_path / "m.npy", dtype=np.float16, offset=page).reshape(shape)
+    assert raw[3].all() and not raw[2].any()
+
+
+def test_process_group_timeout(monkeypatch):
+    """Catches: the group created with torch's 10-minute default, shorter than the rank-0-only
+    work (SSL pre-training, the cache's last chunks) the other ranks wait for."""
+    from datetime import timedelta
+
+    from reptok import dist
+
+    seen = {}
+    monkeypatch.delenv("REPTOK_DIST_TIMEOUT", raising=False)
+    monkeypatch.setattr(dist, "env_info", lambda: DistInfo(world_size=2, launched=True))
+    monkeypatch.setattr(dist.tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.tdist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(dist.atexit, "register", lambda fn: None)
+    dist.init_distributed("cpu")
+    assert seen == {"backend": "gloo", "timeout": timedelta(hours=2)}
+    monkeypatch.setenv("REPTOK_DIST_TIMEOUT", "90")
+    assert dist.group_timeout() == timedelta(seconds=90)
+
+
+def test_tf32_on_fast_paths_off_for_the_fp32_reference():
+    """Catches: the --no-fast fp32 reference left with cuDNN's default TF32 convolutions (its
+    max pixel difference to bf16 would be measured against a TF32 result), or TF32 never enabled
+    on the fast / training paths; a CPU device touches nothing."""
+    from reptok.backends import set_tf32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        set_tf32("cuda:0", True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32("cpu", False)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32("cuda", False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
