@@ -8,7 +8,7 @@
 #
 # Steps, in order of value (each with its own timeout; a failed step is recorded and the steps
 # that need its output are skipped; the summary is rewritten after every step):
-#   env            versions, GPU; with WHEELS=DIR: pip install --no-index --find-links DIR --target
+#   env            versions (package metadata: only torch is imported), GPU; with WHEELS=DIR: pip install --no-index --find-links DIR --target
 #                  WORK/site of every wheel whose distribution is not installed (PYTHONPATH then has it)
 #   cuda_tests     pytest -m cuda
 #   train_*        torchrun --nproc-per-node 1 under tests/collective_guard.py (a real 1-rank NCCL
@@ -119,15 +119,17 @@ EOF
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 step env 60 "$PY" - <<'EOF'
-import json, importlib, platform, sys
+import json, platform
+from importlib import metadata
 info = {"python": platform.python_version()}
-for mod in ("torch", "triton", "timm", "diffusers", "safetensors", "typer", "numpy", "scipy", "onnx",
-            "onnxruntime", "tensorrt", "datasets", "huggingface_hub", "pytest"):
+for dist in ("torch", "triton", "timm", "diffusers", "safetensors", "typer", "numpy", "scipy", "onnx", "onnxruntime",
+             "onnxruntime-gpu", "tensorrt", "datasets", "huggingface-hub", "pytest"):
     try:
-        info[mod] = importlib.import_module(mod).__version__
-    except Exception as e:  # noqa: BLE001 - recorded, not fatal
-        info[mod] = f"missing ({type(e).__name__})"
+        info[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        info[dist] = "missing"
 import torch
+info["torch"] = torch.__version__
 info["cuda_available"] = torch.cuda.is_available()
 info["torch_cuda"] = torch.version.cuda
 if info["cuda_available"]:
@@ -140,28 +142,29 @@ EOF
 # ---------------------------------------------------------------- CUDA tests
 if [ -n "$CUDA_TESTS" ]; then
   # shellcheck disable=SC2086
-  step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rs $CUDA_TESTS
+  step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="" -rs --continue-on-collection-errors \
+    $CUDA_TESTS
 fi
 
 # ---------------------------------------------------------------- training under torchrun
 TW=$WORK/train
 rm -rf "$TW"
-TRES=$("$PY" -c "from reptok.presets import get_preset; print(get_preset('$TRAIN_PRESET').image_size)")
-step train_data 60 "${REPTOK[@]}" data prep "builtin:shapes:$TRAIN_IMAGES" --out "$TW/data" --resolution "$TRES" --json
-# The preset's SD-VAE shape (a pixel preset: an SD-VAE-layout VAE, 8x down, 4 channels; the CPU dry
-# run narrows its widths to 8-16 channels so that it costs seconds).
-step train_vae 60 "$PY" -c "
+# builtin:shapes at the preset's resolution and a random VAE of the preset's SD-VAE shape (a pixel
+# preset: the SD-VAE layout, 8x down, 4 channels; the CPU dry run narrows it to 8-16 channels).
+step train_data 90 "$PY" -c "
 from reptok.bench import random_autoencoder; from reptok.config import VAEConfig; from reptok.presets import get_preset
-v = get_preset('$TRAIN_PRESET').vae
-random_autoencoder(VAEConfig() if v.is_pixel else v, 0, narrow=$CPU).save_pretrained('$TW/vae')"
-step train_cache 60 needs=train_data,train_vae "${GUARD[@]}" data cache-latents "$TW/data" --vae "$TW/vae" \
+from reptok.data.prep import prepare
+p = get_preset('$TRAIN_PRESET')
+prepare('builtin:shapes:$TRAIN_IMAGES', '$TW/data', resolution=p.image_size, progress=None)
+random_autoencoder(VAEConfig() if p.vae.is_pixel else p.vae, 0, narrow=$CPU).save_pretrained('$TW/vae')"
+step train_cache 60 needs=train_data "${GUARD[@]}" data cache-latents "$TW/data" --vae "$TW/vae" \
   --device "$DEVICE" --json
 RECON=(train recon --data "$TW/data" --preset "$TRAIN_PRESET" --vae "$TW/vae" --encoder-weights random
        --steps "$TRAIN_STEPS" --batch-size "$TRAIN_BATCH" --sample-every 0 --device "$DEVICE" --json)
 DYNAMO_OFF=()
 [ "$CPU" = 1 ] && DYNAMO_OFF=(env TORCHDYNAMO_DISABLE=1)
 step train_recon 90 needs=train_cache "${GUARD[@]}" "${RECON[@]}" --out "$TW/tok"
-step train_recon_compile 150 needs=train_cache ${DYNAMO_OFF[@]+"${DYNAMO_OFF[@]}"} "${GUARD[@]}" "${RECON[@]}" \
+step train_recon_compile 120 needs=train_cache ${DYNAMO_OFF[@]+"${DYNAMO_OFF[@]}"} "${GUARD[@]}" "${RECON[@]}" \
   --out "$TW/tok_compile" --compile
 step train_recon_fp16 90 needs=train_cache "${GUARD[@]}" "${RECON[@]}" --out "$TW/tok_fp16" --precision fp16
 step train_extract 60 needs=train_recon "${REPTOK[@]}" extract --ckpt "$TW/tok" --data "$TW/data" \
@@ -180,7 +183,7 @@ FAST=(--precision bf16 --cuda-graphs)
 [ "$CPU" = 1 ] && FAST=(--precision bf16)  # no CUDA graphs on a CPU
 step sample_bf16_graphs 90 needs=make_run "${REPTOK[@]}" "${JOB[@]}" "${FAST[@]}" --count "$IMAGES" --batch-size "$BATCH" \
   --out "$WORK/bf16.npz" --overwrite
-step sample_compile 180 needs=make_run ${DYNAMO_OFF[@]+"${DYNAMO_OFF[@]}"} "${REPTOK[@]}" "${JOB[@]}" "${FAST[@]}" \
+step sample_compile 150 needs=make_run ${DYNAMO_OFF[@]+"${DYNAMO_OFF[@]}"} "${REPTOK[@]}" "${JOB[@]}" "${FAST[@]}" \
   --compile --count "$IMAGES" --batch-size "$BATCH" --out "$WORK/compile.npz" --overwrite
 step sample_fp32 90 needs=make_run "${REPTOK[@]}" "${JOB[@]}" --no-fast --count "$FP32_IMAGES" \
   --batch-size "$FP32_IMAGES" --out "$WORK/fp32.npz" --overwrite
