@@ -21,6 +21,7 @@
 #                  the 4-step decoder (--decoder-steps K) vs 50 steps
 #   throughput     benchmarks/train_throughput.py --preset THROUGHPUT_PRESET, stage a, cached latents,
 #                  eager vs --compile, peak memory per image
+#   train_distill  train distill (K-step student of the train_recon tokenizer) under torchrun
 # Results in OUT (at most 8 files): summary.md, results.json, steps.tsv, logs.tar.gz (each step's
 # stdout + stderr; REPTOK_DEBUG=1, so a failure carries its traceback).
 # Knobs: OUT WORK PY (python3) DEVICE (cuda) PRESET (xl) BUDGET (430 s) IMAGES (128) BATCH (64)
@@ -199,6 +200,10 @@ step sample_student 90 needs=make_run "${REPTOK[@]}" "${JOB[@]}" "${FAST[@]}" --
 step throughput 240 ${DYNAMO_OFF[@]+"${DYNAMO_OFF[@]}"} "$PY" benchmarks/train_throughput.py --preset "$THROUGHPUT_PRESET" --device "$DEVICE" \
   --precision bf16 --cache --compile --stages recon --modes model,model+compile --batch-size "$THROUGHPUT_BATCH" \
   --images "$((THROUGHPUT_BATCH * 2))" --steps "$THROUGHPUT_STEPS" --json
+
+# ---------------------------------------------------------------- the few-step decoder's training
+step train_distill 90 needs=train_recon "${GUARD[@]}" train distill --ckpt "$TW/tok" --out "$TW/student" \
+  --student-steps "$K" --teacher-steps 8 --steps "$TRAIN_STEPS" --batch-size "$TRAIN_BATCH" --device "$DEVICE" --json
 
 echo "=== done in $((SECONDS - T0)) s" >&2
 cat "$OUT/summary.md"

@@ -53,7 +53,7 @@ def figures(steps: list, fpi: float, peak: float, xl: bool = True) -> list:
         elif name == "sample_diff":
             rows.append((f"max / mean uint8 difference bf16 + graphs vs fp32 ({last['images']} images)",
                          f"{last['max_abs_uint8']} / {last['mean_abs_uint8']:.3f}"))
-        elif name.startswith("train_recon") or name == "train_gen":
+        elif name.startswith("train_recon") or name in ("train_gen", "train_distill"):
             mem = peak_mem(last.get("run"))
             rows.append((f"{name}: steady img/s per GPU (steps {last.get('start_step')}..{last.get('steps')})",
                          f"{last.get('steady_images_per_s', last.get('images_per_s'))}"
