@@ -183,3 +183,29 @@ def test_tf32_on_fast_paths_off_for_the_fp32_reference():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cache_latents_on_cuda_matches_the_cpu(tmp_path):
+    """On the GPU: bf16 autocast, loader workers, both views in one pass and the asynchronous
+    copy-back give the CPU fp32 cache up to bf16 rounding; the solver grid arrives intact."""
+    import shutil
+
+    import numpy as np
+    from test_vae import tiny_autoencoder
+
+    from reptok import flow
+    from reptok.data import latents
+    from reptok.data.prep import prepare
+
+    prepare("builtin:shapes", tmp_path / "a", limit=24)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    tiny_autoencoder().save_pretrained(tmp_path / "vae")
+    ident = latents.vae_identity(str(tmp_path / "vae"))
+    for d, dev in (("a", "cpu"), ("b", "cuda")):
+        latents.cache_latents(tmp_path / d, latents.load_vae(str(tmp_path / "vae")), ident, device=dev,
+                              batch_size=8, chunk=8, workers=2 if dev == "cuda" else 0)
+    a, b = (np.load(tmp_path / d / "latents" / "moments.npy").astype(np.float32) for d in "ab")
+    np.testing.assert_allclose(b, a, atol=5e-2, rtol=5e-2)
+    assert torch.equal(flow.host_to_device(flow.time_grid(7), "cuda").cpu(), flow.time_grid(7))
