@@ -96,7 +96,8 @@ def recon_task(cfg: PipelineConfig, data: Path, device: str, grad_checkpoint: bo
     torch.manual_seed(0)
     pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"))
     pipe.decoder.grad_checkpoint = grad_checkpoint
-    return ReconTask(pipe, ds, cfg.train.cos_weight, cfg.train.time_sampler, False, hflip=cfg.train.hflip, cache=cache)
+    return ReconTask(pipe, ds, cfg.train.cos_weight, freeze_token=False, token_lr_scale=cfg.train.token_lr_scale,
+                     hflip=cfg.train.hflip, cache=cache)
 
 
 def gen_task(cfg: PipelineConfig, n: int):
@@ -113,7 +114,7 @@ def gen_task(cfg: PipelineConfig, n: int):
     if g.n_tokens == 1:
         tokens = tokens[:, 0]
     labels = np.arange(n) % g.num_classes
-    return GenTask(gen, tokens, labels, cfg.train.time_sampler, g.class_dropout)
+    return GenTask(gen, tokens, labels, class_dropout=g.class_dropout)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -175,6 +176,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also the model rows with --compile")
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--cache", action="store_true", help="latent presets: cache the latents first")
+    ap.add_argument("--modes", default="loader,model,both",
+                    help="rows per stage (loader, model, both; with --compile also model+compile, both+compile)")
     ap.add_argument("--json", action="store_true", help="one JSON line per row on stdout")
     args = ap.parse_args()
     workers = default_workers() if args.workers is None else args.workers
@@ -187,7 +190,8 @@ def main() -> None:
             modes = [("loader", workers, False), ("model", 0, False), ("both", workers if stage == "recon" else 0, False)]
             if args.compile:
                 modes += [("model+compile", 0, True), ("both+compile", workers if stage == "recon" else 0, True)]
-            for mode, w, comp in modes:
+            wanted = set(args.modes.split(",")) | ({m + "+compile" for m in args.modes.split(",")} if args.compile else set())
+            for mode, w, comp in [m for m in modes if m[0] in wanted]:
                 reset_memory(args.device)
                 if mode == "loader":
                     rate = loader_rate(task, cfg, args.steps, w, args.device)

@@ -246,7 +246,9 @@ class CudaGraphed:
                         self.fn(*static)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # thread_local: the sampler's noise-prefetch thread pins memory and queries events
+                # meanwhile; under the default "global" mode those calls would abort the capture.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     out = self.fn(*static)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]

@@ -45,6 +45,17 @@ def resolve_backend(backend: Optional[str], engine: Optional[Path]) -> str:
     return "trt" if (Path(engine) / SIDECAR).is_file() else "onnx"
 
 
+def set_tf32(device, on: bool) -> None:
+    """TF32 for float32 matmuls and convolutions on a CUDA ``device`` (elsewhere nothing).
+
+    On: the fast paths (the float32 ops a bf16 run keeps, ``extract``, fp32 training). Off: the
+    ``--no-fast`` eager fp32 reference (cuDNN allows TF32 convolutions by default, which would
+    put TF32 rounding into the reference the fast paths are measured against)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
 def apply_fast_path(pipe, fast: bool = True, precision: Optional[str] = None, compile: bool = False,
                     cuda_graphs: Optional[bool] = None):
     """The fastest correct way to run ``pipe`` (a torch-backend Pipeline) on its device.
@@ -65,6 +76,7 @@ def apply_fast_path(pipe, fast: bool = True, precision: Optional[str] = None, co
     if not fast:
         compile = cuda_graphs = False
     pipe.autocast_dtype = PRECISIONS[precision]
+    set_tf32(pipe.device, fast)
     if cuda_graphs or compile:
         from export.runtime import fast_variant
 

@@ -91,9 +91,10 @@ def random_pipeline(cfg, seed: int = 0, components: Sequence[str] = ("decoder", 
     return pipe.eval()
 
 
-def random_autoencoder(vae_cfg, seed: int = 0):
+def random_autoencoder(vae_cfg, seed: int = 0, narrow: bool = False):
     """A random diffusers AutoencoderKL shaped like the SD-VAE, with ``vae_cfg``'s latent
-    channels and downsampling (``log2(downsample) + 1`` levels)."""
+    channels and downsampling (``log2(downsample) + 1`` levels); ``narrow``: 8-16 channels per
+    level instead of 128-512 (the same layout at a CPU dry run's cost)."""
     from diffusers import AutoencoderKL
 
     from .info import SD_VAE_CONFIG
@@ -102,6 +103,8 @@ def random_autoencoder(vae_cfg, seed: int = 0):
     kw = dict(SD_VAE_CONFIG)
     kw.pop("scaling_factor", None)
     widths = (list(kw["block_out_channels"]) + [kw["block_out_channels"][-1]] * levels)[:levels]
+    if narrow:
+        widths, kw["norm_num_groups"] = [min(16, 8 * (i + 1)) for i in range(levels)], 8
     kw.update(latent_channels=vae_cfg.latent_channels, block_out_channels=widths,
               down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
     with torch.random.fork_rng(devices=[]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,16 @@ def _destroy() -> None:
             pass
 
 
+def group_timeout() -> timedelta:
+    """How long a collective waits for the slowest rank: REPTOK_DIST_TIMEOUT seconds, default 2 h.
+
+    torch's 10-minute NCCL default is shorter than legitimate rank-0-only work that the other
+    ranks wait for at a barrier: the builtin SSL pre-training of the small preset, the latent
+    cache's final rename on a network filesystem, a slow rank's last chunk of ``cache-latents``.
+    A real hang is still reported, two hours later instead of ten minutes."""
+    return timedelta(seconds=float(os.environ.get("REPTOK_DIST_TIMEOUT", 7200)))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun (NCCL on GPUs, gloo on CPU).
 
@@ -64,7 +75,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
         if use_cuda:
             torch.cuda.set_device(info.local_rank)
-        tdist.init_process_group("nccl" if use_cuda else "gloo")
+        tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=group_timeout())
         atexit.register(_destroy)
     return info
 

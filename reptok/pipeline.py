@@ -78,11 +78,13 @@ class Pipeline(nn.Module):
 
     @classmethod
     def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),
-              vae_root=None, load_weights: bool = True) -> "Pipeline":
+              vae_root=None, load_weights: bool = True, meta: bool = False) -> "Pipeline":
         """Build the components of ``cfg``. ``load_weights=False`` skips the encoder's hub/file
         weights (a run's own safetensors will overwrite every tensor anyway). A text-conditioned
         generator brings its frozen text encoder (hub / local weights loaded here; a random
-        ``tiny`` tower is overwritten by the run's ``text_encoder.*`` tensors)."""
+        ``tiny`` tower is overwritten by the run's ``text_encoder.*`` tensors). ``meta``: the
+        encoder, decoder and generator get their parameters on the meta device (no random init;
+        load them with ``rundir.load_into(..., assign=True)``)."""
         from .models.decoder import FlowDecoder
         from .models import build_generator
         from .shapes.ssl import build_encoder
@@ -95,14 +97,12 @@ class Pipeline(nn.Module):
             from .models.text import build_text_encoder
 
             text_encoder = build_text_encoder(cfg.generator.text_encoder, max_len=cfg.generator.text_len or None)
-        return cls(
-            cfg,
-            encoder=build_encoder(cfg.encoder, load_weights) if "encoder" in comps else None,
-            decoder=FlowDecoder(cfg.decoder) if "decoder" in comps else None,
-            latent=build_latent_space(cfg.vae, vae_root) if "vae" in comps else None,
-            generator=build_generator(cfg.generator) if with_gen else None,
-            text_encoder=text_encoder,
-        )
+        with params_on_meta() if meta else contextlib.nullcontext():
+            nets = dict(encoder=build_encoder(cfg.encoder, load_weights) if "encoder" in comps else None,
+                        decoder=FlowDecoder(cfg.decoder) if "decoder" in comps else None,
+                        generator=build_generator(cfg.generator) if with_gen else None)
+        latent = build_latent_space(cfg.vae, vae_root) if "vae" in comps else None
+        return cls(cfg, latent=latent, text_encoder=text_encoder, **nets)
 
 
     @classmethod
@@ -136,13 +136,15 @@ class Pipeline(nn.Module):
                 sources[c] = (run, part)
         if cfg.generator is None or "generator" not in sources:
             wanted.discard("generator")
-        pipe = cls.build(cfg, components=wanted, vae_root=vae_root, load_weights=False)
+        # Built on the meta device and loaded by assignment: no random init to throw away (XL: ~26 s).
+        pipe = cls.build(cfg, components=wanted, vae_root=vae_root, load_weights=False, meta=True)
         for c in rundir.COMPONENTS:
             if c in wanted and getattr(pipe, c, None) is not None:
                 if c not in sources:
                     raise InputError(f"{run}: the run has no {c} weights")
                 src, part = sources[c]
-                rundir.load_into(getattr(pipe, c), part, f"{src}")
+                rundir.load_into(getattr(pipe, c), part, f"{src}", assign=True)
+        _check_materialized(pipe)
         te = getattr(pipe, "text_encoder", None)
         if te is not None and te.stores_weights:
             _load_text_weights(te, state, run)
@@ -431,6 +433,34 @@ class Pipeline(nn.Module):
         if bad:
             raise InputError(f"class {bad[0]} is outside the model's classes 0-{self.num_classes - 1}")
         return ids
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Parameters registered while active are moved to the meta device as they are registered,
+    so the random init that follows costs nothing. Buffers stay real: some are computed, not
+    stored (RoPE positions, normalisation constants), and the weights file does not bring them."""
+    def to_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_materialized(pipe) -> None:
+    """A tensor still on the meta device after loading is a bug (a buffer derived from a
+    parameter at build time): fail here rather than at the first forward."""
+    for c in rundir.COMPONENTS:
+        mod = getattr(pipe, c, None)
+        if isinstance(mod, nn.Module):
+            for name, t in [*mod.named_parameters(), *mod.named_buffers()]:
+                if t.is_meta:
+                    raise RuntimeError(f"{c}.{name} is still on the meta device after loading the run")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -96,10 +96,15 @@ def check_state(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: 
         raise InputError(f"{where}: checkpoint does not match the config: unexpected key {extra[0]!r}")
 
 
-def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
-    """Strict load that fails with one line naming the first bad key."""
+def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
+    """Strict load that fails with one line naming the first bad key. ``assign``: the tensors
+    become the module's (no copy; for modules built on the meta device), cast to the dtypes the
+    module has, as a copy would (a bf16-stored file still gives fp32 parameters)."""
     check_state(module, state, where)
-    module.load_state_dict(state, strict=True)
+    if assign:
+        own = module.state_dict(keep_vars=True)
+        state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def read_weights(run: Path, use_ema: bool = True) -> Dict[str, torch.Tensor]:

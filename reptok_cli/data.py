@@ -124,7 +124,8 @@ def cache_latents(
     vae: str = typer.Option(..., "--vae", help="Hub id or local dir of a diffusers AutoencoderKL (the run's --vae)."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Subfolder of the VAE repository / directory."),
     flips: bool = typer.Option(True, "--flips/--no-flips", help="Also store the mirror images' posteriors (needed by --hflip)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per VAE forward pass."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per VAE forward pass (default 64 on CUDA, 32 elsewhere)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16; moments are stored float16."),
     chunk_size: int = typer.Option(256, "--chunk-size", help="Images per resumable unit (the units are split across ranks)."),
     device: str = device_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another VAE / flips setting."),
@@ -141,16 +142,19 @@ def cache_latents(
     from .common import init_ranks, parse_device
 
     read_meta(directory)
-    if batch_size < 1 or chunk_size < 1:
+    if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise InputError(f"--batch-size {batch_size} / --chunk-size {chunk_size}: expected 1 or more")
     dev = parse_device(device)
+    from reptok.train.loop import amp_dtype_for
+
+    amp_dtype_for(precision, dev)  # a bad --precision: exit 2 before loading anything
     model = load_vae(vae, subfolder)  # before the process group: a bad --vae fails every rank at once
     dev, rank = init_ranks(dev)
     with Progress(TextColumn("[bold]cache[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err, transient=True, disable=quiet or not rank.is_main) as bar:
         task = bar.add_task("cache", total=None)
         summary = run_cache(directory, model, vae_identity(vae, subfolder), flips=flips, batch_size=batch_size,
-                            device=dev, info=rank, overwrite=overwrite, chunk=chunk_size,
+                            device=dev, info=rank, overwrite=overwrite, chunk=chunk_size, precision=precision,
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not rank.is_main:
         return

@@ -61,6 +61,9 @@ def distill(
                 raise InputError("--student-steps K is required for a new distillation run")
             cfg = distill_config(ckpt, student_steps, {**distill_defaults(ckpt), **{k: v for k, v in over.items() if v is not None}})
     dev, info = init_ranks(dev)
+    from reptok.backends import set_tf32
+
+    set_tf32(dev, True)  # float32 matmuls (fp32 training, the ops autocast keeps in fp32) as TF32
     summary = train_distill(ckpt, out, cfg, student_steps=student_steps, teacher_steps=teacher_steps,
                             method=method, data=data, resume=resume,
                             device=dev, info=info, progress=not (json_out or quiet), precision=precision)

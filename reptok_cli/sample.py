@@ -33,7 +33,7 @@ def sample(
     start: int = typer.Option(0, "--start", help="First global image index of this shard.", rich_help_panel=J),
     count: Optional[int] = typer.Option(None, "--count", help="Images in this shard (default: to the end).", rich_help_panel=J),
     seed: int = typer.Option(0, "--seed", rich_help_panel=J),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Decoder (and VAE) batch.", rich_help_panel=J),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Decoder (and VAE) batch (default 64 on CUDA, 16 elsewhere).", rich_help_panel=J),
     gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", min=1, help="Generator batch (default: --batch-size).", rich_help_panel=J),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="CFG scale (default from the run, official 1.5).", rich_help_panel=S),
     cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="t_begin,t_end (official 0.3,0.9); 'none' = always.", rich_help_panel=S),
@@ -53,7 +53,7 @@ def sample(
 ):
     """Generate images: generator (a class or a prompt) -> token -> decoder -> (VAE) -> pixels."""
     from reptok.backends import PRECISIONS, describe_fast_path, load_sampling_pipeline, resolve_backend
-    from reptok.sample import parse_cfg_interval, plan_sample_job, sample_to
+    from reptok.sample import default_batch_size, parse_cfg_interval, plan_sample_job, sample_to
 
     interval = parse_cfg_interval(cfg_interval)
     check_sampling(steps=steps, cfg=cfg, cfg_interval=interval if isinstance(interval, tuple) else None,
@@ -66,6 +66,7 @@ def sample(
         backend=resolve_backend(backend, engine), engine=engine, overwrite=overwrite,
         precision="fp32" if no_fast else (precision or ("bf16" if dev.startswith("cuda") else "fp32")))
     dev, info = init_ranks(dev)
+    batch_size = batch_size or default_batch_size(dev)
     job.prepare_output(info)
     pipe = load_sampling_pipeline(ckpt, dev, backend=backend, engine=engine, precision=precision, fast=not no_fast,
                                   compile=compile_, cuda_graphs=cuda_graphs)

@@ -143,6 +143,9 @@ def recon(
     if _already_finished(out, cfg, "tokenizer", resume, json_out):
         return
     dev, info = init_ranks(dev)  # after validation: a bad option fails every rank before any collective
+    from reptok.backends import set_tf32
+
+    set_tf32(dev, True)  # float32 matmuls (fp32 training, the ops autocast keeps in fp32) as TF32
     with fresh_run_guard(out, resume, info.is_main):
         summary = train_recon(data, out, cfg, resume=resume, freeze_token=freeze_token, device=dev, info=info,
                               progress=not (json_out or quiet), precision=precision, init=init, workers=workers,
@@ -214,6 +217,9 @@ def gen(
     if _already_finished(out, cfg, "generator", resume, json_out):
         return
     dev, info = init_ranks(dev)  # after validation: a bad option fails every rank before any collective
+    from reptok.backends import set_tf32
+
+    set_tf32(dev, True)  # float32 matmuls (fp32 training, the ops autocast keeps in fp32) as TF32
     with fresh_run_guard(out, resume, info.is_main):
         summary = train_gen(tokens, out, cfg, resume=resume, device=dev, info=info, progress=not (json_out or quiet),
                             precision=precision, init=init, workers=workers, compile=compile_,

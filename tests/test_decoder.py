@@ -154,6 +154,25 @@ def test_rope_freqs_xl_layout():
     assert f[0, 15, -1].item() == pytest.approx(30.92, abs=5e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_angles_stay_fp32_under_autocast(dtype):
+    """Catches: angles computed in the qkv (autocast) dtype, bf16 being off by up to 0.11 rad at XL."""
+    model = FlowDecoder(OFFICIAL_TINY).eval()
+    attn = model.blocks[0].attn
+    seen = []
+    orig = attn.rope.angles
+    attn.rope.angles = lambda pos: seen.append(orig(pos)) or seen[-1]
+    x = torch.randn(2, model.pos.shape[0], OFFICIAL_TINY.width)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        attn(x, torch.randn(2, OFFICIAL_TINY.mapping_width), model.pos)
+    theta = seen[0]
+    assert theta.dtype == torch.float32
+    f = attn.rope.freqs.double()  # hand-computed in float64: row angles then column angles
+    pos = model.pos.double()
+    want = torch.cat([pos[:, None, 0:1] * f[0], pos[:, None, 1:2] * f[1]], -1).transpose(0, 1)
+    assert (theta.double() - want).abs().max() < 1e-5
+
+
 def test_positions_and_latent_token_rope_is_identity():
     model = FlowDecoder(OFFICIAL_TINY)
     pos = model.pos

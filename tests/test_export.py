@@ -322,6 +322,33 @@ def test_trt_engines_parity(tiny_run, vae_run, vae_onnx, tmp_path, precision, to
     assert (rt.sample(labels, [0, 1], seed=1) - ref.sample(labels, [0, 1], seed=1)).abs().max() < 10 * tol
 
 
+def test_cuda_graph_capture_is_thread_local(monkeypatch):
+    """Catches: capture in the default "global" mode, which the sampler's noise-prefetch thread
+    (pinning memory, querying events during the capture) can abort. CUDA is faked: no GPU here."""
+    from export import runtime
+
+    modes = []
+
+    class Fake:
+        def wait_stream(self, other):
+            pass
+
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, **kw):
+        modes.append(kw.get("capture_error_mode", "global"))
+        yield
+
+    for name, value in {"Stream": Fake, "CUDAGraph": Fake, "current_stream": Fake, "graph": graph,
+                        "stream": lambda s: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    fast = runtime.CudaGraphed(lambda x: x * 2)
+    assert torch.equal(fast(torch.ones(2)), torch.full((2,), 2.0))
+    assert modes == ["thread_local"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])

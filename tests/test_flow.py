@@ -141,3 +141,44 @@ def test_solve_never_reads_the_device():
 def test_in_interval_takes_a_float():
     ts = flow.time_grid(10)
     assert [flow.in_interval(float(t), (0.2, 0.8)) for t in ts] == [flow.in_interval(ts[i:i + 1], (0.2, 0.8)) for i in range(11)]
+
+
+def test_cfg_combined_in_fp32():
+    """Catches: v_u + s (v_c - v_u) evaluated in the network's bf16 (1.01171875 rounds to 1.015625)."""
+    def model(x, t, c):  # null rows 1.0, class rows the next bf16 number, 1.0078125
+        return (1.0 + 0.0078125 * c.view(-1, 1)).to(torch.bfloat16).expand(-1, x.shape[1])
+
+    fn = flow.guided_velocity(model, torch.ones(2), torch.zeros(2), scale=1.5, interval=None)
+    v = fn(torch.zeros(2, 3), torch.full((2,), 0.5))
+    assert v.dtype == torch.float32
+    assert torch.equal(v, torch.full((2, 3), 1.01171875))  # 1 + 1.5 * 2^-7, exact in fp32
+
+
+class _FakeHost:
+    """Records how a tensor is moved (no CUDA here): pinned first, then a non-blocking copy."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_pinned(self):
+        return False
+
+    def pin_memory(self):
+        self.calls.append("pin")
+        return self
+
+    def to(self, device, non_blocking=False):
+        self.calls.append(("to", str(device), non_blocking))
+        return self
+
+
+def test_grid_goes_to_cuda_pinned_and_non_blocking(monkeypatch):
+    """Catches: the solver's grid copied from pageable memory (a host sync per solve on CUDA)."""
+    fake = _FakeHost()
+    assert flow.host_to_device(fake, "cuda:0") is fake
+    assert fake.calls == ["pin", ("to", "cuda:0", True)]
+    seen = []
+    real = flow.host_to_device
+    monkeypatch.setattr(flow, "host_to_device", lambda x, d: seen.append((x.clone(), d)) or real(x, d))
+    flow.solve(lambda x, t: torch.zeros_like(x), torch.zeros(2, 3), 4)
+    assert len(seen) == 1 and torch.equal(seen[0][0], flow.time_grid(4))

@@ -142,6 +142,27 @@ def test_next_batch_is_queued_before_the_previous_one_is_waited_for(run, tmp_pat
     assert names == ["generate", "decode", "generate", "decode", "wait0", "generate", "decode", "wait1", "wait2"]
 
 
+def test_timer_starts_after_the_compile_warm_up(run, tmp_path, monkeypatch):
+    """Catches: the images/s timer started before the first (compiling / capturing) calls, which
+    understates --compile. A fake clock: the first network call costs 1000 s, later ones 1 s."""
+    import reptok.sample as smp
+    from reptok.backends import load_sampling_pipeline
+
+    pipe = load_sampling_pipeline(run, "cpu")
+    pipe.fast_path = {**pipe.fast_path, "compile": True}  # as --compile would set it
+    clock, gen = [0.0], pipe.generate_from
+
+    def timed_gen(*a, **k):
+        clock[0] += 1000.0 if clock[0] == 0 else 1.0
+        return gen(*a, **k)
+
+    pipe.generate_from = timed_gen
+    monkeypatch.setattr(smp.time, "perf_counter", lambda: clock[0])
+    res = smp.sample_to(pipe, [0, 1], 2, tmp_path / "o.npz", seed=1, batch_size=2, steps=2, decoder_steps=2)
+    assert res["warmup_s"] == 1000.0
+    assert res["seconds"] == 2.0 and res["images_per_s"] == 2.0  # 4 images, 2 generator batches
+
+
 def test_nfe_counts():
     from reptok.bench import random_pipeline
     from reptok.presets import get_preset
@@ -245,3 +266,11 @@ def test_cuda_fast_path_matches_eager(run, tmp_path):
     assert _cli(*base, "--no-fast", "--out", tmp_path / "eager.npz").exit_code == 0
     a, b = (np.load(tmp_path / f)["arr_0"].astype(int) for f in ("fast.npz", "eager.npz"))
     assert np.abs(a - b).mean() < 8  # bf16 over 2 x 8 ODE steps: a few uint8 levels on average
+
+
+def test_default_batch_size_per_device():
+    """Catches: the CUDA default left at the CPU's 16 (an H200 idles between XL kernels)."""
+    from reptok.sample import default_batch_size
+
+    assert default_batch_size("cuda:1") == 64 and default_batch_size("cuda") == 64
+    assert default_batch_size("cpu") == 16

@@ -11,15 +11,20 @@ DATA/latents/latents.json  {"vae": ..., "subfolder": ..., "resolution": R, "flip
 ```
 
 Writing goes to ``DATA/latents.partial/`` (a preallocated memmap plus one marker file per finished
-chunk, so an interrupted run resumes where it stopped); under torchrun each rank encodes its
-contiguous share of the chunks. When every chunk is done, rank 0 writes the metadata and renames
+chunk, so an interrupted run resumes where it stopped; the data starts on a page boundary and a
+chunk fills whole pages, so ranks never share a page); under torchrun each rank encodes its
+contiguous share of the chunks still to do. When every chunk is done, rank 0 writes the metadata and renames
 the directory into place: a cache either exists complete or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import mmap
 import shutil
+import struct
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -119,16 +124,27 @@ class LatentCache:
 
 
 def cache_latents(
-    data: Union[str, Path], vae, identity: dict, *, flips: bool = True, batch_size: int = 32,
+    data: Union[str, Path], vae, identity: dict, *, flips: bool = True, batch_size: Optional[int] = None,
     device: str = "cpu", info=None, overwrite: bool = False, chunk: Optional[int] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None, precision: str = "auto",
+    workers: Optional[int] = None,
 ) -> dict:
     """Encode every image of the prepared dataset ``data`` with ``vae`` (a ``LatentVAE``) into
     ``data/latents``; ``identity`` is ``vae_identity(...)`` of it. Resumable in units of ``chunk``
-    images (default ``CHUNK``); the chunks are split across ranks."""
+    images (default ``CHUNK``, rounded up so a unit fills whole memory pages); the units still to
+    do are split evenly across ranks.
+
+    On CUDA: the VAE under ``precision`` autocast ("auto": bf16; the moments are stored float16
+    either way), images read by ``workers`` loader processes into pinned memory, both views in one
+    forward pass, and the moments copied back asynchronously (written while the next batch runs).
+    ``batch_size``: images per pass (default 64 on CUDA, 32 elsewhere)."""
     from ..dist import DistInfo, barrier
+    from ..train.loop import amp_dtype_for
 
     info = info or DistInfo()
+    amp = amp_dtype_for(precision, device)
+    cuda = torch.device(device).type == "cuda"
+    batch_size = batch_size or (64 if cuda else 32)
     ds = PreparedDataset(data)
     root = Path(data)
     final, partial = root / CACHE_DIR, root / PARTIAL_DIR
@@ -142,6 +158,10 @@ def cache_latents(
             return {**meta, "out": str(final), "encoded": 0, "skipped": n, "seconds": 0.0, "images_per_s": 0.0}
         raise InputError(f"{final} holds a cache made with VAE {old.get('vae')!r} at {old.get('resolution')} px "
                          f"(flips {old.get('flips')}); pass --overwrite to replace it")
+    chunk = int(chunk or CHUNK)
+    if chunk < 1:
+        raise InputError(f"chunk size {chunk}: expected 1 or more")
+    chunk = page_chunk(chunk, int(np.prod(shape[1:])) * 2)
     # Rank 0 sets up (or validates) the partial directory; the others wait for it.
     if info.is_main:
         pmeta = partial / CACHE_META
@@ -150,33 +170,19 @@ def cache_latents(
         if not partial.exists():
             partial.mkdir(parents=True)
             (partial / "done").mkdir()
-            np.lib.format.open_memmap(partial / MOMENTS, mode="w+", dtype=np.float16, shape=shape).flush()
+            create_aligned_npy(partial / MOMENTS, shape)
             io.atomic_write_text(pmeta, json.dumps(meta))
     barrier()
-    mm = np.load(partial / MOMENTS, mmap_mode="r+")
-    chunk = int(chunk or CHUNK)
-    if chunk < 1:
-        raise InputError(f"chunk size {chunk}: expected 1 or more")
     chunks = list(range(0, n, chunk))
-    per = (len(chunks) + info.world_size - 1) // info.world_size
-    mine = chunks[info.rank * per:(info.rank + 1) * per]
-    todo = [s for s in mine if not (partial / "done" / str(s)).exists()]
-    t0, encoded = time.perf_counter(), 0
+    done = {s for s in chunks if (partial / "done" / str(s)).exists()}
+    barrier()  # every rank has listed the markers before any rank adds one
+    todo = share_of_remaining(chunks, done, info)
+    t0 = time.perf_counter()
+    mm = np.load(partial / MOMENTS, mmap_mode="r+")
     vae.to(device)
-    with torch.no_grad():
-        for s in todo:
-            e = min(n, s + chunk)
-            for b in range(s, e, batch_size):
-                idx = list(range(b, min(e, b + batch_size)))
-                img = torch.from_numpy(ds.get_uint8_chw(idx)).to(device).float().div_(127.5).sub_(1.0)
-                views = [img, img.flip(-1)] if flips else [img]
-                for v, x in enumerate(views):
-                    mm[b:b + len(idx), v] = vae.encode_moments(x).float().cpu().numpy().astype(np.float16)
-                encoded += len(idx)
-                if progress is not None:
-                    progress(encoded, sum(min(n, t + chunk) - t for t in todo))
-            mm.flush()
-            (partial / "done" / str(s)).touch()  # after the flush: a marker means the rows are on disk
+    total = sum(min(n, t + chunk) - t for t in todo)
+    encoded = _encode_chunks(ds, vae, mm, todo, chunk, batch_size, flips, device, amp, workers, partial / "done",
+                             lambda k: progress(k, total) if progress is not None else None)
     del mm
     barrier()
     if info.is_main:
@@ -189,5 +195,98 @@ def cache_latents(
         partial.rename(final)
     barrier()
     seconds = time.perf_counter() - t0
-    return {**meta, "out": str(final), "encoded": encoded, "skipped": sum(min(n, t + chunk) - t for t in mine if t not in todo),
+    skipped = sum(min(n, t + chunk) - t for t in done) if info.is_main else 0
+    return {**meta, "out": str(final), "encoded": encoded, "skipped": skipped,
             "seconds": round(seconds, 2), "images_per_s": round(encoded / max(seconds, 1e-9), 2)}
+
+
+def share_of_remaining(chunks: list, done: set, info) -> list:
+    """This rank's contiguous share of the chunks not done yet. (A static share of all chunks
+    would leave a resumed run unbalanced: a rank whose share was finished idles at the final
+    barrier while another encodes its whole share.)"""
+    left = [s for s in chunks if s not in done]
+    per = (len(left) + info.world_size - 1) // info.world_size
+    return left[info.rank * per:(info.rank + 1) * per]
+
+
+def page_chunk(chunk: int, row_bytes: int, page: int = mmap.PAGESIZE) -> int:
+    """``chunk`` rounded up so that ``chunk`` rows fill whole pages: with the data starting on a
+    page boundary (``create_aligned_npy``) no two chunks, and so no two ranks, write to one page
+    (on a network filesystem neighbouring writes to a shared page can undo each other)."""
+    step = page // math.gcd(page, row_bytes)
+    return -(-chunk // step) * step
+
+
+def create_aligned_npy(path: Path, shape, dtype=np.float16, page: int = mmap.PAGESIZE) -> None:
+    """A zero-filled ``.npy`` whose data starts at byte ``page`` (the header padded with spaces,
+    as the format allows), for ``np.load(mmap_mode=...)``."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                 "shape": tuple(int(x) for x in shape)}).encode("latin1")
+    version, size = ((1, 0), "<H") if page - 10 <= 0xFFFF else ((2, 0), "<I")
+    hlen = page - 8 - struct.calcsize(size)
+    head = b"\x93NUMPY" + bytes(version) + struct.pack(size, hlen) + text.ljust(hlen - 1) + b"\n"
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(page + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+
+
+class _Images(torch.utils.data.Dataset):
+    """uint8 (B, 3, R, R) of a list of indices (picklable, for loader workers)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __getitem__(self, idx):
+        return torch.from_numpy(self.ds.get_uint8_chw(idx))
+
+
+def _encode_chunks(ds, vae, mm, todo, chunk, batch_size, flips, device, amp, workers, done_dir, progress) -> int:
+    """Encode the chunks ``todo`` into ``mm``; a chunk's marker is written after its rows are
+    flushed. One batch in flight: batch k+1 is queued on the device before batch k is written."""
+    from ..train.feed import default_workers
+
+    n, cuda = len(mm), torch.device(device).type == "cuda"
+    plan = [(s, list(range(b, min(n, s + chunk, b + batch_size))))
+            for s in todo for b in range(s, min(n, s + chunk), batch_size)]
+    workers = (default_workers() if cuda else 0) if workers is None else workers
+    loader = torch.utils.data.DataLoader(_Images(ds), batch_size=None, sampler=[idx for _, idx in plan],
+                                         num_workers=workers, pin_memory=cuda)
+    left = {s: sum(1 for t, _ in plan if t == s) for s in todo}
+    encoded, pending = 0, None
+
+    def write(s, idx, fetch):
+        nonlocal encoded
+        mm[idx[0]:idx[-1] + 1] = fetch()
+        encoded += len(idx)
+        progress(encoded)
+        left[s] -= 1
+        if left[s] == 0:
+            mm.flush()
+            (done_dir / str(s)).touch()  # after the flush: a marker means the rows are on disk
+
+    with torch.no_grad():
+        for (s, idx), img in zip(plan, loader):
+            x = img.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            views = torch.cat([x, x.flip(-1)]) if flips else x
+            with torch.autocast(torch.device(device).type, dtype=amp) if amp else contextlib.nullcontext():
+                m = vae.encode_moments(views)
+            m = m.float().unflatten(0, (-1, len(idx))).transpose(0, 1).to(torch.float16)  # (B, V, 2C, h, w)
+            fetch = _fetch(m)
+            if pending is not None:
+                write(*pending)
+            pending = (s, idx, fetch)
+        if pending is not None:
+            write(*pending)
+    return encoded
+
+
+def _fetch(t: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Start copying ``t`` to the host (CUDA: into pinned memory behind an event, no sync now)."""
+    if t.device.type != "cuda":
+        arr = t.numpy()
+        return lambda: arr
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return lambda: (ev.synchronize(), host.numpy())[1]

@@ -94,7 +94,9 @@ class Attention(nn.Module):
         """x (B, L, D), cond (B, Dm), pos (L, 2) -> (B, L, D)."""
         B, L, D = x.shape
         qkv = self.qkv_proj(self.norm(x, cond))
-        theta = self.rope.angles(_cast(pos, qkv.dtype))  # (H, L, head_dim // 4), in the qkv dtype
+        # fp32 angles under any autocast (the official code computes them in the qkv dtype: bf16
+        # would be off by up to 0.11 rad on the XL grid, fp16 by 0.012).
+        theta = self.rope.angles(_cast(pos, torch.float32))  # (H, L, head_dim // 4)
         q, k, v = qkv.reshape(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = cosine_sim_qk(q, k, self.scale[:, None, None])  # (B, H, L, E) each
         q, k = apply_rotary(q, theta), apply_rotary(k, theta)

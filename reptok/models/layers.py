@@ -189,8 +189,8 @@ class AxialRoPE2D(nn.Module):
             self.freqs.copy_(rope_freqs(self.head_dim, self.n_heads))
 
     def angles(self, pos: torch.Tensor) -> torch.Tensor:
-        """pos (L, 2) -> theta (n_heads, L, head_dim // 4), computed in pos's dtype (official:
-        the qkv dtype, so fp16 under autocast)."""
+        """pos (L, 2) -> theta (n_heads, L, head_dim // 4), computed in pos's dtype; the decoder
+        passes float32 positions under every autocast (the official code: the qkv dtype)."""
         freqs = _cast(self.freqs, pos.dtype)
         theta_h = pos[:, None, 0:1] * freqs[0]  # (L, H, head_dim // 8)
         theta_w = pos[:, None, 1:2] * freqs[1]

@@ -90,10 +90,15 @@ class EMA:
                 if p.requires_grad:
                     self.pairs.append((ema_params[n], p))
 
+        self._ema = [e for e, _ in self.pairs]
+        self._raw = [p for _, p in self.pairs]
+
     @torch.no_grad()
     def update(self) -> None:
-        for e, p in self.pairs:
-            e.lerp_(p.detach().to(e.dtype), 1 - self.decay)
+        # One multi-tensor kernel per dtype group on CUDA instead of a launch per parameter
+        # (hundreds at XL); the same arithmetic as a per-tensor lerp_.
+        if self._ema:
+            torch._foreach_lerp_(self._ema, self._raw, 1 - self.decay)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -137,6 +142,13 @@ def _param_groups(task, params: list, weight_decay: float = 0.0) -> list:
     no_decay = [p for p in rest if id(p) not in matrices]
     return ([{"params": decay, "lr_scale": 1.0}] * bool(decay)
             + [{"params": no_decay, "lr_scale": 1.0, "weight_decay": 0.0}] * bool(no_decay) + named_groups)
+
+
+def make_optimizer(task, params: list, cfg: TrainConfig, dev_type: str) -> torch.optim.AdamW:
+    """AdamW over ``_param_groups``; fused on CUDA (one kernel for every parameter instead of a
+    foreach chain per group). Elsewhere torch's default implementation."""
+    return torch.optim.AdamW(_param_groups(task, params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay, fused=True if dev_type == "cuda" else None)
 
 
 def save_checkpoint(run: Path, task, ema: EMA, opt, step: int, extra: Optional[dict] = None) -> None:
@@ -201,6 +213,14 @@ def amp_dtype_for(precision: str, device: str) -> Optional[torch.dtype]:
     if precision == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def ddp_options(info: DistInfo, dev_type: str) -> dict:
+    """DistributedDataParallel keywords. The tasks' buffers are constants (RoPE frequencies, token
+    statistics, frozen norms) identical on every rank, so broadcasting them every step is wasted
+    traffic; gradients as views of the all-reduce buckets save a copy and their memory."""
+    return {"device_ids": [info.local_rank] if dev_type == "cuda" else None,
+            "broadcast_buffers": False, "gradient_as_bucket_view": True}
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -281,8 +301,7 @@ def fit(
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise InputError("nothing to train: every parameter is frozen")
-    opt = torch.optim.AdamW(_param_groups(task, params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                            weight_decay=cfg.weight_decay)
+    opt = make_optimizer(task, params, cfg, dev_type)
     scaler = torch.amp.GradScaler(dev_type, enabled=amp_dtype is torch.float16)
     ema = EMA(task.saved_modules(), cfg.ema)
     start = load_checkpoint(run, task, ema, opt, scaler) if resume else 0
@@ -293,8 +312,7 @@ def fit(
             region.compile()  # in place: parameter names (and so checkpoints) do not change
     model = task
     if info.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            task, device_ids=[info.local_rank] if dev_type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(task, **ddp_options(info, dev_type))
     order = BatchOrder(task.num_examples(), cfg.batch_size, cfg.seed)
     if workers is None:
         workers = default_workers() if getattr(task, "reads_files", False) else 0
