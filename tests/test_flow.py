@@ -141,3 +141,39 @@ def test_solve_never_reads_the_device():
 def test_in_interval_takes_a_float():
     ts = flow.time_grid(10)
     assert [flow.in_interval(float(t), (0.2, 0.8)) for t in ts] == [flow.in_interval(ts[i:i + 1], (0.2, 0.8)) for i in range(11)]
+
+
+def test_loss_of_a_time_dependent_model_is_hand_computed():
+    """A model that reads both x_t and t: v = x_t + t. Its loss per sample is the mean over the
+    entries of (t x1 + (1 - t) x0 + t - (x1 - x0))^2, written out here by hand (catches t and
+    1 - t swapped, x0 and x1 swapped, or the target's sign)."""
+    x0 = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    x1 = torch.tensor([[3.0, 1.0], [-1.0, 2.0]])
+    t = torch.tensor([0.25, 0.75])
+    # sample 0, t = 0.25: x_t = (1.5, -1.25); v = (1.75, -1.0); target (2, 3); err (-0.25, -4)
+    # sample 1, t = 0.75: x_t = (-0.625, 1.5); v = (0.125, 2.25); target (-1.5, 2); err (1.625, 0.25)
+    want = torch.tensor([(0.0625 + 16.0) / 2, (2.640625 + 0.0625) / 2])
+    loss = flow.flow_matching_loss(lambda xt, tt: xt + tt.view(-1, 1), x1, x0, t)
+    torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("steps, interval, guided", [
+    (10, (0.2, 0.8), [2, 3, 4, 5, 6, 7, 8]),   # t = 0.8f is guided (float32 bounds, inclusive)
+    (10, (0.3, 0.9), [3, 4, 5, 6, 7, 8, 9]),   # 10-step grid: t_3 = 0.3f exactly, t_9 = 0.9f
+    (4, (0.0, 0.5), [0, 1, 2]),
+    (4, (0.6, 1.0), [3]),                      # steps start at 0, 0.25, 0.5, 0.75: only the last
+    (50, (0.3, 0.9), list(range(16, 46))),     # the official 30 guided steps of 50
+    (5, (0.0, 1.0), [0, 1, 2, 3, 4]),
+])
+def test_cfg_interval_guides_exactly_these_steps(steps, interval, guided):
+    """Which solver steps run the doubled (guided) batch, against fixed index lists (never against
+    in_interval itself): catches < for <=, float64 bounds, or the interval's ends swapped."""
+    rows = []
+
+    def model(x, t, c):
+        rows.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    fn = flow.guided_velocity(model, torch.ones(2), torch.zeros(2), 2.0, interval)
+    flow.solve(fn, torch.zeros(2, 1), steps)
+    assert [i for i, b in enumerate(rows) if b == 4] == guided
