@@ -23,16 +23,12 @@ def has_checkpoint(out: Path) -> bool:
 def check_out(out: Path, resume: bool) -> None:
     """``--out`` checked before any work: a folder (or a path that can become one) that this
     user can write; with ``resume`` a run with a checkpoint, without it no run yet."""
-    import os
+    from ..outputs import check_writable_parent
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {probe} is not a writable folder")
+    check_writable_parent(out, folder=True)
     if resume and not (out / rundir.TRAIN_STATE).exists():
         raise InputError(f"{out}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
     if not resume and has_checkpoint(out):
