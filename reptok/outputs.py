@@ -27,6 +27,7 @@ from .errors import InputError
 
 MANIFEST = ".reptok-sample.json"
 MANIFEST_FORMAT = "reptok-sample/1"
+PROBE_PREFIX = ".reptok-probe-"
 
 
 def check_writable_parent(out: Path, option: str = "--out", folder: bool = False) -> None:
@@ -43,7 +44,7 @@ def check_writable_parent(out: Path, option: str = "--out", folder: bool = False
         raise InputError(f"{option} {out}: {probe} is not a writable folder")
     before = probe.stat()
     try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".reptok-probe-")
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=PROBE_PREFIX)
     except OSError as e:
         raise InputError(f"{option} {out}: cannot create files in {probe} ({e.strerror or e})") from None
     os.close(fd)
@@ -117,6 +118,12 @@ def _plain(v):
     return v
 
 
+def _transient(name: str) -> bool:
+    """A file another writer has in flight (io's atomic temp files, the writability probe): a shard
+    started at the same moment as another one must not take the folder for a foreign one."""
+    return name.startswith(PROBE_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def prepare_png_folder(out: Path, manifest: dict, overwrite: bool = False, write: bool = True) -> bool:
     """Check (and, with ``write``, create) a PNG folder for ``manifest`` before any sampling.
 
@@ -130,7 +137,7 @@ def prepare_png_folder(out: Path, manifest: dict, overwrite: bool = False, write
         raise InputError(f"--out {out}: exists and is not a folder")
     path = out / MANIFEST
     resume = False
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not _transient(p.name) for p in out.iterdir()):
         if overwrite:
             if write:
                 clear_folder(out)

@@ -177,3 +177,10 @@ def test_cfg_interval_guides_exactly_these_steps(steps, interval, guided):
     fn = flow.guided_velocity(model, torch.ones(2), torch.zeros(2), 2.0, interval)
     flow.solve(fn, torch.zeros(2, 1), steps)
     assert [i for i, b in enumerate(rows) if b == 4] == guided
+
+
+def test_in_interval_compares_a_python_float_in_float32():
+    """0.2 as float32 is 0.2000000030: the bound 0.2 and the time 0.2 round alike (guided), which a
+    float64 time (0.2 < 0.2000000030) would miss; 0.2000001 is past 0.2 in either precision."""
+    assert flow.in_interval(0.2, (0.2, 0.8)) and flow.in_interval(0.8, (0.2, 0.8))
+    assert not flow.in_interval(0.19999, (0.2, 0.8)) and not flow.in_interval(0.8000001, (0.2, 0.8))

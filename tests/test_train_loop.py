@@ -375,12 +375,12 @@ def test_resume_after_a_crash_keeps_one_metrics_row_per_step(tmp_path):
 
 
 def test_ema_follows_the_weights_by_hand(tmp_path):
-    """EMA decay 0.5 over 2 steps: e = 0.5 (0.5 (0 + w1)) + 0.5 w2 ... written out (catches the
-    EMA updated before the step, the decay's complement, or EMA of the raw weights saved)."""
+    """EMA decay 0.75 over 2 steps from 0: e1 = 0.25 w1, e2 = 0.75 e1 + 0.25 w2 (catches the EMA
+    updated before the step, decay and complement swapped, or the raw weights saved as EMA)."""
     grads = [[1.0, 0.0], [0.0, 1.0]]
-    toy_fit(tmp_path, ToyTask(grads), steps=2, grad_clip=0.0, ckpt_every=2)
+    toy_fit(tmp_path, ToyTask(grads), steps=2, grad_clip=0.0, ckpt_every=2, ema=0.75)
     w1, w2 = adamw_by_hand(grads[:1], 0.1, 0.0), adamw_by_hand(grads, 0.1, 0.0)
-    want = 0.5 * (0.5 * 0.0 + 0.5 * w1) + 0.5 * w2
+    want = 0.75 * (0.25 * w1) + 0.25 * w2
     ema = load_file(str(tmp_path / "ema.safetensors"))["net.weight"][0].double().numpy()
     np.testing.assert_allclose(ema, want, rtol=1e-5, atol=1e-7)
 
