@@ -406,3 +406,19 @@ def test_recon_loss_weighs_the_cosine_anchor(weight, want):
     loss, parts = ReconTask.forward(task, {"image": torch.zeros(2, 3, 4, 4)}, noise)
     assert float(parts["rf"]) == pytest.approx(4.0) and float(parts["cos"]) == pytest.approx(0.5)
     assert float(loss) == pytest.approx(want)
+
+
+def test_resume_with_other_steps_on_a_cooldown_says_what_changes(work, tmp_path):
+    """A 4-step run with cool-down 0.5 resumed with --steps 8: one notice line (cool-down 4-8,
+    was 2-4; the lr of step 5 goes from 0 to 1e-3, hand-computed), and the run goes on with it;
+    the same --steps says nothing."""
+    common = ["--tokens", work / "tokens.npy", "--preset", "tiny", "--batch-size", 8, "--ckpt-every", 100,
+              "--set", "train.cooldown=0.5", "--set", "train.log_every=1", "--json"]
+    cli("train", "gen", "--out", tmp_path, "--steps", 4, *common)
+    res = cli("train", "gen", "--out", tmp_path, "--steps", 8, "--resume", *common)
+    notes = [x for x in res.stderr.splitlines() if x.startswith("note:")]
+    assert notes == ["note: --steps 8 changes the lr schedule of this 4-step run: cool-down steps 4-8 (was 2-4); "
+                     "lr at step 5: 0.001 (was 0)"], res.stderr
+    assert [r["lr"] for r in metrics(tmp_path)][3:5] == pytest.approx([0.0005, 0.001])
+    res = cli("train", "gen", "--out", tmp_path, "--steps", 8, "--resume", *common)  # finished: nothing to say
+    assert "note:" not in res.stderr
