@@ -103,16 +103,17 @@ def test_torchrun_ranks_wait_for_rank_0_checkpoint_on_sigterm(class_runs, tmp_pa
 
 
 def test_parallel_shards_into_one_folder_give_one_runs_images(class_runs, tmp_path):
-    """Two ``sample --start/--count`` shards started at once into one PNG folder write, byte for
-    byte, the 16 PNGs (and the manifest) of one uninterrupted run."""
+    """Two ``sample --start/--count`` shards started together into one PNG folder (one in a
+    subprocess, one in-process) write, byte for byte, the 16 PNGs and the manifest of one run.
+    (How much they overlap depends on the machine; the race itself is pinned down by
+    test_a_shard_takes_another_shards_files_in_flight_for_its_own.)"""
     args = ["sample", "--ckpt", class_runs / "gen", "--class", "0-3", "-n", 4, "--seed", 3, "--steps", 2,
             "--decoder-steps", 2, "--batch-size", 4, "-q"]
     cli(*args, "--out", tmp_path / "one")
     argv = [sys.executable, "-m", "reptok_cli", *map(str, args), "--out", str(tmp_path / "par")]
-    procs = [subprocess.Popen([*argv, "--start", str(s), "--count", "8"], env=ENV, stderr=subprocess.PIPE, text=True)
-             for s in (0, 8)]
-    for p in procs:
-        assert p.wait(timeout=180) == 0, p.stderr.read()
+    other = subprocess.Popen([*argv, "--start", "8", "--count", "8"], env=ENV, stderr=subprocess.PIPE, text=True)
+    cli(*args, "--out", tmp_path / "par", "--start", 0, "--count", 8)  # meanwhile, the first shard here
+    assert other.wait(timeout=180) == 0, other.stderr.read()
     one = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert len([n for n in one if n.endswith(".png")]) == 16
     assert one == sorted(p.name for p in (tmp_path / "par").iterdir())
@@ -142,3 +143,21 @@ def test_full_disk_is_one_line_exit_1_and_no_partial_file(class_runs, small_disk
     assert len(lines) == 1 and lines[0].startswith("error:") and "No space left" in lines[0], res.stderr
     assert list(small_disk.iterdir()) == []
     np.testing.assert_equal(len(res.stdout.strip()), 0)
+
+
+def test_a_shard_takes_another_shards_files_in_flight_for_its_own(tmp_path):
+    """A folder holding only another writer's in-flight files (the manifest's atomic temp file,
+    the writability probe) is a fresh folder, not a foreign one (catches the exit 2 "holds files
+    but no .reptok-sample.json" that two shards started at once gave)."""
+    from reptok.outputs import MANIFEST, PROBE_PREFIX, prepare_png_folder
+
+    out = tmp_path / "pngs"
+    out.mkdir()
+    (out / f".{MANIFEST}.k2j3.tmp").write_text("{")
+    (out / f"{PROBE_PREFIX}x1y2").write_text("")
+    assert prepare_png_folder(out, {"seed": 1}) is False
+    assert json.loads((out / MANIFEST).read_text())["seed"] == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="no .reptok-sample.json"):
+        prepare_png_folder(tmp_path / "other", {"seed": 1})
