@@ -10,6 +10,7 @@ marked, since it says nothing about the tests' assertions.
     python benchmarks/mutations.py --quick    # the first two (the suite runs this mode)
     python benchmarks/mutations.py --only cfg-interval-strict,ema-decay
     python benchmarks/mutations.py --list
+    python benchmarks/mutations.py --check    # every target still in the code (run by the suite)
 
 Exit status 0 iff every selected mutation is caught.
 """
@@ -103,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the first two mutations")
     ap.add_argument("--only", help="comma-separated mutation names")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--check", action="store_true", help="only check that every target is in the code once")
     ap.add_argument("--timeout", type=float, default=300)
     a = ap.parse_args(argv)
     chosen = MUTATIONS[:2] if a.quick else MUTATIONS
@@ -112,6 +114,16 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown mutation(s): {', '.join(sorted(unknown))}")
         chosen = [m for m in MUTATIONS if m[0] in names]
+    if a.check:  # the suite runs this: a refactor that moves a target must update the table
+        for name, path, old, _, args in chosen:
+            if (ROOT / path).read_text().count(old) != 1:
+                print(f"{name}: {old!r} is not in {path} exactly once")
+                return 1
+            missing = [x for x in args if x.startswith("tests/") and not (ROOT / x).exists()]
+            if missing:
+                print(f"{name}: {missing[0]} does not exist")
+                return 1
+        return 0
     if a.list:
         for m in chosen:
             print(f"{m[0]:24s} {m[1]}: {m[2]!r} -> {m[3]!r}")
