@@ -259,6 +259,11 @@ class PipelineConfig:
         if not 0.0 <= self.train.cooldown <= 1.0:
             raise ConfigError(f"train.cooldown={self.train.cooldown}: must be a fraction of the steps in [0, 1]")
         check_rules(self)
+        if self.train.batch_size % self.train.grad_accum:  # else fit() refuses it after loading everything
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum="
+                              f"{self.train.grad_accum}: pick a multiple", key="train.grad_accum",
+                              value=self.train.grad_accum,
+                              allowed=f"must divide the batch size ({self.train.batch_size})")
         return self
 
 
@@ -483,7 +488,7 @@ RULES: "list[tuple[str, Callable[[Any], bool], str]]" = [
      "two numbers in [0, 1), like 0.9,0.999"),
     ("train.warmup", *_ge(0)), ("train.cooldown", *_unit(True)), ("train.grad_clip", *_ge(0)),
     ("train.ema", *_unit()), ("train.cos_weight", *_ge(0)), ("train.token_lr_scale", *_gt0()),
-    ("train.log_every", *_ge(1)), ("train.ckpt_every", *_ge(0)), ("train.sample_every", *_ge(0)),
+    ("train.log_every", *_ge(1)), ("train.ckpt_every", *_ge(1)), ("train.sample_every", *_ge(0)),
     ("train.grad_accum", *_ge(1)), ("train.val_every", *_ge(0)), ("train.val_examples", *_ge(1)),
     ("train.val_fid_n", *_ge(0)), ("train.val_features", *_choice(VAL_FEATURES)),
 ]

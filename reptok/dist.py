@@ -62,6 +62,19 @@ def group_timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("REPTOK_DIST_TIMEOUT", 7200)))
 
 
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group while the interpreter is fully alive: with ``sync`` every rank first
+    waits for the others (no rank tears its connections down while a peer still talks to it), then
+    the group is destroyed so gloo / NCCL join their threads and release the work they hold. A group
+    left to the interpreter's teardown can abort a finished run ("terminate called without an
+    active exception", SIGABRT: exit 1 under torchrun). A no-op without a group."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    if sync:
+        tdist.barrier()
+    _destroy()
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun (NCCL on GPUs, gloo on CPU).
 

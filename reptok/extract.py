@@ -9,7 +9,6 @@ rank encodes a contiguous shard and rank 0 assembles one result identical to a 1
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -35,15 +34,14 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def check_output(out: Path, overwrite: bool = False) -> None:
     """Before any work: ``out`` ends in .npy, its folder exists and is writable, and neither it
     nor a sidecar exists unless ``overwrite`` (a generator run may point at these tokens)."""
-    from .outputs import check_new_output
+    from .outputs import check_new_output, check_writable_parent
 
     out = Path(out)
     if out.suffix != ".npy":
         raise InputError(f"--out {out}: the tokens file must end in .npy")
     if not out.parent.exists():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"--out {out}: folder {out.parent} is not writable")
+    check_writable_parent(out)
     for p in sidecar_paths(out).values():
         check_new_output(p, overwrite)
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,16 +27,30 @@ from .errors import InputError
 
 MANIFEST = ".reptok-sample.json"
 MANIFEST_FORMAT = "reptok-sample/1"
+PROBE_PREFIX = ".reptok-probe-"
 
 
-def check_writable_parent(out: Path, option: str = "--out") -> None:
-    """The nearest existing folder above ``out`` must be a folder this user can write."""
+def check_writable_parent(out: Path, option: str = "--out", folder: bool = False) -> None:
+    """The nearest existing folder above ``out`` (or ``out`` itself if ``folder`` and it exists)
+    must be a folder where this user can create a file. Probed by creating (and removing) an empty
+    file: permission bits do not stop root, yet /proc, read-only mounts and full inode tables do."""
+    import tempfile
+
     out = Path(out)
-    probe = out.parent if str(out.parent) else Path(".")
+    probe = out if folder else (out.parent if str(out.parent) else Path("."))
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"{option} {out}: {probe} is not a writable folder")
+    before = probe.stat()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=PROBE_PREFIX)
+    except OSError as e:
+        raise InputError(f"{option} {out}: cannot create files in {probe} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
+    with contextlib.suppress(OSError):  # a refused command leaves the folder as it found it, mtime too
+        os.utime(probe, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def check_new_output(out: Path, overwrite: bool = False, option: str = "--out", folder: bool = False) -> None:
@@ -103,6 +118,12 @@ def _plain(v):
     return v
 
 
+def _transient(name: str) -> bool:
+    """A file another writer has in flight (io's atomic temp files, the writability probe): a shard
+    started at the same moment as another one must not take the folder for a foreign one."""
+    return name.startswith(PROBE_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def prepare_png_folder(out: Path, manifest: dict, overwrite: bool = False, write: bool = True) -> bool:
     """Check (and, with ``write``, create) a PNG folder for ``manifest`` before any sampling.
 
@@ -116,7 +137,7 @@ def prepare_png_folder(out: Path, manifest: dict, overwrite: bool = False, write
         raise InputError(f"--out {out}: exists and is not a folder")
     path = out / MANIFEST
     resume = False
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not _transient(p.name) for p in out.iterdir()):
         if overwrite:
             if write:
                 clear_folder(out)

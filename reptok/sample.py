@@ -17,7 +17,6 @@ Output kinds, by OUT:
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,16 +71,13 @@ def output_kind(out: Path) -> str:
 
 def check_output(out: Path) -> str:
     """Fail before any work if OUT cannot be written."""
+    from .outputs import check_writable_parent
+
     out = Path(out)
     kind = output_kind(out)
-    parent = out if kind == "folder" else out.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise InputError(f"--out {out}: {probe} is not a writable folder")
     if kind == "folder" and out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
+    check_writable_parent(out, folder=kind == "folder")
     return kind
 
 

@@ -89,9 +89,15 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from reptok.dist import shutdown
+
+        planned = False  # every rank reaches a command's own end (or its own exit, e.g. 143)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            planned = True
+            return result
         except (typer.Exit, typer.Abort, SystemExit):
+            planned = True
             raise
         except InputError as e:
             if os.environ.get("REPTOK_DEBUG"):
@@ -103,6 +109,8 @@ def handle_errors(fn):
             if os.environ.get("REPTOK_DEBUG"):
                 raise
             raise fail(f"{type(e).__name__}: {e} (set REPTOK_DEBUG=1 for the traceback)", 1) from None
+        finally:  # after an error a peer may never arrive: leave without waiting for it
+            shutdown(sync=planned)
 
     return wrapper
 

@@ -43,6 +43,16 @@ def _already_finished(out: Path, cfg, kind: str, resume: bool, json_out: bool) -
     return done is not None
 
 
+def _note_schedule(out: Path, cfg, resume: bool) -> None:
+    """--resume with another --steps on a schedule with a cool-down: one line saying what changes."""
+    from reptok.dist import env_info
+    from reptok.train.start import schedule_change
+
+    notice = schedule_change(out, cfg) if resume else None
+    if notice and env_info().is_main:
+        err.print(notice, highlight=False, soft_wrap=True)
+
+
 def _report_finished(done: dict, json_out: bool) -> None:
     if json_out:
         emit_json(done)
@@ -142,6 +152,7 @@ def recon(
                                encoder=encoder, encoder_weights=encoder_weights, vae=vae)
     if _already_finished(out, cfg, "tokenizer", resume, json_out):
         return
+    _note_schedule(out, cfg, resume)
     dev, info = init_ranks(dev)  # after validation: a bad option fails every rank before any collective
     from reptok.backends import set_tf32
 
@@ -216,6 +227,7 @@ def gen(
         cfg = gen_run_config(out, tokens, {**over, **sets}, preset=preset, resume=resume, init=init)
     if _already_finished(out, cfg, "generator", resume, json_out):
         return
+    _note_schedule(out, cfg, resume)
     dev, info = init_ranks(dev)  # after validation: a bad option fails every rank before any collective
     from reptok.backends import set_tf32
 

@@ -45,3 +45,15 @@ def test_lr_schedule_warmup_constant_cooldown():
     bad.train.cooldown = 1.5
     with pytest.raises(ConfigError, match="cooldown"):
         bad.validate()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.ckpt_every", 0, "train.ckpt_every=0"),      # fit() would divide by zero at step 1
+    ("train.log_every", 0, "train.log_every=0"),
+    ("train.grad_accum", 3, "not divisible by train.grad_accum=3"),  # batch 8: fit() refused it after loading
+])
+def test_values_that_fail_only_later_are_refused_up_front(key, value, match):
+    cfg = get_preset("tiny").replace(**{key: value, "train.batch_size": 8})
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate()
+    get_preset("tiny").replace(**{"train.ckpt_every": 1, "train.grad_accum": 4, "train.batch_size": 8}).validate()

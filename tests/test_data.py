@@ -315,3 +315,16 @@ def test_cli_prep_and_info_json(tmp_path):
     assert r.exit_code == 2 and "reptok data prep" in r.output
     r = runner.invoke(app, ["data", "prep", "builtin:shapes:3", "--out", str(out)])
     assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+def test_adm_center_crop_by_hand():
+    """64x48 -> 16: one BOX halving (48 >= 32) to 32x24, BICUBIC to round(32 * 16/24) = 21 x 16,
+    crop 2 columns off the left: the steps written out with PIL (catches another filter, a
+    missing halving, or an off-centre crop)."""
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    half = im.resize((32, 24), resample=Image.BOX)
+    want = np.asarray(half.resize((21, 16), resample=Image.BICUBIC))[:, 2:18]
+    got = center_crop_arr(im, 16)
+    assert got.shape == (16, 16, 3)
+    np.testing.assert_array_equal(got, want)

@@ -124,17 +124,17 @@ def test_reconstruct_uses_the_student_steps(dwork, tmp_path):
     assert a["mean_psnr"] == b["mean_psnr"] != c["mean_psnr"]
 
 
-def test_eval_recon_defaults_to_the_student_steps(dwork, monkeypatch):
+def test_eval_recon_defaults_to_the_student_steps(dwork, monkeypatch, tmp_path):
+    """(Writes only into tmp_path: the module's runs stay as built, so the test can run twice.)"""
     from reptok.io import save_tensors
     from reptok.shapes.judge import JudgeNet, judge_cache_path
 
-    cache = dwork / "cache"
-    if not judge_cache_path(cache).exists():  # a random judge: nothing trains
-        torch.manual_seed(0)
-        save_tensors(judge_cache_path(cache), JudgeNet().state_dict(), metadata={"heldout_accuracy": 0.0})
+    cache = tmp_path / "cache"
+    torch.manual_seed(0)  # a random judge: nothing trains
+    save_tensors(judge_cache_path(cache), JudgeNet().state_dict(), metadata={"heldout_accuracy": 0.0})
     monkeypatch.setenv("REPTOK_CACHE", str(cache))
     res = last_json(cli("eval", "recon", "--ckpt", dwork / "st", "--data", dwork / "data", "--limit", 8,
-                        "--features", "judge", "--out", dwork / "eval.json", "--json"))
+                        "--features", "judge", "--out", tmp_path / "eval.json", "--json"))
     assert res["decoder_steps"] == K and np.isfinite(res["psnr"])
 
 

@@ -231,3 +231,34 @@ def test_extract_two_ranks_equals_one_process(work, tmp_path):
     assert two["meta"]["count"] == 32
     np.testing.assert_allclose(two["meta"]["mean"], one["meta"]["mean"], atol=1e-6)
     assert not list(tmp_path.glob("*.rank*"))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_every_command_leaves_the_process_group(fails):
+    """A CLI command destroys its process group on the way out, after an error too (a group left
+    to the interpreter's teardown can abort a finished rank with SIGABRT: "terminate called
+    without an active exception"). One gloo rank in-process; the error path does not wait for peers."""
+    import typer
+
+    from reptok.errors import InputError
+    from reptok_cli.common import handle_errors
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    seen = []
+
+    @handle_errors
+    def command():
+        seen.append(tdist.is_initialized())
+        if fails:
+            raise InputError("bad input")
+
+    try:
+        if fails:
+            with pytest.raises(typer.Exit):
+                command()
+        else:
+            command()
+        assert seen == [True] and not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -182,3 +182,46 @@ def test_grid_goes_to_cuda_pinned_and_non_blocking(monkeypatch):
     monkeypatch.setattr(flow, "host_to_device", lambda x, d: seen.append((x.clone(), d)) or real(x, d))
     flow.solve(lambda x, t: torch.zeros_like(x), torch.zeros(2, 3), 4)
     assert len(seen) == 1 and torch.equal(seen[0][0], flow.time_grid(4))
+
+
+def test_loss_of_a_time_dependent_model_is_hand_computed():
+    """A model that reads both x_t and t: v = x_t + t. Its loss per sample is the mean over the
+    entries of (t x1 + (1 - t) x0 + t - (x1 - x0))^2, written out here by hand (catches t and
+    1 - t swapped, x0 and x1 swapped, or the target's sign)."""
+    x0 = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    x1 = torch.tensor([[3.0, 1.0], [-1.0, 2.0]])
+    t = torch.tensor([0.25, 0.75])
+    # sample 0, t = 0.25: x_t = (1.5, -1.25); v = (1.75, -1.0); target (2, 3); err (-0.25, -4)
+    # sample 1, t = 0.75: x_t = (-0.625, 1.5); v = (0.125, 2.25); target (-1.5, 2); err (1.625, 0.25)
+    want = torch.tensor([(0.0625 + 16.0) / 2, (2.640625 + 0.0625) / 2])
+    loss = flow.flow_matching_loss(lambda xt, tt: xt + tt.view(-1, 1), x1, x0, t)
+    torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("steps, interval, guided", [
+    (10, (0.2, 0.8), [2, 3, 4, 5, 6, 7, 8]),   # t = 0.8f is guided (float32 bounds, inclusive)
+    (10, (0.3, 0.9), [3, 4, 5, 6, 7, 8, 9]),   # 10-step grid: t_3 = 0.3f exactly, t_9 = 0.9f
+    (4, (0.0, 0.5), [0, 1, 2]),
+    (4, (0.6, 1.0), [3]),                      # steps start at 0, 0.25, 0.5, 0.75: only the last
+    (50, (0.3, 0.9), list(range(16, 46))),     # the official 30 guided steps of 50
+    (5, (0.0, 1.0), [0, 1, 2, 3, 4]),
+])
+def test_cfg_interval_guides_exactly_these_steps(steps, interval, guided):
+    """Which solver steps run the doubled (guided) batch, against fixed index lists (never against
+    in_interval itself): catches < for <=, float64 bounds, or the interval's ends swapped."""
+    rows = []
+
+    def model(x, t, c):
+        rows.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    fn = flow.guided_velocity(model, torch.ones(2), torch.zeros(2), 2.0, interval)
+    flow.solve(fn, torch.zeros(2, 1), steps)
+    assert [i for i, b in enumerate(rows) if b == 4] == guided
+
+
+def test_in_interval_compares_a_python_float_in_float32():
+    """0.2 as float32 is 0.2000000030: the bound 0.2 and the time 0.2 round alike (guided), which a
+    float64 time (0.2 < 0.2000000030) would miss; 0.2000001 is past 0.2 in either precision."""
+    assert flow.in_interval(0.2, (0.2, 0.8)) and flow.in_interval(0.8, (0.2, 0.8))
+    assert not flow.in_interval(0.19999, (0.2, 0.8)) and not flow.in_interval(0.8000001, (0.2, 0.8))

@@ -274,3 +274,20 @@ def test_default_batch_size_per_device():
 
     assert default_batch_size("cuda:1") == 64 and default_batch_size("cuda") == 64
     assert default_batch_size("cpu") == 16
+
+
+def test_index_noise_rows_depend_on_the_global_index():
+    """Row i of a shard's noise is keyed by the image's global index (seed, i, stream), written out
+    here with numpy's SeedSequence: shards and any batch size draw one job's noise (catches the
+    key taken from the position inside the shard or batch)."""
+    from reptok.pipeline import index_noise
+
+    def by_hand(seed, i, stream):
+        s = np.random.SeedSequence([seed, i, stream]).generate_state(2, np.uint64)[0]
+        return torch.randn(3, 2, generator=torch.Generator().manual_seed(int(s >> np.uint64(1))))
+
+    shard = index_noise(4, [5, 7], (3, 2), 1)
+    for row, i in zip(shard, [5, 7]):
+        assert torch.equal(row, by_hand(4, i, 1))
+    assert torch.equal(index_noise(4, [7], (3, 2), 1)[0], shard[1])
+    assert not torch.equal(index_noise(4, [5], (3, 2), 0)[0], shard[0])  # streams differ

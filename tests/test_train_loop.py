@@ -295,3 +295,130 @@ def test_compile_trains_and_resumes_like_eager(work, tmp_path):
     from test_distributed import assert_same_weights
 
     assert_same_weights(tmp_path / "eager", tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- the loop on a toy task
+class ToyTask(torch.nn.Module):
+    """loss = w . g_s for the step's fixed vector g_s (so the gradient of step s is g_s, norms
+    known by hand); ``fail_at`` raises inside step ``fail_at`` (a crash between checkpoints)."""
+
+    def __init__(self, grads, fail_at=None):
+        super().__init__()
+        self.net = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.net.weight.zero_()
+        self.grads, self.fail_at, self.calls = torch.tensor(grads, dtype=torch.float32), fail_at, 0
+
+    def saved_modules(self):
+        return {"net": self.net}
+
+    def num_examples(self):
+        return 4
+
+    def load_examples(self, indices):
+        return {"i": indices.float()}
+
+    def draw_noise(self, batch_size, g):
+        return {"z": torch.zeros(batch_size)}
+
+    def forward(self, batch, noise):
+        step = self.calls
+        self.calls += 1
+        if step == self.fail_at:
+            raise RuntimeError("crash")
+        return (self.net.weight[0] * self.grads[step % len(self.grads)]).sum(), {}
+
+
+def toy_fit(run, task, start=0, **cfg):
+    from reptok.config import TrainConfig
+    from reptok.train.loop import fit
+
+    task.calls = start
+    return fit(task, run, TrainConfig(**{"batch_size": 4, "lr": 0.1, "log_every": 1, "ema": 0.5, **cfg}),
+               progress=False, tensorboard=False, resume=start > 0)
+
+
+def adamw_by_hand(grads, lr, clip, betas=(0.9, 0.999), eps=1e-8):
+    """Plain AdamW (weight decay 0) on the clipped gradients, written out: the reference."""
+    w, m, v = np.zeros(2), np.zeros(2), np.zeros(2)
+    for k, g in enumerate(np.asarray(grads, dtype=np.float64), 1):
+        n = np.linalg.norm(g)
+        g = g * min(1.0, clip / (n + 1e-6)) if clip > 0 else g
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        w = w - lr * (m / (1 - betas[0] ** k)) / (np.sqrt(v / (1 - betas[1] ** k)) + eps)
+    return w
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_gradient_clipping_clips_the_global_norm(tmp_path, clip):
+    """Gradients of norm 10 then 0.5: clipped to norm 1 (or not, clip 0) they give hand-computed
+    AdamW weights (catches clipping dropped, applied after the step, or a wrong max norm); the
+    logged grad_norm is the norm before clipping."""
+    grads = [[6.0, 8.0], [0.3, -0.4], [0.0, 0.5]]
+    toy_fit(tmp_path, ToyTask(grads), steps=3, grad_clip=clip, ckpt_every=3)
+    w = load_file(str(tmp_path / "model.safetensors"))["net.weight"][0].double().numpy()
+    np.testing.assert_allclose(w, adamw_by_hand(grads, 0.1, clip), rtol=1e-5, atol=1e-7)
+    want_norms = [10.0, 0.5, 0.5] if clip else [0.0, 0.0, 0.0]  # 0 = not computed without clipping
+    assert [r["grad_norm"] for r in metrics(tmp_path)] == pytest.approx(want_norms, rel=1e-5)
+
+
+def test_resume_after_a_crash_keeps_one_metrics_row_per_step(tmp_path):
+    """Rows 1-3 logged, checkpoint at 2, crash in step 4; --resume from 2 to 5: exactly one row
+    per step (catches the log not being cut back to the checkpoint on resume)."""
+    grads = [[1.0, 0.0]]
+    with pytest.raises(RuntimeError, match="crash"):
+        toy_fit(tmp_path, ToyTask(grads, fail_at=3), steps=5, ckpt_every=2)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    toy_fit(tmp_path, ToyTask(grads), start=2, steps=5, ckpt_every=2)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_ema_follows_the_weights_by_hand(tmp_path):
+    """EMA decay 0.75 over 2 steps from 0: e1 = 0.25 w1, e2 = 0.75 e1 + 0.25 w2 (catches the EMA
+    updated before the step, decay and complement swapped, or the raw weights saved as EMA)."""
+    grads = [[1.0, 0.0], [0.0, 1.0]]
+    toy_fit(tmp_path, ToyTask(grads), steps=2, grad_clip=0.0, ckpt_every=2, ema=0.75)
+    w1, w2 = adamw_by_hand(grads[:1], 0.1, 0.0), adamw_by_hand(grads, 0.1, 0.0)
+    want = 0.75 * (0.25 * w1) + 0.25 * w2
+    ema = load_file(str(tmp_path / "ema.safetensors"))["net.weight"][0].double().numpy()
+    np.testing.assert_allclose(ema, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight, want", [(0.0, 4.0), (0.5, 4.25), (2.0, 5.0)])
+def test_recon_loss_weighs_the_cosine_anchor(weight, want):
+    """Stage a's loss = flow loss + cos_weight * mean(1 - cos(z, z_frozen)): a decoder that
+    predicts 0 for x1 - x0 = 2 gives flow loss 4; z, z_frozen with cosines 0 and 1 give an anchor of
+    0.5 (catches the weight dropped or applied to the flow term)."""
+    from types import SimpleNamespace
+
+    from reptok.train.recon import ReconTask
+
+    x1 = torch.full((2, 1, 2, 2), 2.0)
+    task = SimpleNamespace(
+        cos_weight=weight, freeze_token=False,
+        latent=SimpleNamespace(encode_moments=lambda im: torch.zeros(2, 2, 1, 2, 2),
+                               latents_from_moments=lambda m, noise: x1),
+        encoder=SimpleNamespace(forward_pair=lambda im: (torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+                                                         torch.tensor([[0.0, 1.0], [2.0, 2.0]]))),
+        decoder=lambda xt, t, z: torch.zeros_like(xt))
+    noise = {"x0": torch.zeros(2, 1, 2, 2), "eps": torch.zeros(2, 1, 2, 2), "t": torch.tensor([0.3, 0.6])}
+    loss, parts = ReconTask.forward(task, {"image": torch.zeros(2, 3, 4, 4)}, noise)
+    assert float(parts["rf"]) == pytest.approx(4.0) and float(parts["cos"]) == pytest.approx(0.5)
+    assert float(loss) == pytest.approx(want)
+
+
+def test_resume_with_other_steps_on_a_cooldown_says_what_changes(work, tmp_path):
+    """A 4-step run with cool-down 0.5 resumed with --steps 8: one notice line (cool-down 4-8,
+    was 2-4; the lr of step 5 goes from 0 to 1e-3, hand-computed), and the run goes on with it;
+    the same --steps says nothing."""
+    common = ["--tokens", work / "tokens.npy", "--preset", "tiny", "--batch-size", 8, "--ckpt-every", 100,
+              "--set", "train.cooldown=0.5", "--set", "train.log_every=1", "--json"]
+    cli("train", "gen", "--out", tmp_path, "--steps", 4, *common)
+    res = cli("train", "gen", "--out", tmp_path, "--steps", 8, "--resume", *common)
+    notes = [x for x in res.stderr.splitlines() if x.startswith("note:")]
+    assert notes == ["note: --steps 8 changes the lr schedule of this 4-step run: cool-down steps 4-8 (was 2-4); "
+                     "lr at step 5: 0.001 (was 0)"], res.stderr
+    assert [r["lr"] for r in metrics(tmp_path)][3:5] == pytest.approx([0.0005, 0.001])
+    res = cli("train", "gen", "--out", tmp_path, "--steps", 8, "--resume", *common)  # finished: nothing to say
+    assert "note:" not in res.stderr

@@ -250,6 +250,32 @@ class _StopRequest:
         return False
 
 
+@contextlib.contextmanager
+def _workers_ignore_preemption():
+    """Loader workers started in here inherit a signal mask that blocks SIGTERM / SIGUSR1. SLURM's
+    preemption and ``scancel`` signal the whole process group: a worker killed by SIGTERM makes the
+    next batch raise ("DataLoader worker ... is killed by signal") before the main process can
+    checkpoint. The main process alone handles the signal; the workers end when the loader does."""
+    import threading
+
+    sigs = {getattr(signal, n) for n in PREEMPT_SIGNALS if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:  # a signal that came meanwhile is delivered to the main process now
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _wait_for_the_save(info: DistInfo) -> None:
+    """After a stop request every rank waits until rank 0's checkpoint is complete: a rank that
+    exits first makes torchrun SIGTERM, then SIGKILL rank 0 in the middle of the write."""
+    if info.enabled:
+        tdist.barrier()
+
+
 def _agree_to_stop(stop: _StopRequest, info: DistInfo, device: str) -> Optional[int]:
     """The signal number if any rank was asked to stop (every rank gets the same answer)."""
     if not info.enabled:
@@ -317,7 +343,8 @@ def fit(
     if workers is None:
         workers = default_workers() if getattr(task, "reads_files", False) else 0
     source = task.example_source() if hasattr(task, "example_source") else task.load_examples
-    loader = iter(step_loader(source, order, cfg, info, start, workers, pin=dev_type == "cuda"))
+    with _workers_ignore_preemption():
+        loader = iter(step_loader(source, order, cfg, info, start, workers, pin=dev_type == "cuda"))
     pin = dev_type == "cuda"
     summary = {"start_step": start, "steps": cfg.steps, "last_loss": None, "workers": workers}
     log = TrainLogger(run, enabled=info.is_main, start=start, total=cfg.steps, progress=progress,
@@ -412,6 +439,7 @@ def fit(
                         save_checkpoint(run, task, ema, opt, done, state)
                     last_saved = done
                 if signum:
+                    _wait_for_the_save(info)
                     name = signal.Signals(signum).name
                     log.message(f"{name}: stopped after step {done}, checkpoint written to {run}; "
                                 f"continue with --resume")

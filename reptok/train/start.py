@@ -23,16 +23,12 @@ def has_checkpoint(out: Path) -> bool:
 def check_out(out: Path, resume: bool) -> None:
     """``--out`` checked before any work: a folder (or a path that can become one) that this
     user can write; with ``resume`` a run with a checkpoint, without it no run yet."""
-    import os
+    from ..outputs import check_writable_parent
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {probe} is not a writable folder")
+    check_writable_parent(out, folder=True)
     if resume and not (out / rundir.TRAIN_STATE).exists():
         raise InputError(f"{out}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
     if not resume and has_checkpoint(out):
@@ -81,6 +77,25 @@ def finished_summary(out: Path, cfg: PipelineConfig, kind: str) -> Optional[dict
         return None
     return {"run": str(out), "finished": True, "step": step, "steps": cfg.train.steps,
             "last_loss": last_loss(out), "trained_steps": 0}
+
+
+def schedule_change(out: Path, cfg: PipelineConfig) -> Optional[str]:
+    """``--resume`` with another ``--steps`` than the run's config.json: the one-line notice of what
+    changes (None when nothing does). The lr cool-down (``train.cooldown`` > 0) is a fraction of the
+    step count, so the run continues on another schedule: the notice names the old and new cool-down
+    and the lr at the next step. Without a cool-down the schedule does not depend on the steps."""
+    from .loop import _lr_at
+
+    old = rundir.read_run_config(Path(out))["config"].train
+    new, step = cfg.train, checkpoint_step(out) or 0
+    if new.steps == old.steps or (old.cooldown == 0 and new.cooldown == 0):
+        return None
+
+    def span(t) -> str:
+        return f"{round(t.steps * (1 - t.cooldown))}-{t.steps}" if t.cooldown > 0 else "none"
+
+    return (f"note: --steps {new.steps} changes the lr schedule of this {old.steps}-step run: cool-down steps "
+            f"{span(new)} (was {span(old)}); lr at step {step + 1}: {_lr_at(new, step):.3g} (was {_lr_at(old, step):.3g})")
 
 
 class fresh_run_guard:
