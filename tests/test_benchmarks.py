@@ -109,7 +109,8 @@ def test_python_benchmark_smallest_mode(script, args, want, request, tmp_path, m
 def test_every_benchmark_script_is_covered():
     """Catches: a new script under benchmarks/ without a smallest mode in the suite."""
     covered = {s[0] for s in PY_SCRIPTS} | {"gpu_check.sh", "gpu_summary.py", "bench_ddp.py",
-                                            "sample_backends.py"}
+                                            "sample_backends.py",
+                                            "mutations.py"}  # its --check mode: tests/test_mutations.py
     assert {p.name for p in BENCH.iterdir() if p.suffix in (".py", ".sh")} == covered
 
 
