@@ -65,7 +65,7 @@ def bench(
     if json_out:
         emit_json(report)
         return
-    print_table(report)
+    print_table(report, log)
 
 
 def _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, json_out, log) -> None:
@@ -92,10 +92,10 @@ def _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, jso
                   f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "no MFU")
     Console().print(t)
     for n in report["notes"]:
-        err.print(f"[yellow]note:[/] {n}", highlight=False)
+        log(f"note: {n}")
 
 
-def print_table(report: dict) -> None:
+def print_table(report: dict, log=lambda m: err.print(m, highlight=False)) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -112,8 +112,8 @@ def print_table(report: dict) -> None:
                   f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "no MFU", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
                   f"{r['max_abs_err']:.1e}" if r["max_abs_err"] is not None else "", r["note"])
     Console().print(t)
-    for n in report["notes"]:
-        err.print(f"[yellow]note:[/] {n}", highlight=False)
+    for n in report["notes"]:  # -q: log is silent
+        log(f"note: {n}")
 
 
 def _split_engines(folders):

@@ -113,7 +113,7 @@ class TrainLogger:
                 print(line, file=sys.stderr, flush=True)
             return
         rate = rec.get("images_per_s", 0.0)
-        util = "" if self.flops is None else "  " + flops.describe(rec, self.device_name, self.peak)
+        util = "" if self.flops is None else ", " + self._utilisation(rec)
         if self.bar is not None:
             self.bar.update(self.bar_task, info=f"{losses}  {rate:.1f} img/s{util}")
         elif self.plain:
@@ -122,6 +122,14 @@ class TrainLogger:
             eta = elapsed / max(done, 1) * (self.total - step)
             print(f"train step {step}/{self.total} {losses} lr {rec.get('lr', 0):.3g} "
                   f"{rate:.1f} img/s{util} eta {_fmt_eta(eta)}", file=sys.stderr, flush=True)
+
+    def _utilisation(self, rec: dict) -> str:
+        """TFLOP/s and MFU; without a known peak the reason ("no MFU (unknown device: CPU)") is
+        said on the first line only, later lines carry just the TFLOP/s."""
+        if self.peak is None and getattr(self, "_said_no_mfu", False):
+            return f"{rec['tflops']:.3g} TFLOP/s"
+        self._said_no_mfu = True
+        return flops.describe(rec, self.device_name, self.peak)
 
     def advance(self, done: int) -> None:
         if self.bar is not None:
