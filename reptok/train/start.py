@@ -237,6 +237,7 @@ def recon_run_config(out: Path, overrides: dict, *, preset: str = "small", confi
     the ``init`` run's models with the training settings of ``preset`` / ``config``, or
     ``preset`` / ``config`` with ``encoder`` / ``vae`` swapped in; then the dotted ``overrides``."""
     from ..config import with_encoder, with_vae
+    from ..models.encoder import vit_width
     from ..run import resolve_config
 
     check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
@@ -246,5 +247,7 @@ def recon_run_config(out: Path, overrides: dict, *, preset: str = "small", confi
     if init is not None:
         cfg = init_config(init, resolve_config(preset=preset, config=config))
     else:
-        cfg = with_vae(with_encoder(resolve_config(preset=preset, config=config), encoder, encoder_weights), vae)
+        cfg = resolve_config(preset=preset, config=config)
+        dim = vit_width(encoder) if encoder is not None and encoder != cfg.encoder.model else None
+        cfg = with_vae(with_encoder(cfg, encoder, encoder_weights, dim), vae)
     return cfg.replace(**{k: v for k, v in overrides.items() if v is not None}).validate()
