@@ -2,6 +2,7 @@
 (code blocks and inline code) names a real command and only options that command declares, and
 every command they name answers ``--help``."""
 
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -24,9 +25,23 @@ def command_lines(text: str) -> list:
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"^.*?-m reptok_cli\b", "reptok", line.strip().lstrip("$ "))
             out.extend(m.group(0) for m in re.finditer(r"(?<![\w/.-])reptok( [^|;&#]*)?", line))
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    out.extend(re.findall(r"`(reptok(?: [^`]*)?)`", prose))
+    for span in inline_spans(text):
+        span = re.sub(r"^.*?-m reptok_cli\b", "reptok", span)
+        if re.match(r"reptok( |$)", span):
+            out.append(span)
     return out
+
+
+def inline_spans(text: str) -> list:
+    """The inline code spans outside code blocks, a line break inside one read as a space."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    return [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
+
+
+# Bare options the docs name that belong to other tools (torchrun, sbatch, the benchmark scripts)
+# or that the docs name to say they do not exist.
+OTHER_TOOLS = {"--nproc-per-node", "--max-restarts", "--signal", "--repeat", "--quick", "--list", "--cache",
+               "--deterministic"}
 
 
 def _tokens(line: str) -> list:
@@ -36,9 +51,15 @@ def _tokens(line: str) -> list:
         return line.split()
 
 
+@functools.lru_cache(maxsize=None)
+def tree():
+    """The CLI's click command tree (built once: typer builds a new one per call)."""
+    return typer.main.get_command(app)
+
+
 def resolve(line: str):
     """(command path, click command, option names used) of one ``reptok ...`` line."""
-    cmd, path = typer.main.get_command(app), ["reptok"]
+    cmd, path = tree(), ["reptok"]
     words = _tokens(line)[1:]
     while words and words[0] in getattr(cmd, "commands", {}):
         path.append(words[0])
@@ -58,11 +79,11 @@ CASES = [(doc.name, line) for doc in DOCS for line in command_lines(doc.read_tex
 
 
 def test_the_parser_finds_what_a_reader_sees():
-    text = ("Run `reptok sample --ckpt runs/gen -q` or\n```bash\n$ reptok train recon --data d \\\n  --preset tiny"
+    text = ("Run `reptok sample --ckpt runs/gen -q` or `torchrun ... -m\nreptok_cli extract --data d` or\n```bash\n$ reptok train recon --data d \\\n  --preset tiny"
             "  # comment\ntorchrun --nproc-per-node 8 -m reptok_cli bench --steps 2 | tee x\n```\n")
     lines = command_lines(text)
     assert lines == ["reptok train recon --data d    --preset tiny  ", "reptok bench --steps 2 ",
-                     "reptok sample --ckpt runs/gen -q"]
+                     "reptok sample --ckpt runs/gen -q", "reptok extract --data d"]
     assert resolve(lines[0])[0] == "reptok train recon" and resolve(lines[0])[2] == ["--data", "--preset"]
     assert "--no-cuda-graphs" in declared(resolve("reptok sample")[1])  # a flag's off switch counts
 
@@ -72,6 +93,19 @@ def test_documented_options_exist(doc, line):
     path, cmd, opts = resolve(line)
     unknown = [o for o in opts if o not in declared(cmd)]
     assert not unknown, f"{doc}: `{line.strip()}`: {path} has no {', '.join(unknown)}"
+
+
+def test_options_named_in_prose_exist():
+    """A bare option in inline code (`--weights-dtype`, `--hflip/--no-hflip`) is some command's."""
+    def commands(cmd):
+        return [c for sub in cmd.commands.values() for c in commands(sub)] if hasattr(cmd, "commands") else [cmd]
+
+    known = set().union(*(declared(c) for c in commands(tree()))) | OTHER_TOOLS
+    for doc in DOCS:
+        for span in inline_spans(doc.read_text()):
+            if span.startswith("-"):
+                unknown = [o for o in re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", span) if o not in known]
+                assert not unknown, f"{doc.name}: `{span}` names {unknown}, which no reptok command has"
 
 
 @pytest.mark.parametrize("path", sorted({resolve(line)[0] for _, line in CASES}))

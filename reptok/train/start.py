@@ -10,6 +10,7 @@ from torch import nn
 from .. import run as rundir
 from ..config import PipelineConfig
 from ..errors import InputError
+from ..presets import DEFAULT_PRESET
 from ..dist import DistInfo, barrier
 
 
@@ -230,7 +231,7 @@ def check_init(init: Optional[Path], resume: bool, **model_options) -> None:
         raise InputError(f"--init takes the models from {init}; drop {given[0]} (use --set for config keys)")
 
 
-def recon_run_config(out: Path, overrides: dict, *, preset: str = "small", config: Optional[Path] = None,
+def recon_run_config(out: Path, overrides: dict, *, preset: str = DEFAULT_PRESET, config: Optional[Path] = None,
                      resume: bool = False, init: Optional[Path] = None, encoder: Optional[str] = None,
                      encoder_weights: Optional[str] = None, vae: Optional[str] = None) -> PipelineConfig:
     """The config ``train recon`` runs with, checked before any work: the run's own (``resume``),
