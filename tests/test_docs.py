@@ -112,3 +112,13 @@ def test_options_named_in_prose_exist():
 def test_every_documented_command_answers_help(path):
     res = runner.invoke(app, path.split()[1:] + ["--help"])
     assert res.exit_code == 0 and "Usage" in res.output, res.output
+
+
+def test_info_and_train_agree_on_the_default_preset():
+    import json
+
+    recon = tree().commands["train"].commands["recon"]
+    train_default = next(p.default for p in recon.params if p.name == "preset")
+    res = runner.invoke(app, ["info", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["preset"] == train_default == "small"
