@@ -33,7 +33,6 @@ class ConfigError(InputError):
         self.key, self.value, self.allowed = key, value, allowed
 
 
-
 # ----------------------------------------------------------------------------- rules beside the fields
 Rule = Tuple[Callable[[Any], bool], str]  # (predicate, what is allowed)
 VAL_FEATURES = ("auto", "judge", "inception", "none")  # reptok.train.validate

@@ -105,3 +105,14 @@ def test_with_encoder_takes_the_width_from_the_models_layer():
     cfg = with_encoder(get_preset("tiny"), "vit_small_patch16_224", dim=384)
     assert (cfg.encoder.dim, cfg.decoder.token_dim, cfg.generator.token_dim, cfg.encoder.img_size) == (384, 384, 384, 224)
     assert cfg.encoder.overrides == {} and cfg.encoder.weights == "hub"  # tiny's "random" becomes the hub weights
+
+
+def test_train_recon_encoder_swap_measures_the_new_vit(tmp_path):
+    from reptok.train.start import recon_run_config
+
+    cfg = recon_run_config(tmp_path / "run", {}, preset="tiny", encoder="vit_small_patch16_224")
+    assert (cfg.encoder.model, cfg.encoder.dim, cfg.decoder.token_dim) == ("vit_small_patch16_224", 384, 384)
+    same = recon_run_config(tmp_path / "run", {}, preset="tiny", encoder=get_preset("tiny").encoder.model)
+    assert same.encoder == get_preset("tiny").encoder  # the preset's own ViT: its overrides are kept
+    with pytest.raises(ConfigError, match="--encoder 'vit_nonsense': not a timm model"):
+        recon_run_config(tmp_path / "run", {}, preset="tiny", encoder="vit_nonsense")
