@@ -234,7 +234,7 @@ class PipelineConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        return _to_jsonable(dataclasses.asdict(self))
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as in config.json
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
@@ -434,12 +434,7 @@ def coerce(dotted: str, value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- rules
 def _get(cfg: "PipelineConfig", dotted: str) -> Any:
-    cur: Any = cfg
-    for p in dotted.split("."):
-        if cur is None:
-            return None
-        cur = getattr(cur, p)
-    return cur
+    return functools.reduce(lambda part, name: None if part is None else getattr(part, name), dotted.split("."), cfg)
 
 
 def rules(cls=None, prefix: str = "") -> "list[tuple[str, Rule]]":
@@ -471,14 +466,6 @@ def _show(v: Any) -> str:
     if isinstance(v, (tuple, list)):
         return ",".join(str(x) for x in v)
     return repr(v) if isinstance(v, str) else str(v)
-
-
-def _to_jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_jsonable(v) for v in x]
-    return x
 
 
 def _from_dict(cls, d: Any, where: str, prefix: str):
