@@ -303,7 +303,7 @@ def _upgrade_legacy(d: Any) -> Any:
 
 # ----------------------------------------------------------------------------- walking the fields
 @functools.lru_cache(maxsize=None)
-def _fields(cls) -> "list[tuple[dataclasses.Field, Any, bool]]":
+def _fields(cls) -> "tuple[tuple[dataclasses.Field, Any, bool], ...]":
     """(field, base type, optional) of a config dataclass; types from ``typing.get_type_hints``
     (this module's annotations are postponed strings), ``Optional[X]`` unwrapped to X."""
     hints = typing.get_type_hints(cls)
@@ -313,7 +313,7 @@ def _fields(cls) -> "list[tuple[dataclasses.Field, Any, bool]]":
         optional = typing.get_origin(t) is typing.Union and type(None) in args
         base = next(a for a in args if a is not type(None)) if optional else t
         out.append((f, base, optional))
-    return out
+    return tuple(out)  # cached: shared by every caller
 
 
 def _lookup(dotted: str) -> Optional[tuple]:
