@@ -59,7 +59,8 @@ def bench(
     log = (lambda m: None) if quiet else (lambda m: err.print(m, highlight=False))
     if train is not None:
         return _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, json_out, log)
-    report = run_bench(ckpt=ckpt, preset=preset, backends=backend, batch_sizes=batch_sizes, steps=steps, decoder_steps=decoder_steps,
+    report = run_bench(ckpt=ckpt, preset=preset, backends=backend, batch_sizes=batch_sizes, steps=steps,
+                       decoder_steps=decoder_steps,
                        warmup=warmup, iters=iters, compile=compile_, cuda_graphs=cuda_graphs,
                        device=parse_device(device), precision=precision, onnx_dir=onnx_dir, trt_dir=trt_dir,
                        stages=stage_list, threads=threads, log=log)
