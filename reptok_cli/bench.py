@@ -67,7 +67,7 @@ def bench(
     if json_out:
         emit_json(report)
         return
-    print_table(report)
+    print_table(report, notes=not quiet)
 
 
 def _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, json_out, log) -> None:
@@ -94,10 +94,10 @@ def _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, jso
                   f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "no MFU")
     Console().print(t)
     for n in report["notes"]:
-        err.print(f"[yellow]note:[/] {n}", highlight=False)
+        log(f"[yellow]note:[/] {n}")  # -q: the table alone
 
 
-def print_table(report: dict) -> None:
+def print_table(report: dict, notes: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -114,7 +114,7 @@ def print_table(report: dict) -> None:
                   f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "no MFU", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
                   f"{r['max_abs_err']:.1e}" if r["max_abs_err"] is not None else "", r["note"])
     Console().print(t)
-    for n in report["notes"]:
+    for n in report["notes"] if notes else ():
         err.print(f"[yellow]note:[/] {n}", highlight=False)
 
 
