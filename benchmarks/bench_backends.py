@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset")
     ap.add_argument("--backend", default="torch,onnx")
     ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--steps", type=int)
+    ap.add_argument("--steps", type=int, help="Generator steps (default: the run's).")
+    ap.add_argument("--decoder-steps", type=int, help="Decoder steps (default: the run's).")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     from reptok_cli.common import parse_device
 
     report = run_bench(ckpt=args.ckpt, preset=args.preset or (None if args.ckpt else "small"), backends=args.backend,
-                       batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup, iters=args.iters,
+                       batch_sizes=args.batch_sizes, steps=args.steps,
+                       decoder_steps=args.decoder_steps, warmup=args.warmup, iters=args.iters,
                        compile=args.compile, cuda_graphs=args.cuda_graphs, device=parse_device(args.device),
                        precision=args.precision, log=lambda m: print(m, file=sys.stderr))
     print_table(report)

@@ -443,7 +443,7 @@ def export_onnx(
     text runs also text_encoder / text_dim / text_len), and library versions.
     """
     if dtype not in DTYPES:
-        raise InputError(f"--precision {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"--weights-dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if not 13 <= opset <= 20:
         raise InputError(f"--opset {opset}: use 13-20 (17 recommended: LayerNormalization)")
     comps = parse_components(components)

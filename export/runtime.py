@@ -542,7 +542,7 @@ def load_runtime_pipeline(ckpt, engine_dir, backend: str = "onnx", device: str =
 def read_sidecar(engine_dir: Path) -> dict:
     path = Path(engine_dir) / SIDECAR
     if not path.is_file():
-        raise InputError(f"{engine_dir}: no {SIDECAR}; build TensorRT engines with 'reptok export trt --engine DIR --out DIR'")
+        raise InputError(f"{engine_dir}: no {SIDECAR}; build TensorRT engines with 'reptok export trt --onnx DIR --out DIR'")
     return json.loads(path.read_text())
 
 

@@ -113,11 +113,11 @@ def build_engines(
     trt = require_trt()
     log = log or (lambda msg: None)
     if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise InputError(f"--trt-precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise InputError(f"batch profile must satisfy 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max ({max_batch})")
     if precision == "bf16" and not hasattr(trt.BuilderFlag, "BF16"):
-        raise InputError(f"--precision bf16 needs TensorRT >= 9 (this is {trt.__version__})")
+        raise InputError(f"--trt-precision bf16 needs TensorRT >= 9 (this is {trt.__version__})")
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir)
     if manifest.get("dtype") != "fp32":

@@ -9,7 +9,7 @@ backends are timed in alternation, so background load skews none of them in part
 - ``decoder``: one decoder NFE on B images;
 - ``vae``: one VAE decode of B latents (skipped in pixel space);
 - ``end_to_end``: ``Pipeline.sample`` of B images (generator steps with CFG, decoder steps,
-  VAE), the run's default steps unless ``steps`` shortens both.
+  VAE), the run's default steps unless ``steps`` (generator) / ``decoder_steps`` say otherwise.
 
 images/s = B / median latency; each row also has the min and max latency of its ``iters``
 timed calls (``latency_min_ms`` / ``latency_max_ms``). ``max_abs_err`` compares each backend's NFE output with torch eager
@@ -206,6 +206,7 @@ def run_bench(
     backends: Sequence[str] = ("torch",),
     batch_sizes: Sequence[int] = (1, 8),
     steps: Optional[int] = None,
+    decoder_steps: Optional[int] = None,
     warmup: int = 2,
     iters: int = 5,
     compile: bool = False,
@@ -229,6 +230,9 @@ def run_bench(
         raise InputError("pass exactly one of --ckpt RUN or --preset NAME")
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    for flag, n in (("--steps", steps), ("--decoder-steps", decoder_steps)):
+        if n is not None and n < 1:
+            raise InputError(f"{flag} {n}: must be >= 1")
     if warmup < 0 or iters < 1:
         raise InputError("--warmup must be >= 0 and --iters >= 1")
     if preset is not None and (onnx_dir or trt_dir):
@@ -239,13 +243,13 @@ def run_bench(
     if threads is not None:  # torch intra-op threads; ORT sessions take the same count
         torch.set_num_threads(int(threads))
     try:
-        return _run_bench(ckpt, preset, backends, batch_sizes, steps, warmup, iters, compile, cuda_graphs, device,
-                          precision, onnx_dir, trt_dir, stages, seed, log)
+        return _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup, iters, compile,
+                          cuda_graphs, device, precision, onnx_dir, trt_dir, stages, seed, log)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_bench(ckpt, preset, backends, batch_sizes, steps, warmup, iters, compile, cuda_graphs, device,
+def _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup, iters, compile, cuda_graphs, device,
                precision, onnx_dir, trt_dir, stages, seed, log) -> dict:
     from export.runtime import fast_variant
 
@@ -277,8 +281,8 @@ def _run_bench(ckpt, preset, backends, batch_sizes, steps, warmup, iters, compil
     elif getattr(ref, "is_text", False):
         stages = [s for s in stages if s not in ("generator", "end_to_end")]
         notes.append("text-conditioned generator: generator and end_to_end stages skipped (class-conditional only)")
-    k = steps or None
-    e2e_steps = {"steps": k or cfg.sampling.steps, "decoder_steps": k or cfg.sampling.decoder_steps}
+    e2e_steps = {"steps": cfg.sampling.steps if steps is None else steps,
+                 "decoder_steps": cfg.sampling.decoder_steps if decoder_steps is None else decoder_steps}
 
     tmp = contextlib.ExitStack()
     pipelines: List[tuple] = []  # (label, pipeline, precision label, provider)

@@ -22,6 +22,7 @@ from .config import (
 )
 
 _PRESETS: Dict[str, Callable[[], PipelineConfig]] = {}
+DEFAULT_PRESET = "small"  # what train recon / train gen / quickstart / info use without --preset
 
 
 def register(name: str):

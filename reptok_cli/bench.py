@@ -29,7 +29,8 @@ def bench(
     backend: str = typer.Option("torch", "--backend", help="Comma list of torch, onnx, trt.", rich_help_panel=W),
     batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma list, e.g. 1,8,64.", rich_help_panel=W),
     stages: str = typer.Option("generator,decoder,vae,end_to_end", "--stages", help="Subset of the stages.", rich_help_panel=W),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="End-to-end steps for both stages (default: the run's).", rich_help_panel=W),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="End-to-end generator steps (default: the run's).", rich_help_panel=W),
+    decoder_steps: Optional[int] = typer.Option(None, "--decoder-steps", min=1, help="End-to-end decoder steps (default: the run's).", rich_help_panel=W),
     train: Optional[str] = typer.Option(
         None, "--train", help="Time training instead (recon, gen or both, with --preset): the model alone on one synthetic "
         "batch vs loader-fed, --iters steps at the first --batch-sizes entry, with TFLOP/s and MFU.", rich_help_panel=W),
@@ -39,7 +40,7 @@ def bench(
     compile_: bool = typer.Option(False, "--compile", help="Add torch.compile rows.", rich_help_panel=H),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Add CUDA-graph rows (torch, CUDA only).", rich_help_panel=H),
     device: str = device_option(H),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16: torch autocast, ONNX dtype, TensorRT flags.", rich_help_panel=H),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16: the numeric format of compute (torch autocast, ONNX graph dtype, TensorRT builder precision).", rich_help_panel=H),
     engine: Optional[List[Path]] = typer.Option(
         None, "--engine", help="Reuse an export of --ckpt: an ONNX folder and/or a TensorRT folder (repeatable; "
         "the kind is read from the folder).", rich_help_panel=H),
@@ -59,13 +60,14 @@ def bench(
     if train is not None:
         return _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, json_out, log)
     report = run_bench(ckpt=ckpt, preset=preset, backends=backend, batch_sizes=batch_sizes, steps=steps,
+                       decoder_steps=decoder_steps,
                        warmup=warmup, iters=iters, compile=compile_, cuda_graphs=cuda_graphs,
                        device=parse_device(device), precision=precision, onnx_dir=onnx_dir, trt_dir=trt_dir,
                        stages=stage_list, threads=threads, log=log)
     if json_out:
         emit_json(report)
         return
-    print_table(report, log)
+    print_table(report, notes=not quiet)
 
 
 def _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, json_out, log) -> None:
@@ -92,10 +94,10 @@ def _train_bench(train, preset, ckpt, batch_sizes, iters, device, precision, jso
                   f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "no MFU")
     Console().print(t)
     for n in report["notes"]:
-        log(f"note: {n}")
+        log(f"[yellow]note:[/] {n}")  # -q: the table alone
 
 
-def print_table(report: dict, log=lambda m: err.print(m, highlight=False)) -> None:
+def print_table(report: dict, notes: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -112,8 +114,8 @@ def print_table(report: dict, log=lambda m: err.print(m, highlight=False)) -> No
                   f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "no MFU", f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "",
                   f"{r['max_abs_err']:.1e}" if r["max_abs_err"] is not None else "", r["note"])
     Console().print(t)
-    for n in report["notes"]:  # -q: log is silent
-        log(f"note: {n}")
+    for n in report["notes"] if notes else ():
+        err.print(f"[yellow]note:[/] {n}", highlight=False)
 
 
 def _split_engines(folders):

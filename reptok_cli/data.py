@@ -123,7 +123,7 @@ def cache_latents(
     directory: Path = typer.Argument(..., help="A dataset directory written by 'reptok data prep'."),
     vae: str = typer.Option(..., "--vae", help="Hub id or local dir of a diffusers AutoencoderKL (the run's --vae)."),
     subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Subfolder of the VAE repository / directory."),
-    flips: bool = typer.Option(True, "--flips/--no-flips", help="Also store the mirror images' posteriors (needed by --hflip)."),
+    flips: bool = typer.Option(True, "--hflip/--no-hflip", help="Also store the mirror images' posteriors (needed by train recon --hflip)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per VAE forward pass (default 64 on CUDA, 32 elsewhere)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16; moments are stored float16."),
     chunk_size: int = typer.Option(256, "--chunk-size", help="Images per resumable unit (the units are split across ranks)."),

@@ -31,7 +31,7 @@ def onnx(
     components: str = typer.Option("generator,decoder,vae", "--components",
                                    help="Comma list of generator, decoder, vae, encoder.", rich_help_panel=G),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (13-20).", rich_help_panel=G),
-    dtype: str = typer.Option("fp32", "--precision", help="fp32 | fp16 weights and compute (I/O stays fp32).", rich_help_panel=G),
+    dtype: str = typer.Option("fp32", "--weights-dtype", help="fp32 | fp16: how the graphs store their weights, and so compute (I/O stays fp32).", rich_help_panel=G),
     atol: Optional[float] = typer.Option(None, "--atol", help="Verification tolerance, x max(1, max|ref|) (fp32 1e-3, fp16 3e-2).", rich_help_panel=G),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime vs torch check.", rich_help_panel=G),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT.", rich_help_panel=IO),
@@ -56,15 +56,15 @@ def onnx(
 
 
 @export_app.command("trt", epilog=(
-    "Examples:\n\n  reptok export trt --engine engines/onnx --out engines/trt-fp16\n\n"
-    "  reptok export trt --engine engines/onnx --out engines/trt-bf16 --precision bf16 --max-batch 128 --timing-cache trt.cache\n\n"
+    "Examples:\n\n  reptok export trt --onnx engines/onnx --out engines/trt-fp16\n\n"
+    "  reptok export trt --onnx engines/onnx --out engines/trt-bf16 --trt-precision bf16 --max-batch 128 --timing-cache trt.cache\n\n"
     "  reptok sample --ckpt runs/gen --backend trt --engine engines/trt-fp16 --class all -n 50 --out s.npz\n\n"
     "Needs a CUDA GPU and tensorrt>=10. The generator's profile is doubled (CFG batches two rows per image)."))
 @handle_errors
 def trt(
-    onnx_dir: Path = typer.Option(..., "--engine", help="The ONNX folder written by 'reptok export onnx'.", rich_help_panel=IO),
+    onnx_dir: Path = typer.Option(..., "--onnx", help="The ONNX folder written by 'reptok export onnx'.", rich_help_panel=IO),
     out: Path = typer.Option(..., "--out", help="Folder to write (*.plan, engines.json, manifest.json).", rich_help_panel=IO),
-    precision: str = typer.Option("fp16", "--precision", help="fp16 | bf16 | fp32 (norm statistics stay fp32).", rich_help_panel=E),
+    precision: str = typer.Option("fp16", "--trt-precision", help="TensorRT builder precision: fp16 | bf16 | fp32 (norm statistics stay fp32).", rich_help_panel=E),
     min_batch: int = typer.Option(1, "--min-batch", rich_help_panel=E),
     opt_batch: int = typer.Option(8, "--opt-batch", help="The batch TensorRT tunes for.", rich_help_panel=E),
     max_batch: int = typer.Option(64, "--max-batch", help="Largest sampling batch (the generator gets 2x).", rich_help_panel=E),

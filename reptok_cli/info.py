@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from reptok.presets import DEFAULT_PRESET
 from reptok.run import resolve_config
 
 from .common import app, emit_json, handle_errors
@@ -18,7 +19,7 @@ from .options import json_option, run_path
 @app.command("info", epilog="Examples:\n\n  reptok info --preset xl\n\n  reptok info --ckpt runs/tok --json")
 @handle_errors
 def info(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="A named config (tiny, small, base, large, xl)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"A named config (tiny, small, base, large, xl; default {DEFAULT_PRESET}, as train)."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", parser=run_path,
                                         help="A run directory (its config.json) or hf://OWNER/NAME[@REVISION]."),
     json_out: bool = json_option(),
@@ -27,7 +28,7 @@ def info(
     from reptok.info import model_report
     from reptok.presets import list_presets
 
-    cfg = resolve_config(preset=preset or (None if ckpt else "xl"), ckpt=ckpt)
+    cfg = resolve_config(preset=preset or (None if ckpt else DEFAULT_PRESET), ckpt=ckpt)
     rows = model_report(cfg)
     distilled = _distilled(ckpt)
     run = _run_summary(ckpt)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from reptok.presets import DEFAULT_PRESET
+
 from .common import app, emit_json, err, handle_errors, parse_device
 from .options import device_option, json_option, quiet_option
 
@@ -14,7 +16,7 @@ from .options import device_option, json_option, quiet_option
 @handle_errors
 def quickstart(
     out: Path = typer.Option(Path("quickstart_out"), "--out", help="Folder for the data, runs, samples and report."),
-    preset: str = typer.Option("small", "--preset", help="Model sizes (small: the CPU demo; tiny: a smoke run)."),
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", help="Model sizes (small: the CPU demo; tiny: a smoke run)."),
     images: int = typer.Option(None, "--images", help="builtin:shapes images to prepare."),
     recon_steps: int = typer.Option(None, "--recon-steps"),
     gen_steps: int = typer.Option(None, "--gen-steps"),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device, progress_bar
-from .options import check_sampling, device_option, json_option, overwrite_option, quiet_option, run_path
+from .options import check_choice, check_sampling, device_option, json_option, overwrite_option, quiet_option, run_path
 
 
 @app.command("extract", epilog="Examples:\n\n  reptok extract --ckpt runs/tok --data data/shapes --out tokens.npy\n\n"
@@ -86,12 +86,15 @@ def reconstruct(
     solver: str = typer.Option(None, "--solver", help="euler | heun"),
     seed: int = typer.Option(0, "--seed"),
     device: str = device_option(),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 autocast (default bf16 on CUDA, fp32 on CPU)."),
     no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs)."),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs (default: on with CUDA)."),
     overwrite: bool = overwrite_option(),
     json_out: bool = json_option(),
+    quiet: bool = quiet_option(),
 ):
     """Image -> token -> image; prints the PSNR of each reconstruction."""
-    from reptok.backends import apply_fast_path, describe_fast_path
+    from reptok.backends import PRECISIONS, apply_fast_path, describe_fast_path
     from reptok.pipeline import Pipeline
     from reptok.evaluate.metrics import psnr as psnr_db
     from reptok.images import make_grid, save_png, tensor_to_uint8
@@ -103,9 +106,11 @@ def reconstruct(
         check_new_output(Path(out) / f"{Path(p).stem}_recon.png", overwrite)
     _check_kind(ckpt, "reconstruct")
     check_sampling(decoder_steps=decoder_steps, solver=solver)
+    check_choice("--precision", precision, tuple(PRECISIONS))
     pipe = apply_fast_path(Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae")),
-                           fast=not no_fast)
-    err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
+                           fast=not no_fast, precision=precision, cuda_graphs=cuda_graphs)
+    if not quiet:
+        err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
     x = _load_images(images, pipe.cfg.image_size)
     rec = pipe.reconstruct(x, seed, steps=decoder_steps, solver=solver, output="pt")
     a, b = tensor_to_uint8(x), tensor_to_uint8(rec)

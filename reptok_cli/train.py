@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from reptok.presets import DEFAULT_PRESET
+
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
 from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option, run_path
 
@@ -100,7 +102,7 @@ INIT_HELP = "Start from this run's raw weights (a converted official run or any 
 def recon(
     data: Path = typer.Option(..., "--data", help="A prepared dataset (reptok data prep).", rich_help_panel=RUN),
     out: Path = typer.Option(..., "--out", help="The run directory to create (or resume).", rich_help_panel=RUN),
-    preset: str = typer.Option("small", "--preset", "-p", help="tiny | small | base | large | xl", rich_help_panel=MODEL),
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="tiny | small | base | large | xl", rich_help_panel=MODEL),
     config: Optional[Path] = typer.Option(None, "--config", help="A config JSON (overrides --preset).", rich_help_panel=MODEL),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="timm ViT name (DINOv2, MAE, CLIP).", rich_help_panel=MODEL),
     encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="hub | random | PATH to a weights file.", rich_help_panel=MODEL),
@@ -176,7 +178,7 @@ def recon(
 def gen(
     tokens: Path = typer.Option(..., "--tokens", help="tokens.npy written by 'reptok extract'.", rich_help_panel=RUN),
     out: Path = typer.Option(..., "--out", help="The run directory to create (or resume).", rich_help_panel=RUN),
-    preset: str = typer.Option("small", "--preset", "-p", help="Generator size: tiny | small | base | large | xl", rich_help_panel=MODEL),
+    preset: str = typer.Option(DEFAULT_PRESET, "--preset", "-p", help="Generator size: tiny | small | base | large | xl", rich_help_panel=MODEL),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (e.g. generator.depth=4).", rich_help_panel=MODEL),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Default: from the tokens' dataset; 0 = unconditional.", rich_help_panel=MODEL),
     class_dropout: Optional[float] = typer.Option(None, "--class-dropout", help="Label dropout for CFG (0.1).", rich_help_panel=OPT),

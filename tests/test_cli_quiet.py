@@ -9,11 +9,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from reptok_cli.app import app
+from test_convert import FIX as OFFICIAL  # the official-format fixture (None when absent)
 
 # Commands that cannot succeed on a CPU-only machine: run only where they can.
 NEEDS_GPU = {"export trt": "TensorRT needs CUDA"}
@@ -55,6 +57,9 @@ def _cases(r: Path, t: Path):
         "eval gen": ["--samples", r / "data", "--ref", r / "data", "--limit", 8, "--features", "judge",
                      "--out", t / "gen.json"],
         "eval probe": ["--ckpt", r / "tok", "--data", r / "data"],
+        "reconstruct": [t / "img.png", "--ckpt", r / "tok", "--out", t / "rec", "--decoder-steps", 1],
+        "convert official": [(OFFICIAL or t) / "official_tiny.ckpt", "--out", t / "conv", "--encoder-heads", 2,
+                             "--vae-config", (OFFICIAL or t) / "tiny_vae"],
     }
 
 
@@ -82,9 +87,14 @@ def quiet_env(class_runs, tmp_path_factory):
 @pytest.mark.parametrize("command", sorted(set(_cases(Path("r"), Path("t")))))
 def test_quiet_run_writes_nothing_on_stderr(command, quiet_env, tmp_path, monkeypatch):
     runs, root = quiet_env
+    if command == "convert official" and OFFICIAL is None:
+        pytest.skip("shared/fixtures/official-tiny not found")
     monkeypatch.setenv("REPTOK_CACHE", str(root / "cache"))
     shutil.copytree(root / "vae", tmp_path / "vae")
     shutil.copytree(runs / "data", tmp_path / "data")  # cache-latents writes into its dataset
+    from reptok.images import save_png
+
+    save_png(tmp_path / "img.png", np.full((32, 32, 3), 128, np.uint8))  # reconstruct's input
     args = [*command.split(), *_cases(runs, tmp_path)[command], "-q"]
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"

@@ -57,3 +57,62 @@ def test_values_that_fail_only_later_are_refused_up_front(key, value, match):
     with pytest.raises(ConfigError, match=match):
         cfg.validate()
     get_preset("tiny").replace(**{"train.ckpt_every": 1, "train.grad_accum": 4, "train.batch_size": 8}).validate()
+
+
+def test_each_rule_sits_beside_its_field_and_validate_checks_it():
+    import dataclasses
+
+    from reptok.config import TrainConfig, check_rules
+
+    rule = {f.name: f.metadata.get("rule") for f in dataclasses.fields(TrainConfig)}
+    ok, allowed = rule["cooldown"]
+    assert ok(1.0) and ok(0.0) and not ok(1.5) and "[0, 1]" in allowed  # closed at 1, unlike ema's [0, 1)
+    assert not rule["ema"][0](1.0)
+    cfg = get_preset("tiny")
+    cfg.train.token_lr_scale = 0.0
+    with pytest.raises(ConfigError, match=r"train.token_lr_scale=0.0: must be > 0") as e:
+        cfg.validate()
+    assert e.value.key == "train.token_lr_scale"  # the CLI names its option from the key
+    check_rules(cfg, keys={"train.steps"})  # only the keys asked for
+    cfg.decoder.patch_size = 0  # refused by its rule, not a ZeroDivisionError in the cross-field checks
+    with pytest.raises(ConfigError, match="decoder.patch_size=0"):
+        cfg.validate()
+
+
+def test_types_come_from_the_annotations():
+    cfg = get_preset("tiny").replace(**{"vae.subfolder": "none", "encoder.mean": "0.5,0.5,0.5", "train.lr": 1,
+                                        "generator.text_encoder": "null"})
+    assert cfg.vae.subfolder is None and cfg.generator.text_encoder is None  # Optional[str]: "none" is None
+    assert cfg.encoder.mean == [0.5, 0.5, 0.5] and isinstance(cfg.train.lr, float)
+    d = get_preset("tiny").to_dict()
+    d["train"]["steps"] = "4"  # a JSON file's strings are not parsed
+    with pytest.raises(ConfigError, match="train.steps='4': expected int"):
+        PipelineConfig.from_dict(d)
+    d["train"]["steps"], d["train"]["betas"] = 4.0, [0.8, 0.9]
+    cfg = PipelineConfig.from_dict(d)
+    assert cfg.train.steps == 4 and isinstance(cfg.train.steps, int) and cfg.train.betas == (0.8, 0.9)
+    with pytest.raises(ConfigError, match="expected an integer"):
+        get_preset("tiny").replace(**{"train.steps": 2.5})
+
+
+def test_with_encoder_takes_the_width_from_the_models_layer():
+    from reptok.config import with_encoder
+    from reptok.models.encoder import vit_width
+
+    assert vit_width("vit_small_patch16_224") == 384  # timm's ViT-S width, measured on the meta device
+    with pytest.raises(ConfigError, match="not a timm model"):
+        vit_width("vit_nonsense")
+    cfg = with_encoder(get_preset("tiny"), "vit_small_patch16_224", dim=384)
+    assert (cfg.encoder.dim, cfg.decoder.token_dim, cfg.generator.token_dim, cfg.encoder.img_size) == (384, 384, 384, 224)
+    assert cfg.encoder.overrides == {} and cfg.encoder.weights == "hub"  # tiny's "random" becomes the hub weights
+
+
+def test_train_recon_encoder_swap_measures_the_new_vit(tmp_path):
+    from reptok.train.start import recon_run_config
+
+    cfg = recon_run_config(tmp_path / "run", {}, preset="tiny", encoder="vit_small_patch16_224")
+    assert (cfg.encoder.model, cfg.encoder.dim, cfg.decoder.token_dim) == ("vit_small_patch16_224", 384, 384)
+    same = recon_run_config(tmp_path / "run", {}, preset="tiny", encoder=get_preset("tiny").encoder.model)
+    assert same.encoder == get_preset("tiny").encoder  # the preset's own ViT: its overrides are kept
+    with pytest.raises(ConfigError, match="--encoder 'vit_nonsense': not a timm model"):
+        recon_run_config(tmp_path / "run", {}, preset="tiny", encoder="vit_nonsense")

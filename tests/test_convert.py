@@ -174,7 +174,7 @@ def test_bf16_and_inferred_vae_config(tmp_path):
     r = _cli("convert", "official", FIX / "official_tiny.ckpt", "--out", tmp_path / "a", "--encoder-heads", HEADS)
     assert r.exit_code == 2 and "norm groups" in r.output and not (tmp_path / "a").exists()
     r = _cli("convert", "official", FIX / "official_tiny.ckpt", "--out", tmp_path / "b", "--encoder-heads", HEADS,
-             "--vae-norm-groups", 8, "--precision", "bf16", "--json")
+             "--vae-norm-groups", 8, "--weights-dtype", "bf16", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["dtype"] == "bf16"
@@ -372,8 +372,8 @@ def test_out_directory_rules(converted, tmp_path):
     assert r.exit_code == 0, r.output
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-    r = _convert_cli(FIX / "official_tiny.ckpt", tmp_path / "p", "--precision", "fp8")
-    assert r.exit_code == 2 and "--precision" in r.output
+    r = _convert_cli(FIX / "official_tiny.ckpt", tmp_path / "p", "--weights-dtype", "fp8")
+    assert r.exit_code == 2 and "--weights-dtype" in r.output
 
 
 # ----------------------------------------------------------------------------- XL layout (meta tensors)

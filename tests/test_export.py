@@ -288,7 +288,7 @@ def test_mismatched_run_exits_2(tiny_run, tiny_onnx, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
 def test_trt_without_cuda_exits_2(tiny_run, tiny_onnx, tmp_path):
-    r = _cli("export", "trt", "--engine", tiny_onnx, "--out", tmp_path / "trt")
+    r = _cli("export", "trt", "--onnx", tiny_onnx, "--out", tmp_path / "trt")
     assert r.exit_code == 2 and "CUDA" in r.output
     assert not (tmp_path / "trt").exists()
     r = _cli("sample", "--ckpt", tiny_run, "--out", tmp_path / "s.npz", "--backend", "trt", "--engine", tiny_onnx)

@@ -235,6 +235,14 @@ def test_no_fast_and_bad_flags(run, tmp_path):
     assert r.exit_code == 2 and "--engine" in r.output
 
 
+def test_bench_steps_are_split_by_stage_as_in_sample():
+    r = _cli("bench", "--preset", "tiny", "--stages", "end_to_end", "--batch-sizes", "1", "--iters", "1",
+             "--warmup", "0", "--steps", "2", "--decoder-steps", "1", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["end_to_end_steps"] == {"steps": 2, "decoder_steps": 1}  # not 2 for both stages
+
+
 def test_bench_spread_and_threads():
     r = _cli("bench", "--preset", "tiny", "--stages", "decoder", "--batch-sizes", "1", "--iters", "3",
              "--warmup", "0", "--threads", "1", "--json", "--device", "cpu")

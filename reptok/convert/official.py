@@ -593,7 +593,7 @@ def convert_official(
     ``out_dir``, then renamed); an existing non-empty ``out_dir`` needs ``overwrite``.
     """
     if dtype not in DTYPES:
-        raise InputError(f"--precision {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"--weights-dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if encoder_heads is not None and encoder_heads <= 0:
         raise InputError(f"--encoder-heads {encoder_heads}: must be positive")
     out = Path(out_dir)

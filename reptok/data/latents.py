@@ -120,7 +120,7 @@ class LatentCache:
                              f"run's VAE gives {tuple(moment_shape)}; re-run 'reptok data cache-latents'")
         if hflip and not self.flips:
             raise InputError(f"{self.dir}: the cache has no mirrored images but the run uses --hflip; "
-                             f"re-run 'reptok data cache-latents' with --flips, or train with --no-hflip")
+                             f"re-run 'reptok data cache-latents' with --hflip, or train with --no-hflip")
 
 
 def cache_latents(

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import EncoderConfig
+from ..config import ConfigError, EncoderConfig
 from ..errors import InputError
 
 # Files looked for (in this order) when ``weights`` is a directory: a timm / HF hub snapshot,
@@ -173,6 +173,19 @@ def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_
         path = _resolve_weights_path(cfg.weights, Path(root) if root is not None else None)
     _load_strict(vit, _filter_for_model(_read_state_dict(path), vit), path)
     return vit
+
+
+def vit_width(model: str) -> int:
+    """The token width (embed dim) of the timm ViT ``model``, built on the meta device (no
+    memory, no weights); ConfigError for a name timm does not know."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(model, pretrained=False, num_classes=0, img_size=224)
+    except Exception as e:  # timm raises RuntimeError for unknown names
+        raise ConfigError(f"--encoder {model!r}: not a timm model ({e})") from None
+    return int(vit.embed_dim)
 
 
 # ----------------------------------------------------------------------------- the encoder

@@ -10,6 +10,7 @@ from torch import nn
 from .. import run as rundir
 from ..config import PipelineConfig
 from ..errors import InputError
+from ..presets import DEFAULT_PRESET
 from ..dist import DistInfo, barrier
 
 
@@ -230,13 +231,14 @@ def check_init(init: Optional[Path], resume: bool, **model_options) -> None:
         raise InputError(f"--init takes the models from {init}; drop {given[0]} (use --set for config keys)")
 
 
-def recon_run_config(out: Path, overrides: dict, *, preset: str = "small", config: Optional[Path] = None,
+def recon_run_config(out: Path, overrides: dict, *, preset: str = DEFAULT_PRESET, config: Optional[Path] = None,
                      resume: bool = False, init: Optional[Path] = None, encoder: Optional[str] = None,
                      encoder_weights: Optional[str] = None, vae: Optional[str] = None) -> PipelineConfig:
     """The config ``train recon`` runs with, checked before any work: the run's own (``resume``),
     the ``init`` run's models with the training settings of ``preset`` / ``config``, or
     ``preset`` / ``config`` with ``encoder`` / ``vae`` swapped in; then the dotted ``overrides``."""
     from ..config import with_encoder, with_vae
+    from ..models.encoder import vit_width
     from ..run import resolve_config
 
     check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
@@ -246,5 +248,7 @@ def recon_run_config(out: Path, overrides: dict, *, preset: str = "small", confi
     if init is not None:
         cfg = init_config(init, resolve_config(preset=preset, config=config))
     else:
-        cfg = with_vae(with_encoder(resolve_config(preset=preset, config=config), encoder, encoder_weights), vae)
+        cfg = resolve_config(preset=preset, config=config)
+        dim = vit_width(encoder) if encoder is not None and encoder != cfg.encoder.model else None
+        cfg = with_vae(with_encoder(cfg, encoder, encoder_weights, dim), vae)
     return cfg.replace(**{k: v for k, v in overrides.items() if v is not None}).validate()
