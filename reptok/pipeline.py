@@ -29,6 +29,7 @@ Noise is a function of (seed, global image index) only: ``index_noise``. Sharded
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence
 
@@ -62,7 +63,13 @@ class Pipeline(nn.Module):
     """The models of a run plus the one sampling loop. Components may be None when unused."""
 
     def __init__(self, cfg: PipelineConfig, encoder=None, decoder=None, latent=None, generator=None,
-                 text_encoder=None):
+                 text_encoder=None, *, device=None, backend: str = "torch", manifest: Optional[dict] = None,
+                 engine_dir=None, run_dir=None, run_doc: Optional[dict] = None,
+                 autocast_dtype: Optional[torch.dtype] = None):
+        """``device``: pin the device (runtime sessions have no torch parameters to infer it
+        from). ``backend`` / ``manifest`` / ``engine_dir``: what runs the networks (``export/``
+        hands ONNX Runtime / TensorRT sessions in with their manifest). ``run_dir`` / ``run_doc``:
+        the run the weights came from. ``autocast_dtype``: e.g. torch.bfloat16 on CUDA."""
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -70,11 +77,38 @@ class Pipeline(nn.Module):
         self.latent = latent
         self.generator = generator
         self.text_encoder = text_encoder
-        self.run_dir = None
-        self.run_doc = None
-        self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 on CUDA
-        self._pinned_device: Optional[torch.device] = None
-        self.fast_path: Optional[dict] = None  # set by reptok.backends.apply_fast_path
+        self.run_dir = run_dir
+        self.run_doc = run_doc
+        self.backend = backend
+        self.manifest = manifest
+        self.engine_dir = engine_dir
+        self.autocast_dtype = autocast_dtype
+        self._pinned_device: Optional[torch.device] = None if device is None else torch.device(device)
+        self.fast_path: Optional[dict] = None  # what runs the networks; see with_fast_path
+        self.fast_blocks = 0  # regionally compiled blocks (reptok.fast.fast_variant)
+
+    def with_networks(self, fast_blocks: int = 0, **nets) -> "Pipeline":
+        """A shallow copy (same weights, same sampling loop) whose named networks (decoder,
+        generator, latent, ...) are replaced by ``nets``: callables with the torch signature that
+        need not be nn.Modules (CUDA-graphed / compiled proxies). The copy's device is pinned,
+        since proxies have no parameters to infer it from; this pipeline is left as it was."""
+        v = copy.copy(self)
+        object.__setattr__(v, "_modules", dict(self._modules))  # the copy's own child registry
+        v._pinned_device = self.device
+        for name, value in nets.items():
+            if name not in v._modules:
+                raise TypeError(f"with_networks: unknown network {name!r}")
+            v._modules.pop(name)  # a proxy is not an nn.Module: unregister, then a plain attribute
+            object.__setattr__(v, name, value)
+        v.fast_blocks = fast_blocks
+        return v
+
+    def with_fast_path(self, fast_path: dict, autocast_dtype: Optional[torch.dtype] = None) -> "Pipeline":
+        """Record what runs the networks (``reptok.backends.describe_fast_path`` reads it) and
+        the autocast dtype it uses; returns this pipeline."""
+        self.fast_path = dict(fast_path)
+        self.autocast_dtype = autocast_dtype
+        return self
 
     @classmethod
     def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),

@@ -325,7 +325,7 @@ def test_trt_engines_parity(tiny_run, vae_run, vae_onnx, tmp_path, precision, to
 def test_cuda_graph_capture_is_thread_local(monkeypatch):
     """Catches: capture in the default "global" mode, which the sampler's noise-prefetch thread
     (pinning memory, querying events during the capture) can abort. CUDA is faked: no GPU here."""
-    from export import runtime
+    from reptok import fast as runtime
 
     modes = []
 
@@ -355,7 +355,7 @@ def test_cuda_graph_capture_is_thread_local(monkeypatch):
 def test_cuda_graphed_decoder_matches_eager(tiny_run, amp):
     """Also under bf16 autocast, entered and left around every call as the pipeline does: a
     graph captured with autocast's weight cache replays freed memory (it did, on an H200)."""
-    from export.runtime import CudaGraphed
+    from reptok.fast import CudaGraphed
 
     dec = Pipeline.from_run(tiny_run, "cuda", components=("decoder",)).decoder
     fast = CudaGraphed(dec)

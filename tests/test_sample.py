@@ -81,7 +81,7 @@ def test_onnx_default_with_engine_and_tolerance(run, onnx_dir, tmp_path):
 def test_writer_loses_no_image_when_interrupted(run, tmp_path):
     """KeyboardInterrupt in the third decoder batch: every file present is complete and equal to
     the uninterrupted run's, none is half-written, and a rerun generates only the rest."""
-    from reptok.backends import load_sampling_pipeline
+    from export.runtime import load_sampling_pipeline
     from reptok.sample import sample_to
 
     kw = dict(seed=3, batch_size=2, steps=3, decoder_steps=3)
@@ -120,7 +120,7 @@ def test_next_batch_is_queued_before_the_previous_one_is_waited_for(run, tmp_pat
     generator and decoder of batch k+1 are called before batch k's images are waited for, and the
     bytes equal the plain per-batch conversion."""
     import reptok.sample as smp
-    from reptok.backends import load_sampling_pipeline
+    from export.runtime import load_sampling_pipeline
     from reptok.images import tensor_to_uint8
 
     pipe = load_sampling_pipeline(run, "cpu")
@@ -146,7 +146,7 @@ def test_timer_starts_after_the_compile_warm_up(run, tmp_path, monkeypatch):
     """Catches: the images/s timer started before the first (compiling / capturing) calls, which
     understates --compile. A fake clock: the first network call costs 1000 s, later ones 1 s."""
     import reptok.sample as smp
-    from reptok.backends import load_sampling_pipeline
+    from export.runtime import load_sampling_pipeline
 
     pipe = load_sampling_pipeline(run, "cpu")
     pipe.fast_path = {**pipe.fast_path, "compile": True}  # as --compile would set it
@@ -178,7 +178,7 @@ def test_regional_compile_compiles_one_block_for_all():
     """Identical blocks share one compiled frame (dynamo's CompileCounter backend, no inductor)."""
     from torch._dynamo.testing import CompileCounter
 
-    from export.runtime import regional_compile
+    from reptok.fast import regional_compile
     from reptok.bench import random_pipeline
     from reptok.presets import get_preset
 
@@ -204,7 +204,7 @@ def test_regional_compile_reaches_a_text_generators_cross_attention():
     cross-attention blocks; a class generator has no cross blocks (skipped, not an error)."""
     from torch._dynamo.testing import CompileCounter
 
-    from export.runtime import regional_compile
+    from reptok.fast import regional_compile
     from reptok.models import build_generator
     from reptok.presets import get_preset
 
