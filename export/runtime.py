@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from reptok.backends import PRECISIONS, SIDECAR, apply_fast_path, resolve_backend
+from reptok.backends import PRECISIONS, SIDECAR, resolve_backend
 from reptok.errors import InputError
 from reptok.models.generator import denormalize_tokens, normalize_tokens
 from reptok.models.text_generator import TextCondition
@@ -357,8 +357,8 @@ def load_sampling_pipeline(ckpt: Path, device: str = "cpu", backend: Optional[st
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend == "torch":
-        return apply_fast_path(Pipeline.from_run(ckpt, device, components=components), fast=fast,
-                               precision=precision, compile=compile, cuda_graphs=cuda_graphs)
+        return Pipeline.from_run(ckpt, device, components=components, fast=fast, precision=precision,
+                                 compile=compile, cuda_graphs=cuda_graphs)
     if engine is None:
         raise InputError(f"--backend {backend} needs --engine DIR (written by 'reptok export {backend}')")
     if compile or cuda_graphs:

@@ -8,7 +8,7 @@ backends are timed in alternation, so background load skews none of them in part
   CFG interval; that is part of ``end_to_end``);
 - ``decoder``: one decoder NFE on B images;
 - ``vae``: one VAE decode of B latents (skipped in pixel space);
-- ``end_to_end``: ``Pipeline.sample`` of B images (generator steps with CFG, decoder steps,
+- ``end_to_end``: ``Pipeline.generate`` + ``Pipeline.decode`` of B images (generator steps with CFG, decoder steps,
   VAE), the run's default steps unless ``steps`` shortens both.
 
 images/s = B / median latency; each row also has the min and max latency of its ``iters``
@@ -326,8 +326,10 @@ def _stage_call(pipe, cfg, stage: str, batch: int, e2e_steps: dict, dev):
                                generator=torch.Generator().manual_seed(batch))
         kw = dict(e2e_steps)
         if getattr(pipe.generator, "null_class", None) is None:
-            kw["cfg"] = 1.0  # no null class: no CFG
-        fn = lambda: pipe.sample(labels, list(range(batch)), seed=0, **kw)  # noqa: E731
+            kw["guidance_scale"] = 1.0  # no null class: no CFG
+        args, idx = pipe.sampler_args(**kw), list(range(batch))
+        g_noise, d_noise = pipe.generator_noise(idx), pipe.decoder_noise(idx)
+        fn = lambda: pipe.decode(pipe.generate(labels, g_noise, args), d_noise, args)  # noqa: E731
         return fn, None, f"{kw['steps']}+{kw['decoder_steps']} steps"
     args = stage_inputs(cfg, stage, batch, dev)
     return _stage_fn(pipe, stage, args), args, ""
@@ -400,13 +402,13 @@ def _relative(rows: List[dict]) -> None:
 
 def stage_gflops(pipe, e2e_steps: dict) -> Dict[str, float]:
     """GFLOPs per image of each stage (``reptok info``'s counts): one generator / decoder NFE, one
-    VAE decode, and ``end_to_end`` = the NFEs of ``Pipeline.nfe`` (CFG doubles the guided ones)."""
+    VAE decode, and ``end_to_end`` = the NFEs of ``SamplerArgs.nfe`` (CFG doubles the guided ones)."""
     from .info import model_report
 
     per = {r["component"]: r["gflops"] for r in model_report(pipe.cfg, components=("decoder", "generator", "vae"))}
     out = {k: v for k, v in per.items()}
     if "generator" in per:
-        n = pipe.nfe(**e2e_steps)
+        n = pipe.sampler_args(**e2e_steps).nfe()
         out["end_to_end"] = (per["generator"] * (n["generator"] + n["generator_guided"])
                              + per["decoder"] * n["decoder"] + per.get("vae", 0.0))
     return out
