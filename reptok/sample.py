@@ -306,29 +306,15 @@ def sample_to(
     if batch_size < 1 or (gen_batch_size is not None and gen_batch_size < 1):
         raise InputError("--batch-size and --gen-batch-size must be >= 1")
     gen_batch_size = gen_batch_size or batch_size
-    if prompts is not None:
-        prompts = [str(p) for p in prompts]
-        if not prompts:
-            raise InputError("no prompts: pass --prompt TEXT or --prompts FILE")
-        classes = list(range(len(prompts)))
+    classes, prompts, total, count = _job_images(classes, n, start, count, prompts)
     name_kind = "prompt" if prompts is not None else "class"
     png_name_ = lambda i, label: png_name(i, label, name_kind)  # noqa: E731
-    total = len(classes) * n
-    count = total - start if count is None else count
-    if start < 0 or count < 0 or start + count > total:
-        raise InputError(f"--start {start} --count {count}: outside the job's {total} images")
     indices = list(range(start, start + count))
     mine = [indices[i] for i in shard_range(len(indices), info)]
     labels_of = lambda idx: [classes[i // n] for i in idx]  # noqa: E731
-    # Every network call sees exactly batch_size rows (a partial batch is padded, the padding
-    # dropped): row results then do not depend on where a shard starts, so shards equal one run
-    # byte for byte (float kernels give last-bit differences between batch sizes), and CUDA
-    # graphs capture one shape. Batches are capped at the job's size (a 1-image job is batch 1).
+    # Capped at the job's size (a 1-image job is batch 1); see _batch_calls for the padding.
     batch_size, gen_batch_size = min(batch_size, total), min(gen_batch_size, total)
-
     todo = mine
-    if total == 0:
-        raise InputError("nothing to sample: the job has no images")
     if kind == "folder":
         out.mkdir(parents=True, exist_ok=True)
         if prompts is not None and info.is_main:
@@ -336,28 +322,12 @@ def sample_to(
         todo = [i for i in mine if not (out / png_name_(i, labels_of([i])[0])).exists()]
 
     device = torch.device(getattr(pipe, "device", "cpu"))
-
-    def generate(idx, noise):
-        """Tokens (len(idx), D) of generator batch ``idx`` (on the pipeline's device)."""
-        b = gen_batch_size
-        lab = labels_of(idx)
-        noise = pad_rows(_to_device(noise, device), b)
-        if prompts is not None:
-            return pipe.generate(pad_rows([prompts[c] for c in lab], b), noise, args)[: len(idx)]
-        labels = _to_device(pad_rows(torch.tensor(lab).clamp(min=0), b), device)
-        return pipe.generate(labels, noise, args)[: len(idx)]
-
-    def decode(tokens, noise, k):
-        """Queue decoder batch -> the function that waits for its uint8 images (k, H, W, 3)."""
-        b = batch_size
-        return _fetch_uint8(pipe.decode(pad_rows(tokens, b), pad_rows(_to_device(noise, device), b), args)[:k])
-
+    generate, decode = _batch_calls(pipe, args, labels_of, prompts, gen_batch_size, batch_size, device)
     gen_batches = [todo[b: b + gen_batch_size] for b in range(0, len(todo), gen_batch_size)]
     dec_batches = [todo[b: b + batch_size] for b in range(0, len(todo), batch_size)]
     warmup_s = _warm_up(pipe, gen_batches, dec_batches, generate, decode, seed)
     t0 = time.perf_counter()  # after the warm-up: captures and compilation are not in the rate
-    arrays = []
-    writer = _Writer(writers) if kind == "folder" else None
+    arrays, writer = [], (_Writer(writers) if kind == "folder" else None)
 
     def hand_over(idx, imgs):
         if writer is not None:
@@ -390,11 +360,54 @@ def sample_to(
         seconds = max(p[3] for p in parts)
     return {
         "out": str(out), "kind": kind, "images": len(indices), "generated": generated,
-        "skipped_existing": skipped, "files": files,
-        "seconds": round(seconds, 3), "warmup_s": round(warmup_s, 3), "images_per_s": round(generated / seconds, 3) if seconds > 0 and generated else None,
+        "skipped_existing": skipped, "files": files, "seconds": round(seconds, 3), "warmup_s": round(warmup_s, 3),
+        "images_per_s": round(generated / seconds, 3) if seconds > 0 and generated else None,
         "seed": seed, "start": start, "count": count, "batch_size": batch_size, "gen_batch_size": gen_batch_size,
         "nfe": args.nfe(), "fast_path": describe_fast_path(getattr(pipe, "fast_path", None)),
     }
+
+
+def _job_images(classes, n: int, start: int, count: Optional[int], prompts):
+    """-> (per-condition ids, prompts as strings or None, the job's image count, the shard's
+    count), checked: a text job's conditions are its prompts' rows; the shard lies in the job."""
+    if prompts is not None:
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            raise InputError("no prompts: pass --prompt TEXT or --prompts FILE")
+        classes = list(range(len(prompts)))
+    total = len(classes) * n
+    count = total - start if count is None else count
+    if start < 0 or count < 0 or start + count > total:
+        raise InputError(f"--start {start} --count {count}: outside the job's {total} images")
+    if total == 0:
+        raise InputError("nothing to sample: the job has no images")
+    return classes, prompts, total, count
+
+
+def _batch_calls(pipe, args, labels_of, prompts, gen_batch_size: int, batch_size: int, device):
+    """(generate(idx, noise) -> tokens, decode(tokens, noise, k) -> wait for uint8 images).
+
+    Every network call sees exactly its stage's batch size (a partial batch is padded, the
+    padding dropped): row results then do not depend on where a shard starts, so shards equal one
+    run byte for byte (float kernels give last-bit differences between batch sizes), and CUDA
+    graphs capture one shape."""
+
+    def generate(idx, noise):
+        """Tokens (len(idx), D) of generator batch ``idx`` (on the pipeline's device)."""
+        b = gen_batch_size
+        lab = labels_of(idx)
+        noise = pad_rows(_to_device(noise, device), b)
+        if prompts is not None:
+            return pipe.generate(pad_rows([prompts[c] for c in lab], b), noise, args)[: len(idx)]
+        labels = _to_device(pad_rows(torch.tensor(lab).clamp(min=0), b), device)
+        return pipe.generate(labels, noise, args)[: len(idx)]
+
+    def decode(tokens, noise, k):
+        """Queue decoder batch -> the function that waits for its uint8 images (k, H, W, 3)."""
+        b = batch_size
+        return _fetch_uint8(pipe.decode(pad_rows(tokens, b), pad_rows(_to_device(noise, device), b), args)[:k])
+
+    return generate, decode
 
 
 def _run_batches(pipe, gen_batches, dec_batches, generate, decode, hand_over, seed: int, cuda: bool) -> None:
