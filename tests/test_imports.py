@@ -141,3 +141,17 @@ def test_layering_check_catches_an_in_function_upward_import(tmp_path):
     (tmp_path / "reptok" / "a.py").write_text("def f():\n    from export.x import g\n    return g\n")
     graph = import_graph(tmp_path, ("reptok", "export"))
     assert package_violations(graph) == ["reptok.a -> export.x"]
+
+
+def test_reptok_bench_needs_the_runtimes_handed_in():
+    """reptok.bench measures torch alone; onnx / trt rows come from export.bench (which passes
+    its RUNTIMES). Catches: reptok.bench importing export to build them itself."""
+    import pytest
+
+    from export.bench import RUNTIMES
+    from reptok.bench import run_bench
+    from reptok.errors import InputError
+
+    with pytest.raises(InputError, match="export.bench"):
+        run_bench(preset="tiny", backends="torch,onnx")
+    assert callable(RUNTIMES.check) and callable(RUNTIMES.pipelines)

@@ -200,6 +200,29 @@ def test_regional_compile_compiles_one_block_for_all():
     torch._dynamo.reset()
 
 
+def test_fast_variant_is_a_copy_that_leaves_the_pipeline_as_it_was():
+    """``fast_variant`` goes through ``Pipeline.with_networks``: the variant's decoder and
+    generator are compiled proxies (same outputs), the original keeps its nn.Modules and its
+    registry. Catches: with_networks editing the original's ``_modules`` (a shared dict)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from reptok.bench import random_pipeline
+    from reptok.fast import fast_variant
+    from reptok.presets import get_preset
+
+    pipe = random_pipeline(get_preset("tiny"), components=("decoder", "generator"))
+    torch._dynamo.reset()
+    v = fast_variant(pipe, compile=True, compile_kw={"backend": CompileCounter()})
+    assert v.fast_blocks > 0 and not isinstance(v.decoder, torch.nn.Module)
+    assert isinstance(pipe.decoder, torch.nn.Module) and set(pipe._modules) >= {"decoder", "generator"}
+    assert "decoder" not in v._modules and v.device == pipe.device
+    args, idx = pipe.sampler_args(steps=2, decoder_steps=2), [0, 1]
+    labels = torch.tensor([1, 2])
+    want = pipe.generate(labels, pipe.generator_noise(idx), args)
+    assert torch.allclose(v.generate(labels, v.generator_noise(idx), args), want, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_regional_compile_reaches_a_text_generators_cross_attention():
     """The generator's block_lists: the mixer blocks and, for text, the condition's
     cross-attention blocks; a class generator has no cross blocks (skipped, not an error)."""
