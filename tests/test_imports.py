@@ -145,7 +145,7 @@ def test_layering_check_catches_an_in_function_upward_import(tmp_path):
 
 def test_reptok_bench_needs_the_runtimes_handed_in():
     """reptok.bench measures torch alone; onnx / trt rows come from export.bench (which passes
-    its RUNTIMES). Catches: reptok.bench importing export to build them itself."""
+    its RUNTIMES). Catches: onnx / trt silently dropped from the report when nothing builds them."""
     import pytest
 
     from export.bench import RUNTIMES
