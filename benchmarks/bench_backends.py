@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Backend comparison: torch eager (/ compile / CUDA graphs) vs ONNX Runtime vs TensorRT.
 
-Thin wrapper over ``reptok.bench.run_bench`` (the logic behind ``reptok bench``)::
+Thin wrapper over ``export.bench.run_bench`` (the logic behind ``reptok bench``)::
 
     python benchmarks/bench_backends.py --preset small --backend torch,onnx --batch-sizes 1,8
     python benchmarks/bench_backends.py --ckpt runs/gen --backend torch,onnx,trt --precision bf16 \
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         print(summarize(args.summarize))
         return 0
 
-    from reptok.bench import run_bench
+    from export.bench import run_bench
     from reptok_cli.bench import print_table
     from reptok_cli.common import parse_device
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reptok.backends import apply_fast_path
 from reptok.pipeline import Pipeline
 from reptok.shapes.render import make_shapes
 from reptok.shapes.judge import load_judge, shape_accuracy
@@ -53,8 +52,8 @@ def main() -> None:
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings.split(",")]
     judge = load_judge(args.device)
 
-    tok = apply_fast_path(Pipeline.from_run(qs / "tokenizer", args.device, components=("encoder", "decoder", "vae")))
-    gen = apply_fast_path(Pipeline.from_run(qs / "generator", args.device))
+    tok = Pipeline.from_run(qs / "tokenizer", args.device, components=("encoder", "decoder", "vae"), fast=True)
+    gen = Pipeline.from_run(qs / "generator", args.device, fast=True)
     held = make_shapes(args.recon, tok.cfg.image_size, seed=args.seed + 10_000)  # quickstart's held-out seed
     images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     tokens_rec = torch.cat([tok.encode(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)])
@@ -63,9 +62,9 @@ def main() -> None:
     labels = torch.arange(k).repeat_interleave(args.per_class)
     idx = list(range(len(labels)))
     z, gsec = _timed(lambda: torch.cat([
-        gen.generate_from(labels[i:i + args.batch_size], gen.generator_noise(idx[i:i + args.batch_size], args.seed + 1))
+        gen.generate(labels[i:i + args.batch_size], gen.generator_noise(idx[i:i + args.batch_size], args.seed + 1))
         for i in range(0, len(idx), args.batch_size)]))
-    gnfe = gen.nfe()
+    gnfe = gen.sampler_args().nfe()
     print(f"run {qs}: {len(images)} held-out reconstructions, {len(idx)} samples ({args.per_class} x {k} classes); "
           f"generator {gnfe['generator']} NFE ({gen.cfg.sampling.solver}, cfg {gen.cfg.sampling.cfg}): "
           f"{len(idx) / gsec:.1f} tokens/s; threads {torch.get_num_threads()}; fast path {gen.fast_path['precision']}")
@@ -74,7 +73,8 @@ def main() -> None:
         out = []
         for i in range(0, len(tokens), args.batch_size):
             sl = slice(i, i + args.batch_size)
-            out.append(tensor_to_uint8(pipe.decode_tokens(tokens[sl], pipe.decoder_noise(indices[sl], seed), steps, solver)))
+            out.append(tensor_to_uint8(pipe.decode(tokens[sl], pipe.decoder_noise(indices[sl], seed),
+                                                   pipe.sampler_args(decoder_steps=steps, decoder_solver=solver))))
         return np.concatenate(out)
 
     print("\n| decoder | NFE | recon PSNR dB | recon img/s | sample class acc | sample shape acc | sample img/s |")

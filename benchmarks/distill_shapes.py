@@ -36,7 +36,7 @@ from reptok.train.distill import distill_config, distill_defaults, train_distill
 
 def decode_timed(pipe, tokens: torch.Tensor, noise: torch.Tensor, steps: int):
     t = time.perf_counter()
-    imgs = pipe.decode_tokens(tokens, noise, steps=steps)
+    imgs = pipe.decode(tokens, noise, pipe.sampler_args(decoder_steps=steps))
     return imgs, len(tokens) / (time.perf_counter() - t)
 
 

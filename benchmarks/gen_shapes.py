@@ -37,8 +37,8 @@ def main() -> None:
     g = pipe.cfg.generator
     noise_g = index_noise(args.seed, idx, (g.n_tokens, g.token_dim), STREAM_GENERATOR)
     noise_d = index_noise(args.seed, idx, pipe.latent_shape, STREAM_DECODER)
-    interval = tuple(float(v) for v in args.cfg_interval.split(",")) if args.cfg_interval else "default"
-    shown = tuple(pipe.cfg.sampling.cfg_interval) if interval == "default" else interval
+    given = {"cfg_interval": tuple(float(v) for v in args.cfg_interval.split(","))} if args.cfg_interval else {}
+    shown = pipe.sampler_args(**given).cfg_interval
     print(f"{len(labels)} samples ({args.per_class} per class, {k} classes), generator {pipe.cfg.sampling.steps} "
           f"steps, decoder {pipe.cfg.sampling.decoder_steps} steps, CFG interval {shown}, "
           f"{torch.get_num_threads()} threads")
@@ -46,10 +46,10 @@ def main() -> None:
     print(f"{'cfg':>5} {'class acc':>10} {shape_cols} {'gen tokens/s':>13} {'dec images/s':>13}")
     for scale in (float(s) for s in args.cfg.split(",")):
         t = time.perf_counter()
-        z = pipe.generate(labels, noise_g, cfg=scale, cfg_interval=interval)
+        z = pipe.generate(labels, noise_g, pipe.sampler_args(guidance_scale=scale, **given))
         t_gen = time.perf_counter() - t
         t = time.perf_counter()
-        imgs = pipe.decode_tokens(z, noise_d)
+        imgs = pipe.decode(z, noise_d)
         t_dec = time.perf_counter() - t
         pred = judge.predict(imgs)
         acc = float((pred == labels).float().mean())

@@ -133,6 +133,7 @@ def main() -> None:
     noise_g = index_noise(args.seed, idx, (g.n_tokens, g.token_dim), STREAM_GENERATOR)
     noise_d = index_noise(args.seed, idx, pipe.latent_shape, STREAM_DECODER)
     kw = {} if args.steps is None else {"steps": args.steps}
+    dec_args = pipe.sampler_args(**({} if args.steps is None else {"decoder_steps": args.steps}))
     # Two judges: the pixel judge on decoded samples (needs a decent tokenizer), and a token-space
     # one (class of the nearest real token, normalised space) that sees the generator alone.
     from reptok.extract import load_tokens
@@ -155,8 +156,7 @@ def main() -> None:
     held = make_shapes(96, pipe.cfg.image_size, seed=10_000)
     images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     if pipe.encoder is not None:  # the tokenizer's ceiling: how well the judge recognises its reconstructions
-        rec = pipe.decode_tokens(pipe.encode(images), index_noise(0, range(96), pipe.latent_shape, STREAM_DECODER),
-                          steps=args.steps)
+        rec = pipe.decode(pipe.encode(images), index_noise(0, range(96), pipe.latent_shape, STREAM_DECODER), dec_args)
         log(f"[ceiling] judge on 96 reconstructions: exact {judge.accuracy(rec, held['labels']):.3f} "
             f"(on the real images {judge.accuracy(held['images'], held['labels']):.3f})")
     log(f"{len(idx)} samples per row ({k} per prompt, 12 prompts), generator {args.steps or pipe.cfg.sampling.steps} "
@@ -169,8 +169,8 @@ def main() -> None:
             f"{'NN exact':>9} {'seconds':>8}")
         for scale in (float(x) for x in args.cfg.split(",")):
             t = time.perf_counter()
-            z = pipe.generate_text(per_image, noise_g, cfg=scale, **kw)
-            imgs = pipe.decode_tokens(z, noise_d, steps=args.steps)
+            z = pipe.generate(per_image, noise_g, pipe.sampler_args(guidance_scale=scale, **kw))
+            imgs = pipe.decode(z, noise_d, dec_args)
             pred = judge.predict(imgs).cpu().numpy()
             nn_pred = nn_class(z)
             row = {"style": style, "cfg": scale, "shape_acc": shape_accuracy(pred, classes),

@@ -6,7 +6,11 @@
   (TensorRT imported lazily; needs CUDA).
 - ``export.runtime``: ``OrtModule`` / ``TrtModule`` (the torch call signature) and
   ``load_runtime_pipeline(ckpt, engine_dir, backend, device)``, a ``reptok.pipeline.Pipeline``
-  whose networks are those runtimes, so sampling code exists once for every backend.
+  whose networks are those runtimes, so sampling code exists once for every backend;
+  ``load_sampling_pipeline``: torch (``Pipeline.from_run(..., fast=)``) or a runtime.
+- ``export.bench.run_bench``: ``reptok.bench.run_bench`` with the onnx / trt rows.
+
+Packages depend one way: ``reptok_cli -> export -> reptok`` (``reptok`` never imports this one).
 
 Submodules are imported on use (``import export`` stays cheap and never needs TensorRT).
 """

@@ -189,7 +189,7 @@ def _usage(doc: dict, repo: str) -> str:
                f"reptok extract --ckpt hf://{repo} --data data/prepared --out tokens.npy")
         py = (f"pipe = Pipeline.from_run(\"hf://{repo}\", device=\"cuda\")\n"
               "tokens = pipe.encode(images)          # PIL images -> (B, D)\n"
-              "recon = pipe.decode(tokens, seed=0)   # tokens -> PIL images")
+              "recon = pipe(tokens=tokens, seed=0)   # tokens -> PIL images")
     elif cfg.generator is not None and cfg.generator.text_encoder is not None:
         cli = f"reptok sample --ckpt hf://{repo} --prompt \"a red circle\" -n 4 --out samples/"
         py = (f"pipe = Pipeline.from_run(\"hf://{repo}\", device=\"cuda\")\n"

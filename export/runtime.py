@@ -1,6 +1,5 @@
-"""Runtime modules with the torch call signature, and the Pipeline built from them; the torch
-fast paths (CUDA graphs, regional ``torch.compile``) live here too, so ``reptok sample`` and
-``reptok bench`` share one implementation of every fast path.
+"""Runtime modules with the torch call signature, and the Pipeline built from them (the torch
+fast paths, CUDA graphs and regional ``torch.compile``, are ``reptok/fast.py``).
 
 ``OrtModule`` (ONNX Runtime) and ``TrtModule`` (TensorRT) take and return torch tensors, so the
 one sampling loop in ``reptok.pipeline.Pipeline`` drives them exactly as it drives the torch
@@ -12,7 +11,7 @@ networks::
     latent.decode(latents (B,C,h,w)) -> images (B,3,H,W)
 
 ``load_runtime_pipeline(ckpt, engine_dir, backend, device)`` is what ``reptok sample --backend
-onnx|trt --engine DIR`` calls (through ``reptok.backends``). TensorRT is imported lazily; on a
+onnx|trt --engine DIR`` calls (through ``load_sampling_pipeline``, which picks torch or a runtime). TensorRT is imported lazily; on a
 machine without CUDA or the ``tensorrt`` package, ``--backend trt`` fails at once with an
 InputError (exit code 2).
 
@@ -24,20 +23,22 @@ generator through the same call as the torch module.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
+from reptok.backends import PRECISIONS, SIDECAR, resolve_backend
 from reptok.errors import InputError
+from reptok.models.generator import denormalize_tokens, normalize_tokens
+from reptok.models.text_generator import TextCondition
+from reptok.models.vae import PixelSpace
+from reptok.pipeline import Pipeline, load_text_encoder
+from reptok.run import read_run_config
 
 from .onnx import import_ort, ort_session_options, pipeline_config_sha256, read_manifest, run_config_sha256
 
-SIDECAR = "engines.json"  # the TensorRT sidecar written by export/trt.py
 BACKENDS = ("onnx", "trt")
 
 
@@ -215,181 +216,6 @@ class TrtModule:
         return outs[0].float()
 
 
-# ----------------------------------------------------------------------------- torch fast paths
-# The same torch modules, called faster: CUDA graphs (one captured graph per input signature)
-# and regional torch.compile (each repeated block compiled once, the compiled code reused by the
-# identical blocks). ``fast_variant`` hands a Pipeline whose networks are wrapped this way back to
-# the one sampling loop; ``reptok.backends.apply_fast_path`` decides which path a command gets.
-class CudaGraphed:
-    """Calls ``fn`` through a CUDA graph captured once per input signature (shapes, dtypes).
-
-    Inputs are copied into static buffers, the graph is replayed, the static output cloned.
-    Removes per-kernel launch overhead (large for small batches); needs fixed shapes, which the
-    sampling loop has (one graph per batch size, plus the CFG-doubled generator batch; the
-    sampler pads a last partial batch to the full size, see ``reptok.sample``).
-    """
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-        self.graphs: Dict[tuple, tuple] = {}
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        amp = _autocast_state()
-        key = tuple((tuple(a.shape), a.dtype) for a in args) + (amp,)
-        if key not in self.graphs:
-            static = [a.clone() for a in args]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with _uncached_autocast(amp):
-                with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS handles, workspaces)
-                    for _ in range(2):
-                        self.fn(*static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: the sampler's noise-prefetch thread pins memory and queries events
-                # meanwhile; under the default "global" mode those calls would abort the capture.
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = self.fn(*static)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
-        for dst, src in zip(static, args):
-            dst.copy_(src)
-        graph.replay()
-        return out.clone()
-
-
-def _autocast_state() -> Optional[torch.dtype]:
-    """The CUDA autocast dtype in force, or None."""
-    try:
-        enabled = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
-    except (TypeError, AttributeError):  # torch < 2.4
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return dtype if enabled else None
-
-
-def _uncached_autocast(dtype: Optional[torch.dtype]):
-    """Autocast without its weight-cast cache, for graph capture: the cache's bf16 copies of the
-    weights would be captured by address and freed when the caller's autocast block exits, and
-    every later replay would read freed memory (an illegal memory access; PyTorch's CUDA graphs
-    notes say to capture with ``cache_enabled=False``)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
-
-
-def _block_signature(m: nn.Module) -> tuple:
-    return (type(m),) + tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
-
-
-def _compile_container(child: nn.Module, compile_kw: dict) -> Tuple[Optional[nn.Module], int]:
-    """A copy of a ModuleList / Sequential with each repeated block compiled, or (None, 0)."""
-    if not isinstance(child, (nn.ModuleList, nn.Sequential)):
-        return None, 0
-    counts: Dict[tuple, int] = {}
-    for m in child:
-        counts[_block_signature(m)] = counts.get(_block_signature(m), 0) + 1
-    repeated = [counts[_block_signature(m)] > 1 for m in child]
-    if not any(repeated):
-        return None, 0
-    items = [torch.compile(m, **compile_kw) if rep else m for m, rep in zip(child, repeated)]
-    return (type(child)(*items) if isinstance(child, nn.Sequential) else nn.ModuleList(items)), sum(repeated)
-
-
-def _shallow(module: nn.Module) -> nn.Module:
-    copy_ = copy.copy(module)
-    copy_._modules = dict(module._modules)  # the copy's own child registry
-    return copy_
-
-
-def regional_compile(module: nn.Module, **compile_kw) -> Tuple[nn.Module, int]:
-    """A shallow copy of ``module`` whose repeated blocks are ``torch.compile``d one by one.
-
-    The containers scanned are the module's ``block_lists`` (dotted paths, e.g. the text
-    generator's ``condition.cross``) or else its direct ``nn.ModuleList`` / ``nn.Sequential``
-    children (the decoder's 28 transformer blocks, the generator's mixer blocks). Blocks of the
-    same type and parameter shapes each get their own compiled wrapper, and dynamo compiles the
-    block's code once and reuses it for the identical blocks (parameters are graph inputs), so
-    compile time is one block's instead of the whole network's. The wrappers share the original
-    parameters; the original module is left untouched (every module on the way to a compiled
-    container is shallow-copied). Returns (copy, number of compiled blocks)."""
-    regions = getattr(module, "block_lists", None) or tuple(name for name, _ in module.named_children())
-    root, compiled = _shallow(module), 0
-    for path in regions:
-        names = path.split(".")
-        chain = [module]
-        for n in names:
-            nxt = chain[-1]._modules.get(n) if isinstance(chain[-1], nn.Module) else None
-            if nxt is None:
-                break
-            chain.append(nxt)
-        if len(chain) != len(names) + 1:  # a region this instance does not have (a class generator's cross)
-            continue
-        new, k = _compile_container(chain[-1], compile_kw)
-        if new is None:
-            continue
-        parent = root
-        for depth, n in enumerate(names[:-1]):  # copy the modules on the way, so the original stays intact
-            child = parent._modules[n]
-            if child is chain[depth + 1]:
-                child = parent._modules[n] = _shallow(child)
-            parent = child
-        parent._modules[names[-1]] = new
-        compiled += k
-    return root, compiled
-
-
-class _Proxy:
-    """Delegates attributes to ``base`` except the overridden ones (keeps .null_class etc.)."""
-
-    def __init__(self, base, **overrides):
-        self._base = base
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-
-class _CallProxy(_Proxy):
-    def __call__(self, *args):
-        return self._call(*args)
-
-
-def fast_variant(pipe, cuda_graphs: bool = False, compile: bool = False, compile_kw: Optional[dict] = None,
-                 latent: bool = True):
-    """A shallow copy of ``pipe`` (same weights, same sampling loop) whose decoder, generator and
-    (``latent``) VAE decode run regionally compiled (``compile``) and / or through CUDA graphs.
-    The copy's device is pinned (its networks become proxies without parameters). The
-    original pipeline is left as it was. ``variant.fast_blocks`` counts the compiled blocks."""
-    v = copy.copy(pipe)
-    object.__setattr__(v, "_modules", dict(pipe._modules))  # the copy's own child registry
-    v.pin_device(pipe.device)
-    v.fast_blocks = 0
-
-    def put(name, value):
-        # A proxy is not an nn.Module: unregister the child, then set a plain attribute.
-        v._modules.pop(name, None)
-        object.__setattr__(v, name, value)
-
-    def wrap(net):
-        call = net
-        if compile:
-            call, n = regional_compile(net, **(compile_kw or {}))
-            v.fast_blocks += n
-            if n == 0:  # no repeated blocks (e.g. a VAE): compile the whole call
-                call = torch.compile(net, **(compile_kw or {}))
-        return CudaGraphed(call) if cuda_graphs else call
-
-    for name in ("decoder", "generator"):
-        net = getattr(pipe, name, None)
-        if isinstance(net, nn.Module):
-            put(name, _CallProxy(net, _call=wrap(net)))
-    lat = pipe.latent
-    if latent and cuda_graphs and isinstance(lat, nn.Module) and not getattr(lat, "is_pixel", False):
-        put("latent", _Proxy(lat, decode=CudaGraphed(lat.decode)))
-    return v
-
-
 # ----------------------------------------------------------------------------- pipeline shims
 class RuntimeGenerator:
     """The generator as the pipeline sees it: ``__call__(x, t, y)`` (or ``(x, t, text, text_mask)``
@@ -419,23 +245,15 @@ class RuntimeGenerator:
     def null(self, batch: int, device=None):
         """The CFG null condition, as ``TokenGenerator.null``: null-class labels (B,) or [""] * B."""
         if self.text_conditioned:
-            from reptok.models.text_generator import TextCondition
-
             return [TextCondition.NULL_PROMPT] * batch
         if self.null_class is None:
-            from reptok.errors import InputError
-
             raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable")
         return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        from reptok.models.generator import normalize_tokens
-
         return normalize_tokens(z, self.token_mean, self.token_std)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        from reptok.models.generator import denormalize_tokens
-
         return denormalize_tokens(x, self.token_mean, self.token_std, self.n_tokens)
 
 
@@ -452,15 +270,13 @@ class RuntimeLatent:
 
 
 def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str = "cpu", manifest: Optional[dict] = None,
-                           text_encoder=None):
+                           text_encoder=None, run_dir=None, run_doc: Optional[dict] = None):
     """A Pipeline over the graphs (onnx) or engines (trt) in ``engine_dir``, for config ``cfg``.
 
     No run-matching check here (``load_runtime_pipeline`` does it); components not exported
     are None, the pixel-space latent is ``PixelSpace``. ``text_encoder``: the torch text
     encoder of a text-to-image run (prompts are encoded in torch, outside the graphs).
     """
-    from reptok.models.vae import PixelSpace
-
     if backend not in BACKENDS:
         raise InputError(f"--backend {backend!r}: runtime backends are {', '.join(BACKENDS)}")
     engine_dir = Path(engine_dir)
@@ -486,8 +302,6 @@ def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str =
             return OrtModule(path, device, input_names=names, output_shapes=shapes)
         return TrtModule(path, device, input_names=names)
 
-    from reptok.pipeline import Pipeline
-
     gen = make("generator")
     vae = make("vae")
     pipe = Pipeline(
@@ -497,11 +311,9 @@ def build_runtime_pipeline(cfg, engine_dir, backend: str = "onnx", device: str =
         latent=PixelSpace(cfg.vae) if cfg.vae.is_pixel else (RuntimeLatent(vae) if vae is not None else None),
         generator=RuntimeGenerator(gen, manifest["generator"], device) if gen is not None else None,
         text_encoder=text_encoder,
+        device=device,  # runtime modules have no torch parameters to infer it from
+        backend=backend, engine_dir=engine_dir, manifest=manifest, run_dir=run_dir, run_doc=run_doc,
     )
-    pipe.pin_device(device)  # runtime modules have no torch parameters to infer it from
-    pipe.backend = backend
-    pipe.engine_dir = engine_dir
-    pipe.manifest = manifest
     return pipe.eval()
 
 
@@ -511,8 +323,6 @@ def load_runtime_pipeline(ckpt, engine_dir, backend: str = "onnx", device: str =
     The export must come from this run: the sha256 of the run's config.json must equal the
     manifest's (InputError otherwise, with the fix in the message).
     """
-    from reptok.run import read_run_config
-
     if backend == "trt":
         require_trt(device)  # fail at once, before reading anything
     engine_dir = Path(engine_dir)
@@ -529,13 +339,35 @@ def load_runtime_pipeline(ckpt, engine_dir, backend: str = "onnx", device: str =
                          f"re-export with 'reptok export onnx --ckpt {ckpt} --out DIR'")
     text_encoder = None
     if cfg.generator is not None and cfg.generator.text_encoder is not None and "generator" in manifest["graphs"]:
-        from reptok.pipeline import load_text_encoder
-
         text_encoder = load_text_encoder(ckpt, device)  # torch: prompts are encoded outside the graphs
-    pipe = build_runtime_pipeline(cfg, engine_dir, backend, device, manifest, text_encoder=text_encoder)
-    pipe.run_dir = Path(ckpt)
-    pipe.run_doc = doc
-    return pipe
+    return build_runtime_pipeline(cfg, engine_dir, backend, device, manifest, text_encoder=text_encoder,
+                                  run_dir=Path(ckpt), run_doc=doc)
+
+
+def load_sampling_pipeline(ckpt: Path, device: str = "cpu", backend: Optional[str] = "torch",
+                           engine: Optional[Path] = None, precision: Optional[str] = None, fast: bool = False,
+                           compile: bool = False, cuda_graphs: Optional[bool] = None,
+                           components=("decoder", "generator", "vae")):
+    """The sampling pipeline of a run on ``device`` with the chosen backend and fast path: torch
+    (``Pipeline.from_run(..., fast=)``) or the exported graphs / engines in ``engine``.
+
+    ``fast=False`` (library default: the exact torch modules) keeps eager torch at ``precision``
+    (default fp32); the CLI passes ``fast=True`` unless ``--no-fast``."""
+    backend = resolve_backend(backend, engine)
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if backend == "torch":
+        return Pipeline.from_run(ckpt, device, components=components, fast=fast, precision=precision,
+                                 compile=compile, cuda_graphs=cuda_graphs)
+    if engine is None:
+        raise InputError(f"--backend {backend} needs --engine DIR (written by 'reptok export {backend}')")
+    if compile or cuda_graphs:
+        raise InputError(f"--compile / --cuda-graphs apply to the torch backend, not --backend {backend}")
+    pipe = load_runtime_pipeline(ckpt, engine, backend=backend, device=device)
+    provider = getattr(pipe.decoder, "provider", None) or ("TensorRT" if backend == "trt" else "?")
+    return pipe.with_fast_path({"backend": backend, "device": str(pipe.device), "provider": provider,
+                                "precision": pipe.manifest.get("dtype", "fp32"), "cuda_graphs": False,
+                                "compile": False})
 
 
 # ----------------------------------------------------------------------------- TRT sidecar
@@ -561,5 +393,4 @@ def check_engines_match_gpu(sidecar: dict, engine_dir, device: str) -> None:
 
 
 __all__ = ["OrtModule", "TrtModule", "RuntimeGenerator", "RuntimeLatent", "build_runtime_pipeline",
-           "load_runtime_pipeline", "require_trt", "ort_providers", "SIDECAR", "CudaGraphed", "regional_compile",
-           "fast_variant"]
+           "load_runtime_pipeline", "load_sampling_pipeline", "require_trt", "ort_providers", "SIDECAR"]

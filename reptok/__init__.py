@@ -3,10 +3,10 @@
 The Python API (diffusers style)::
 
     from reptok import Pipeline
-    pipe = Pipeline.from_run("runs/gen", device="cuda")
+    pipe = Pipeline.from_run("runs/gen", device="cuda", fast=True)
     images = pipe(classes=[88, 88, 207], seed=0, output="pil")   # prompts=[...] for text runs
     tokens = pipe.encode(images)                                  # (B, D)
-    again = pipe.decode(tokens, seed=0, output="np")
+    again = pipe(tokens=tokens, seed=0, output="np")
 
 ``Pipeline`` is imported on first use, so ``import reptok`` stays light (no torch).
 """

@@ -1,7 +1,8 @@
 """Pick the backend and the fast path that run the networks of a sampling Pipeline.
 
 Every backend returns the same ``Pipeline`` object; ONNX Runtime / TensorRT sessions replace the
-torch modules with callables of the same signature (see ``export/runtime.py``).
+torch modules with callables of the same signature (``export/runtime.py`` builds those pipelines,
+and its ``load_sampling_pipeline`` picks torch or a runtime; this package never imports ``export``).
 
 The fast path (``apply_fast_path``), the default of ``reptok sample`` / ``reconstruct`` /
 ``eval recon`` / ``quickstart``; ``--no-fast`` gives torch eager float32:
@@ -26,9 +27,11 @@ from typing import Optional
 import torch
 
 from .errors import InputError
+from .fast import fast_variant
 
 BACKENDS = ("torch", "onnx", "trt")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIDECAR = "engines.json"  # the TensorRT sidecar written by export/trt.py (resolve_backend looks for it)
 
 
 def resolve_backend(backend: Optional[str], engine: Optional[Path]) -> str:
@@ -40,8 +43,6 @@ def resolve_backend(backend: Optional[str], engine: Optional[Path]) -> str:
         return backend
     if engine is None:
         return "torch"
-    from export.runtime import SIDECAR
-
     return "trt" if (Path(engine) / SIDECAR).is_file() else "onnx"
 
 
@@ -75,15 +76,11 @@ def apply_fast_path(pipe, fast: bool = True, precision: Optional[str] = None, co
         raise InputError("--cuda-graphs needs a CUDA device (--device cuda)")
     if not fast:
         compile = cuda_graphs = False
-    pipe.autocast_dtype = PRECISIONS[precision]
     set_tf32(pipe.device, fast)
     if cuda_graphs or compile:
-        from export.runtime import fast_variant
-
         pipe = fast_variant(pipe, cuda_graphs=cuda_graphs, compile=compile)
-    pipe.fast_path = {"backend": "torch", "device": str(pipe.device), "precision": precision,
-                      "cuda_graphs": bool(cuda_graphs), "compile": bool(compile)}
-    return pipe
+    return pipe.with_fast_path({"backend": "torch", "device": str(pipe.device), "precision": precision,
+                                "cuda_graphs": bool(cuda_graphs), "compile": bool(compile)}, PRECISIONS[precision])
 
 
 def describe_fast_path(fp: Optional[dict]) -> str:
@@ -96,32 +93,3 @@ def describe_fast_path(fp: Optional[dict]) -> str:
     parts += ["CUDA graphs"] if fp["cuda_graphs"] else []
     parts += ["regional compile"] if fp["compile"] else []
     return " + ".join(parts) + ("" if fp["cuda_graphs"] or fp["compile"] else " eager") + f" on {fp['device']}"
-
-
-def load_sampling_pipeline(ckpt: Path, device: str = "cpu", backend: Optional[str] = "torch",
-                           engine: Optional[Path] = None, precision: Optional[str] = None, fast: bool = False,
-                           compile: bool = False, cuda_graphs: Optional[bool] = None,
-                           components=("decoder", "generator", "vae")):
-    """The sampling pipeline of a run on ``device`` with the chosen backend and fast path.
-
-    ``fast=False`` (library default: the exact torch modules) keeps eager torch at ``precision``
-    (default fp32); the CLI passes ``fast=True`` unless ``--no-fast``."""
-    from .pipeline import Pipeline
-
-    backend = resolve_backend(backend, engine)
-    if precision is not None and precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if backend == "torch":
-        pipe = Pipeline.from_run(ckpt, device, components=components)
-        return apply_fast_path(pipe, fast=fast, precision=precision, compile=compile, cuda_graphs=cuda_graphs)
-    if engine is None:
-        raise InputError(f"--backend {backend} needs --engine DIR (written by 'reptok export {backend}')")
-    if compile or cuda_graphs:
-        raise InputError(f"--compile / --cuda-graphs apply to the torch backend, not --backend {backend}")
-    from export.runtime import load_runtime_pipeline
-
-    pipe = load_runtime_pipeline(ckpt, engine, backend=backend, device=device)
-    provider = getattr(pipe.decoder, "provider", None) or ("TensorRT" if backend == "trt" else "?")
-    pipe.fast_path = {"backend": backend, "device": str(pipe.device), "provider": provider,
-                      "precision": pipe.manifest.get("dtype", "fp32"), "cuda_graphs": False, "compile": False}
-    return pipe

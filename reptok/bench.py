@@ -8,8 +8,8 @@ backends are timed in alternation, so background load skews none of them in part
   CFG interval; that is part of ``end_to_end``);
 - ``decoder``: one decoder NFE on B images;
 - ``vae``: one VAE decode of B latents (skipped in pixel space);
-- ``end_to_end``: ``Pipeline.sample`` of B images (generator steps with CFG, decoder steps,
-  VAE), the run's default steps unless ``steps`` (generator) / ``decoder_steps`` say otherwise.
+- ``end_to_end``: ``Pipeline.generate`` + ``Pipeline.decode`` of B images (generator steps with CFG,
+  decoder steps, VAE), the run's default steps unless ``steps`` (generator) / ``decoder_steps`` say otherwise.
 
 images/s = B / median latency; each row also has the min and max latency of its ``iters``
 timed calls (``latency_min_ms`` / ``latency_max_ms``). ``max_abs_err`` compares each backend's NFE output with torch eager
@@ -29,7 +29,6 @@ import contextlib
 import copy
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .fast import fast_variant
 
 STAGES = ("generator", "decoder", "vae", "end_to_end")
 BACKENDS = ("torch", "onnx", "trt")
@@ -219,12 +219,18 @@ def run_bench(
     seed: int = 0,
     threads: Optional[int] = None,
     log: Optional[Callable[[str], None]] = None,
+    runtimes=None,
 ) -> dict:
     """Benchmark a run (``ckpt``) or a preset with random weights; returns a JSON-able report
     {"rows": [...], "notes": [...], ...}. See the module docstring for what is measured.
-    ``threads``: torch (and ONNX Runtime) intra-op threads for the run (default: torch's)."""
+    ``threads``: torch (and ONNX Runtime) intra-op threads for the run (default: torch's).
+    ``runtimes``: what builds the onnx / trt rows (``export.bench.RUNTIMES``; this package does
+    not import ``export``): ``check(device)`` fails early, ``pipelines(...)`` returns the rows'
+    pipelines. ``export.bench.run_bench`` passes it; without it only torch can be measured."""
     log = log or (lambda msg: None)
     backends = _parse_list(backends, BACKENDS)
+    if runtimes is None and ("onnx" in backends or "trt" in backends):
+        raise InputError("the onnx / trt rows need export.bench.run_bench (reptok.bench measures torch only)")
     batch_sizes = parse_batch_sizes(batch_sizes)
     if (ckpt is None) == (preset is None):
         raise InputError("pass exactly one of --ckpt RUN or --preset NAME")
@@ -244,28 +250,24 @@ def run_bench(
         torch.set_num_threads(int(threads))
     try:
         return _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup, iters, compile,
-                          cuda_graphs, device, precision, onnx_dir, trt_dir, stages, seed, log)
+                          cuda_graphs, device, precision, onnx_dir, trt_dir, stages, seed, log, runtimes)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup, iters, compile, cuda_graphs, device,
-               precision, onnx_dir, trt_dir, stages, seed, log) -> dict:
-    from export.runtime import fast_variant
-
-    from .backends import load_sampling_pipeline
+               precision, onnx_dir, trt_dir, stages, seed, log, runtimes) -> dict:
+    from .pipeline import Pipeline
     from .presets import get_preset
 
     dev = torch.device(device)
     notes: List[str] = []
     if "trt" in backends:
-        from export.runtime import require_trt
-
-        require_trt(str(dev))
+        runtimes.check(str(dev))
 
     # The torch fp32 reference pipeline (also the torch eager backend when precision is fp32).
     if ckpt is not None:
-        ref = load_sampling_pipeline(Path(ckpt), str(dev), backend="torch")
+        ref = Pipeline.from_run(Path(ckpt), str(dev), components=("decoder", "generator", "vae"))
         cfg = ref.cfg
         source = {"ckpt": str(Path(ckpt).absolute())}
     else:
@@ -275,7 +277,6 @@ def _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup
             raise InputError(str(e.args[0])) from None
         ref = random_pipeline(cfg, seed).to(dev)
         source = {"preset": preset, "weights": "random"}
-    ref.autocast_dtype = None
     if ref.generator is None:
         notes.append("the run has no generator: generator and end_to_end stages skipped")
     elif getattr(ref, "is_text", False):
@@ -288,8 +289,8 @@ def _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup
     pipelines: List[tuple] = []  # (label, pipeline, precision label, provider)
     try:
         if "torch" in backends:
-            eager = copy.copy(ref)
-            eager.autocast_dtype = PRECISIONS[precision]
+            eager = copy.copy(ref).with_fast_path({"backend": "torch", "device": str(dev), "precision": precision,
+                                                   "cuda_graphs": False, "compile": False}, PRECISIONS[precision])
             pipelines.append(("torch", eager, precision, "eager"))
             if compile:
                 pipelines.append(("torch+compile", fast_variant(eager, compile=True), precision,
@@ -303,7 +304,7 @@ def _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup
         elif compile or cuda_graphs:
             notes.append("--compile / --cuda-graphs apply to the torch backend, which is not selected")
         if "onnx" in backends or "trt" in backends:
-            pipelines += _runtime_pipelines(ref, ckpt, backends, precision, onnx_dir, trt_dir, batch_sizes,
+            pipelines += runtimes.pipelines(ref, ckpt, backends, precision, onnx_dir, trt_dir, batch_sizes,
                                             dev, tmp, notes, log)
 
         rows = _measure(pipelines, ref, batch_sizes, stages, warmup, iters, e2e_steps, dev, notes, log)
@@ -318,60 +319,6 @@ def _run_bench(ckpt, preset, backends, batch_sizes, steps, decoder_steps, warmup
     }
 
 
-def _runtime_pipelines(ref, ckpt, backends, precision, onnx_dir, trt_dir, batch_sizes, dev, tmp, notes, log):
-    from export.onnx import export_onnx, read_manifest
-    from export.runtime import build_runtime_pipeline, load_runtime_pipeline
-
-    out = []
-    onnx_dtype = "fp16" if precision == "fp16" else "fp32"
-    if precision == "bf16" and "onnx" in backends:
-        notes.append("onnx: ONNX Runtime has no bf16 path here; the onnx rows run fp32 graphs")
-
-    def export(dtype):
-        folder = Path(tmp.enter_context(tempfile.TemporaryDirectory(prefix="reptok-bench-"))) / f"onnx-{dtype}"
-        log(f"exporting ONNX ({dtype}) to {folder} ...")
-        # A preset's random pipeline is exported from memory (the same weights as the torch rows).
-        export_onnx(ckpt if ckpt is not None else ref, folder, dtype=dtype, log=log)
-        return folder
-
-    if "onnx" in backends and onnx_dir is None:
-        onnx_dir = export(onnx_dtype)
-    trt_onnx = None
-    if "trt" in backends and trt_dir is None:
-        # TensorRT takes fp32 graphs and applies its own precision flags.
-        if onnx_dir is not None and read_manifest(onnx_dir).get("dtype") == "fp32":
-            trt_onnx = onnx_dir
-        else:
-            trt_onnx = export("fp32")
-
-    def load(folder, backend):
-        if ckpt is not None:
-            return load_runtime_pipeline(ckpt, folder, backend, str(dev))
-        return build_runtime_pipeline(ref.cfg, folder, backend, str(dev))
-
-    if "onnx" in backends:
-        pipe = load(onnx_dir, "onnx")
-        provider = pipe.decoder.provider if pipe.decoder is not None else "?"
-        if dev.type == "cuda" and provider != "CUDAExecutionProvider":
-            notes.append("onnx: CUDAExecutionProvider unavailable (install onnxruntime-gpu); rows use the CPU provider")
-        out.append(("onnx", pipe, pipe.manifest.get("dtype", onnx_dtype), provider))
-    if "trt" in backends:
-        from export.trt import build_engines
-
-        trt_prec = precision
-        if trt_dir is None:
-            trt_dir = Path(tmp.enter_context(tempfile.TemporaryDirectory(prefix="reptok-trt-"))) / "engines"
-            log(f"building TensorRT engines ({trt_prec}) ...")
-            build_engines(trt_onnx, trt_dir, precision=trt_prec, min_batch=1, opt_batch=max(batch_sizes),
-                          max_batch=max(batch_sizes), log=log)
-        else:
-            from export.runtime import read_sidecar
-
-            trt_prec = read_sidecar(trt_dir).get("precision", "?")
-        out.append(("trt", load(trt_dir, "trt"), trt_prec, "TensorRT"))
-    return out
-
-
 def _stage_call(pipe, cfg, stage: str, batch: int, e2e_steps: dict, dev):
     """(fn, args or None, note) for one stage of one pipeline, or None when it does not apply."""
     if stage in ("generator", "end_to_end") and pipe.generator is None:
@@ -383,8 +330,10 @@ def _stage_call(pipe, cfg, stage: str, batch: int, e2e_steps: dict, dev):
                                generator=torch.Generator().manual_seed(batch))
         kw = dict(e2e_steps)
         if getattr(pipe.generator, "null_class", None) is None:
-            kw["cfg"] = 1.0  # no null class: no CFG
-        fn = lambda: pipe.sample(labels, list(range(batch)), seed=0, **kw)  # noqa: E731
+            kw["guidance_scale"] = 1.0  # no null class: no CFG
+        args, idx = pipe.sampler_args(**kw), list(range(batch))
+        g_noise, d_noise = pipe.generator_noise(idx), pipe.decoder_noise(idx)
+        fn = lambda: pipe.decode(pipe.generate(labels, g_noise, args), d_noise, args)  # noqa: E731
         return fn, None, f"{kw['steps']}+{kw['decoder_steps']} steps"
     args = stage_inputs(cfg, stage, batch, dev)
     return _stage_fn(pipe, stage, args), args, ""
@@ -457,13 +406,13 @@ def _relative(rows: List[dict]) -> None:
 
 def stage_gflops(pipe, e2e_steps: dict) -> Dict[str, float]:
     """GFLOPs per image of each stage (``reptok info``'s counts): one generator / decoder NFE, one
-    VAE decode, and ``end_to_end`` = the NFEs of ``Pipeline.nfe`` (CFG doubles the guided ones)."""
+    VAE decode, and ``end_to_end`` = the NFEs of ``SamplerArgs.nfe`` (CFG doubles the guided ones)."""
     from .info import model_report
 
     per = {r["component"]: r["gflops"] for r in model_report(pipe.cfg, components=("decoder", "generator", "vae"))}
     out = {k: v for k, v in per.items()}
     if "generator" in per:
-        n = pipe.nfe(**e2e_steps)
+        n = pipe.sampler_args(**e2e_steps).nfe()
         out["end_to_end"] = (per["generator"] * (n["generator"] + n["generator_guided"])
                              + per["decoder"] * n["decoder"] + per.get("vae", 0.0))
     return out

@@ -1,14 +1,21 @@
 """Pipeline: the Python API and the one sampling loop, written once for every backend.
 
-User API (diffusers style; README "Python API")::
+User API (diffusers' shape; README "Python API")::
 
-    pipe = Pipeline.from_run("runs/gen", device="cuda")
-    pipe(classes=[88, 88, 207], seed=0, output="pil" | "np" | "pt")   # prompts=[...] for text runs
-    pipe.encode(images) -> tokens (B, D);  pipe.decode(tokens, seed);  pipe.reconstruct(images, seed)
+    pipe = Pipeline.from_run("runs/gen", device="cuda", fast=True)   # fast: the CLI's fast path
+    pipe(classes=[88, 88, 207], seed=0, output="pil" | "np" | "pt", steps=25, guidance_scale=2.0)
+    pipe(prompts=[...]);  pipe(tokens=z, seed=0)                      # text runs; decoder only
+    pipe.encode(images) -> tokens (B, D);  pipe.reconstruct(images, seed);  pipe.interpolate(a, b, 8)
+
+For batching and runtimes, one call per stage with validated, frozen settings::
+
+    args = pipe.sampler_args(steps=25)                 # SamplerArgs: TypeError / InputError here
+    z = pipe.generate(labels_or_prompts, pipe.generator_noise(idx, seed), args)
+    images = pipe.decode(z, pipe.decoder_noise(idx, seed), args)   # float, not clamped
 
 Image outputs: "pt" float (B,3,H,W) clamped to [-1,1], "np" uint8 (B,H,W,3), "pil" a list. The
-CLI's ``reptok sample`` runs the same calls (``generate_from`` / ``decode_from`` /
-``tensor_to_uint8``), so both give the same pixels for the same (seed, index).
+CLI's ``reptok sample`` runs the same calls (``generate`` / ``decode`` / ``tensor_to_uint8``),
+so both give the same pixels for the same (seed, index).
 
 The three networks are called through their torch signatures only::
 
@@ -17,8 +24,8 @@ The three networks are called through their torch signatures only::
     generator(x (B,n,D), t (B,), text (B,L,E), text_mask (B,L)) -> velocity   text-conditioned
     latent.decode(latents) -> images in [-1, 1]
 
-so ONNX Runtime / TensorRT sessions with the same call signature (``export/runtime.py``) can
-replace the torch modules and the sampling loop below stays the only one. A text-conditioned
+so ONNX Runtime / TensorRT sessions with the same call signature (``export/runtime.py`` hands
+them to the constructor) or the torch fast paths (``reptok/fast.py``) can replace the torch modules and the sampling loop below stays the only one. A text-conditioned
 generator also has a (torch) ``text_encoder``; its condition is an index into a table of encoded
 prompts, with the empty prompt "" as the CFG null condition (``Pipeline._condition``).
 
@@ -29,8 +36,11 @@ Noise is a function of (seed, global image index) only: ``index_noise``. Sharded
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +48,8 @@ from torch import nn
 
 from . import flow
 from . import run as rundir
-from .config import PipelineConfig
+from .backends import apply_fast_path
+from .config import ConfigError, PipelineConfig, SamplingConfig, check_rules
 from .errors import InputError
 
 
@@ -57,12 +68,94 @@ def index_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream:
     return torch.stack([torch.randn(*shape, generator=index_generator(seed, i, stream)) for i in indices])
 
 
+# ----------------------------------------------------------------------------- sampler settings
+@dataclass(frozen=True)
+class SamplerArgs:
+    """Sampler settings, validated once by the config layer's rules (``reptok.config.RULES``,
+    the same that check ``reptok sample``'s options): an invalid value raises InputError.
+    Build them from a run's defaults with ``pipe.sampler_args(steps=10, ...)``.
+
+    ``guidance_scale``: the CFG scale (1.0 = no guidance); ``cfg_interval``: (lo, hi), the times
+    at which guidance applies, or None for every step."""
+
+    steps: int = 50
+    guidance_scale: float = 1.5
+    cfg_interval: Optional[Tuple[float, float]] = (0.3, 0.9)
+    solver: str = "euler"
+    decoder_steps: int = 50
+    decoder_solver: str = "euler"
+
+    def __post_init__(self):
+        s = check_sampler_values(steps=self.steps, cfg=self.guidance_scale, cfg_interval=self.cfg_interval,
+                                 solver=self.solver, decoder_steps=self.decoder_steps,
+                                 decoder_solver=self.decoder_solver)
+        # The checked values, as the config layer typed them (a JSON list -> a hashable tuple).
+        for name, value in (("steps", s.steps), ("guidance_scale", s.cfg), ("solver", s.solver),
+                            ("decoder_steps", s.decoder_steps), ("decoder_solver", s.decoder_solver)):
+            object.__setattr__(self, name, value)
+        if self.cfg_interval is not None:
+            object.__setattr__(self, "cfg_interval", tuple(float(v) for v in s.cfg_interval))
+
+    @classmethod
+    def from_config(cls, sampling: SamplingConfig, **overrides) -> "SamplerArgs":
+        """``sampling``'s values with ``overrides`` (TypeError for an unknown keyword; ``cfg=``
+        is a deprecated alias of ``guidance_scale``)."""
+        if "cfg" in overrides:
+            if "guidance_scale" in overrides:
+                raise TypeError("pass guidance_scale= or its deprecated alias cfg=, not both")
+            warnings.warn("cfg= is deprecated: use guidance_scale=", DeprecationWarning, stacklevel=3)
+            overrides["guidance_scale"] = overrides.pop("cfg")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected sampler keyword {unknown[0]!r}: choose from {', '.join(names)}")
+        base = dict(steps=sampling.steps, guidance_scale=sampling.cfg, cfg_interval=sampling.cfg_interval,
+                    solver=sampling.solver, decoder_steps=sampling.decoder_steps,
+                    decoder_solver=sampling.decoder_solver)
+        return cls(**{**base, **overrides})
+
+    def nfe(self) -> dict:
+        """Network evaluations per image: ``generator`` / ``decoder`` calls (Heun: 2 a step) and
+        ``generator_guided`` (calls inside the CFG interval, which run the batch twice)."""
+        grid = flow.time_grid(self.steps)
+        times = [grid[i] for i in range(self.steps)]
+        times += [grid[i + 1] for i in range(self.steps)] if self.solver == "heun" else []
+        guided = 0 if self.guidance_scale == 1.0 else sum(flow.in_interval(t, self.cfg_interval) for t in times)
+        per = {"euler": 1, "heun": 2}
+        return {"generator": self.steps * per[self.solver], "generator_guided": int(guided),
+                "decoder": self.decoder_steps * per[self.decoder_solver]}
+
+
+def check_sampler_values(**values) -> SamplingConfig:
+    """Sampler values (``SamplingConfig`` field names; None = not given) checked by the config
+    layer's rules: ``check_sampler_values(steps=0)`` -> ConfigError (an InputError) for
+    ``sampling.steps``. ``reptok sample``'s options go through here too. Returns the defaults
+    with the given values, typed by the config layer."""
+    over = {f"sampling.{k}": v for k, v in values.items() if v is not None}
+    for k, v in over.items():  # a bool is an int to Python, not a step count or a scale
+        if isinstance(v, bool):
+            raise ConfigError(f"{k}={v}: expected a number", key=k, value=v, allowed="a number")
+    base = PipelineConfig(generator=None)
+    base.sampling = SamplingConfig()
+    if not over:
+        return base.sampling
+    cfg = base.replace(**over)
+    check_rules(cfg, keys=set(over))
+    return cfg.sampling
+
+
 # ----------------------------------------------------------------------------- the pipeline
 class Pipeline(nn.Module):
     """The models of a run plus the one sampling loop. Components may be None when unused."""
 
     def __init__(self, cfg: PipelineConfig, encoder=None, decoder=None, latent=None, generator=None,
-                 text_encoder=None):
+                 text_encoder=None, *, device=None, backend: str = "torch", manifest: Optional[dict] = None,
+                 engine_dir=None, run_dir=None, run_doc: Optional[dict] = None,
+                 autocast_dtype: Optional[torch.dtype] = None):
+        """``device``: pin the device (runtime sessions have no torch parameters to infer it
+        from). ``backend`` / ``manifest`` / ``engine_dir``: what runs the networks (``export/``
+        hands ONNX Runtime / TensorRT sessions in with their manifest). ``run_dir`` / ``run_doc``:
+        the run the weights came from. ``autocast_dtype``: e.g. torch.bfloat16 on CUDA."""
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -70,11 +163,38 @@ class Pipeline(nn.Module):
         self.latent = latent
         self.generator = generator
         self.text_encoder = text_encoder
-        self.run_dir = None
-        self.run_doc = None
-        self.autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 on CUDA
-        self._pinned_device: Optional[torch.device] = None
-        self.fast_path: Optional[dict] = None  # set by reptok.backends.apply_fast_path
+        self.run_dir = run_dir
+        self.run_doc = run_doc
+        self.backend = backend
+        self.manifest = manifest
+        self.engine_dir = engine_dir
+        self.autocast_dtype = autocast_dtype
+        self._pinned_device: Optional[torch.device] = None if device is None else torch.device(device)
+        self.fast_path: Optional[dict] = None  # what runs the networks; see with_fast_path
+        self.fast_blocks = 0  # regionally compiled blocks (reptok.fast.fast_variant)
+
+    def with_networks(self, fast_blocks: int = 0, **nets) -> "Pipeline":
+        """A shallow copy (same weights, same sampling loop) whose named networks (decoder,
+        generator, latent, ...) are replaced by ``nets``: callables with the torch signature that
+        need not be nn.Modules (CUDA-graphed / compiled proxies). The copy's device is pinned,
+        since proxies have no parameters to infer it from; this pipeline is left as it was."""
+        v = copy.copy(self)
+        object.__setattr__(v, "_modules", dict(self._modules))  # the copy's own child registry
+        v._pinned_device = self.device
+        for name, value in nets.items():
+            if name not in v._modules:
+                raise TypeError(f"with_networks: unknown network {name!r}")
+            v._modules.pop(name)  # a proxy is not an nn.Module: unregister, then a plain attribute
+            object.__setattr__(v, name, value)
+        v.fast_blocks = fast_blocks
+        return v
+
+    def with_fast_path(self, fast_path: dict, autocast_dtype: Optional[torch.dtype] = None) -> "Pipeline":
+        """Record what runs the networks (``reptok.backends.describe_fast_path`` reads it) and
+        the autocast dtype it uses; returns this pipeline."""
+        self.fast_path = dict(fast_path)
+        self.autocast_dtype = autocast_dtype
+        return self
 
     @classmethod
     def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),
@@ -106,14 +226,18 @@ class Pipeline(nn.Module):
 
 
     @classmethod
-    def from_run(cls, path, device="cpu", use_ema: bool = True,
-                 components: Optional[Iterable[str]] = None) -> "Pipeline":
+    def from_run(cls, path, device="cpu", use_ema: bool = True, components: Optional[Iterable[str]] = None,
+                 *, fast: Optional[bool] = None, precision: Optional[str] = None, compile: bool = False,
+                 cuda_graphs: Optional[bool] = None) -> "Pipeline":
         """Rebuild the pipeline of a run directory (``reptok/run.py``'s format) on ``device``.
 
         ``path``: a run folder or ``"hf://OWNER/NAME[@REVISION]"`` (``reptok/hub.py``). A
         generator run brings its tokenizer run's encoder, decoder and VAE. ``components`` limits
         what is built (e.g. ``("generator",)`` for token-only work). ``use_ema``: the EMA weights
-        (inference) where the run has them."""
+        (inference) where the run has them. ``fast=True``: the CLI's default fast path
+        (``reptok.backends.apply_fast_path``: bf16 + CUDA graphs on CUDA, eager fp32 on CPU;
+        ``precision`` / ``compile`` / ``cuda_graphs`` as ``reptok sample``'s options);
+        ``fast=False``: ``--no-fast`` (eager fp32, TF32 off); the default None: as built."""
         from .hub import resolve_run
 
         run = resolve_run(path)  # a folder, or hf://OWNER/NAME[@REVISION] fetched into the Hub cache
@@ -150,7 +274,10 @@ class Pipeline(nn.Module):
             _load_text_weights(te, state, run)
         pipe.run_dir = run
         pipe.run_doc = doc
-        return pipe.to(device).eval()
+        pipe = pipe.to(device).eval()
+        if fast is None and not (precision or compile or cuda_graphs):
+            return pipe  # as built: eager fp32, global TF32 settings untouched
+        return apply_fast_path(pipe, fast=bool(fast), precision=precision, compile=compile, cuda_graphs=cuda_graphs)
 
     # ------------------------------------------------------------------ helpers
     def _need(self, *components: str) -> None:
@@ -195,6 +322,19 @@ class Pipeline(nn.Module):
         """True when the generator is caption-conditioned (sample with prompts, not labels)."""
         return self.cfg.generator is not None and self.cfg.generator.text_encoder is not None
 
+    # ------------------------------------------------------------------ sampler settings
+    def sampler_args(self, **overrides) -> "SamplerArgs":
+        """The run's sampler settings (``cfg.sampling``) with ``overrides``, validated once:
+        unknown keywords raise TypeError, invalid values InputError (:class:`SamplerArgs`)."""
+        return SamplerArgs.from_config(self.cfg.sampling, **overrides)
+
+    def _args(self, args: Optional["SamplerArgs"]) -> "SamplerArgs":
+        if args is None:
+            return self.sampler_args()
+        if not isinstance(args, SamplerArgs):
+            raise TypeError(f"args must be a SamplerArgs (pipe.sampler_args(...)), got {type(args).__name__}")
+        return args
+
     # ------------------------------------------------------------------ stage (a)
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
@@ -207,60 +347,71 @@ class Pipeline(nn.Module):
             return self.encoder(x.to(self.device)).float()
 
     @torch.no_grad()
-    def decode_latents(self, tokens: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
-                       solver: Optional[str] = None) -> torch.Tensor:
+    def decode_latents(self, tokens: torch.Tensor, noise: torch.Tensor,
+                       args: Optional["SamplerArgs"] = None) -> torch.Tensor:
         """tokens (B,D), noise (B,C,S,S) -> decoder-space sample (latents or pixels)."""
-        s = self.cfg.sampling
+        args = self._args(args)
         tokens = tokens.to(self.device)
 
         def velocity(x, t):
             with self._autocast():
                 return self.decoder(x, t, tokens)
 
-        return flow.solve(velocity, noise.to(self.device), steps or s.decoder_steps, solver or s.decoder_solver)
+        return flow.solve(velocity, noise.to(self.device), args.decoder_steps, args.decoder_solver)
 
     @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor, noise: torch.Tensor, steps: Optional[int] = None,
-                      solver: Optional[str] = None) -> torch.Tensor:
-        """Low level: tokens (B,D) + decoder noise (B,C,S,S) -> images (B,3,H,W) float32, roughly
-        in [-1,1] (NOT clamped: parity checks compare the raw decoder output)."""
-        lat = self.decode_latents(tokens, noise, steps, solver)
+    def decode(self, tokens: torch.Tensor, noise: torch.Tensor, args: Optional["SamplerArgs"] = None) -> torch.Tensor:
+        """For batching and runtimes: tokens (B,D) + decoder noise (B,C,S,S) -> images (B,3,H,W)
+        float32, roughly in [-1,1] (NOT clamped: parity checks compare the raw decoder output).
+        ``args``: :class:`SamplerArgs` (decoder_steps, decoder_solver; default: the run's)."""
+        self._need("decoder", "latent")
+        lat = self.decode_latents(tokens, noise, args)
         with self._autocast():
             return self.latent.decode(lat).float()
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, seed: int = 0, *, start: int = 0, steps: Optional[int] = None,
-               solver: Optional[str] = None, output: str = "pil"):
-        """tokens (B,D) -> images; image i gets decoder noise (seed, start + i). ``output``: "pil"
-        (list of PIL images), "np" (uint8 (B,H,W,3)) or "pt" (float (B,3,H,W) clamped to [-1,1])."""
+    def reconstruct(self, images, seed: int = 0, *, start: int = 0, output: str = "pil", **sampler_kw):
+        """Images (any :meth:`encode` input) -> encode -> decode; image i gets decoder noise
+        (seed, start + i). ``output`` as :meth:`__call__`; ``sampler_kw``: decoder_steps, ..."""
         check_output_kind(output)
-        self._need("decoder", "latent")
+        args = self.sampler_args(**sampler_kw)
+        tokens = self.encode(images)
+        return self._decode_job(tokens, seed, start, args, output)
+
+    @torch.no_grad()
+    def interpolate(self, a, b, frames: int = 8, seed: int = 0, *, output: str = "pil", **sampler_kw):
+        """Spherical interpolation between the tokens of images ``a`` and ``b`` (any
+        :meth:`encode` input, one image each): ``frames`` images from a to b, all decoded with
+        the same decoder noise (seed, index 0), so only the token changes along the strip."""
+        check_output_kind(output)
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+            raise InputError(f"frames={frames!r}: must be an int >= 2")
+        args = self.sampler_args(**sampler_kw)
+        z = self.encode(torch.cat([as_image_tensor(x, self.cfg.image_size)[:1] for x in (a, b)]))
+        tokens = torch.stack([slerp(z[0], z[1], i / (frames - 1)) for i in range(frames)])
+        _indices(seed, 0, 1)  # checks the seed
+        noise = self.decoder_noise([0], seed).expand(frames, *self.latent_shape)
+        return to_output(self.decode(tokens, noise, args), output)
+
+    def _decode_job(self, tokens, seed, start, args, output):
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 2:
             raise InputError(f"tokens must be (B, D), got shape {tuple(tokens.shape)}")
         idx = _indices(seed, start, len(tokens))
-        return to_output(self.decode_tokens(tokens, self.decoder_noise(idx, seed), steps, solver), output)
-
-    @torch.no_grad()
-    def reconstruct(self, images, seed: int = 0, *, start: int = 0, steps: Optional[int] = None,
-                    solver: Optional[str] = None, output: str = "pil"):
-        """Images (any :meth:`encode` input) -> encode -> decode; image i gets decoder noise
-        (seed, start + i). ``output`` as :meth:`decode`."""
-        check_output_kind(output)
-        tokens = self.encode(images)
-        return self.decode(tokens, seed, start=start, steps=steps, solver=solver, output=output)
+        return to_output(self.decode(tokens, self.decoder_noise(idx, seed), args), output)
 
     # ------------------------------------------------------------------ stage (b)
-    def _condition(self, labels: Optional[torch.Tensor], prompts: Optional[Sequence[str]], scale: float):
+    def _condition(self, cond, scale: float):
         """-> (cond (B,), null_cond (B,), model_fn(x, t, cond)) for ``flow.guided_velocity``.
 
-        The null condition is the generator's ``null(B)``. Class generators: cond = labels, null =
-        the null class. Text generators: the prompts and the null prompts ("") are encoded once into
+        ``cond``: class labels (B,) or, for a text generator, B prompt strings. The null
+        condition is the generator's ``null(B)``. Class generators: cond = labels, null = the
+        null class. Text generators: the prompts and the null prompts ("") are encoded once into
         a table; cond / null are row indices into it."""
         if self.is_text:
-            if prompts is None:
+            if cond is None or isinstance(cond, torch.Tensor):
                 raise InputError("this generator is text-conditioned: pass prompts, not class labels")
-            prompts = [str(p) for p in prompts]
+            prompts = [str(p) for p in cond]
             null_prompts = self.generator.null(len(prompts))
             table = list(dict.fromkeys(list(null_prompts) + prompts))
             row = {p: i for i, p in enumerate(table)}
@@ -274,15 +425,16 @@ class Pipeline(nn.Module):
                     return self.generator(x, t, hidden[c], mask[c])
 
             return cond, null, model_fn
-        if prompts is not None:
-            raise InputError("this generator is class-conditional: pass class labels, not prompts")
-        y = labels.to(self.device).long()
+        if not isinstance(cond, torch.Tensor):
+            raise InputError("this generator is class-conditional: pass class labels (a tensor), not prompts")
+        y = cond.to(self.device).long()
         if self.num_classes == 0 or scale == 1.0:
             # Unconditional generators ignore y and scale 1 never calls the null half: any null
             # condition gives v_u == v_c (CFG is a no-op).
             null = y
         elif self.generator.null_class is None:
-            raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable, use cfg 1.0")
+            raise InputError("this generator has no null class (class_dropout was 0): CFG is unavailable, "
+                             "use guidance_scale 1.0")
         else:
             null = self.generator.null(len(y), self.device)
 
@@ -293,23 +445,16 @@ class Pipeline(nn.Module):
         return y, null, model_fn
 
     @torch.no_grad()
-    def generate(self, labels: Optional[torch.Tensor], noise: torch.Tensor, steps: Optional[int] = None,
-                 cfg: Optional[float] = None, cfg_interval: Optional[Sequence[float]] = "default",
-                 solver: Optional[str] = None, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """labels (B,) or prompts (B strings, text generators), noise (B,n,D) in normalised token
-        space -> tokens (B,D) (denormalised). CFG's null condition: the null class / the prompt ""."""
-        s = self.cfg.sampling
-        scale = s.cfg if cfg is None else cfg
-        interval = tuple(s.cfg_interval) if cfg_interval == "default" else cfg_interval
-        cond, null, model_fn = self._condition(labels, prompts, scale)
-        v = flow.guided_velocity(model_fn, cond, null, scale, interval)
-        x = flow.solve(v, noise.to(self.device), steps or s.steps, solver or s.solver)
+    def generate(self, cond, noise: torch.Tensor, args: Optional["SamplerArgs"] = None) -> torch.Tensor:
+        """For batching and runtimes: ``cond`` (class labels (B,), or B prompt strings for a text
+        generator) + noise (B,n,D) in normalised token space -> tokens (B,D) (denormalised).
+        CFG's null condition: the null class / the prompt "". ``args``: :class:`SamplerArgs`
+        (steps, guidance_scale, cfg_interval, solver; default: the run's)."""
+        args = self._args(args)
+        cond, null, model_fn = self._condition(cond, args.guidance_scale)
+        v = flow.guided_velocity(model_fn, cond, null, args.guidance_scale, args.cfg_interval)
+        x = flow.solve(v, noise.to(self.device), args.steps, args.solver)
         return self.generator.denormalize(x)
-
-    @torch.no_grad()
-    def generate_text(self, prompts: Sequence[str], noise: torch.Tensor, **kw) -> torch.Tensor:
-        """Prompts (B strings) -> tokens (B,D); kw as :meth:`generate`."""
-        return self.generate(None, noise, prompts=prompts, **kw)
 
     # ------------------------------------------------------------------ both stages
     def generator_noise(self, indices: Sequence[int], seed: int = 0) -> torch.Tensor:
@@ -321,70 +466,38 @@ class Pipeline(nn.Module):
         """(B, C, S, S) decoder noise of images ``indices`` (CPU, float32)."""
         return index_noise(seed, indices, self.latent_shape, STREAM_DECODER)
 
-    def generate_from(self, labels: Optional[torch.Tensor], noise: torch.Tensor,
-                      prompts: Optional[Sequence[str]] = None, **kw) -> torch.Tensor:
-        """Stage (b) of :meth:`sample` on given generator noise: -> tokens (B, D)."""
-        return self.generate(labels, noise, kw.get("steps"), kw.get("cfg"), kw.get("cfg_interval", "default"),
-                             kw.get("solver"), prompts=prompts)
-
-    def decode_from(self, tokens: torch.Tensor, noise: torch.Tensor, **kw) -> torch.Tensor:
-        """The decoder + VAE half of :meth:`sample` on given decoder noise: -> images."""
-        return self.decode_tokens(tokens, noise, kw.get("decoder_steps"), kw.get("decoder_solver"))
-
-    def nfe(self, **kw) -> dict:
-        """Network evaluations per image of :meth:`sample` with sampler kw: ``generator`` /
-        ``decoder`` calls (Heun: 2 a step) and ``generator_guided`` (calls inside the CFG interval,
-        which run the batch twice: null and class rows)."""
-        s = self.cfg.sampling
-        steps, solver = kw.get("steps") or s.steps, kw.get("solver") or s.solver
-        dsteps, dsolver = kw.get("decoder_steps") or s.decoder_steps, kw.get("decoder_solver") or s.decoder_solver
-        scale = s.cfg if kw.get("cfg") is None else kw["cfg"]
-        interval = kw.get("cfg_interval", "default")
-        interval = tuple(s.cfg_interval) if interval == "default" else interval
-        grid = flow.time_grid(steps)
-        times = [grid[i] for i in range(steps)] + ([grid[i + 1] for i in range(steps)] if solver == "heun" else [])
-        guided = 0 if scale == 1.0 else sum(flow.in_interval(t, interval) for t in times)
-        per = {"euler": 1, "heun": 2}
-        return {"generator": steps * per[solver], "generator_guided": int(guided), "decoder": dsteps * per[dsolver]}
-
-    @torch.no_grad()
-    def sample(self, labels: Optional[torch.Tensor], indices: Sequence[int], seed: int = 0,
-               prompts: Optional[Sequence[str]] = None, **kw) -> torch.Tensor:
-        """Class labels (or, for a text generator, ``prompts``: one string per image) -> images,
-        noise from (seed, index). kw: steps, cfg, cfg_interval, solver, decoder_steps, decoder_solver."""
-        z = self.generate_from(labels, self.generator_noise(indices, seed), prompts=prompts, **kw)
-        return self.decode_from(z, self.decoder_noise(indices, seed), **kw)
-
-
     # ------------------------------------------------------------------ the user's API
-    SAMPLER_KEYS = ("steps", "cfg", "cfg_interval", "solver", "decoder_steps", "decoder_solver")
-
     @torch.no_grad()
     def forward(self, classes: Optional[Sequence[int]] = None, prompts: Optional[Sequence[str]] = None, *,
-                n: int = 1, seed: int = 0, start: int = 0, output: str = "pil",
-                batch_size: Optional[int] = None, **sampler_kw):
+                tokens: Optional[torch.Tensor] = None, n: int = 1, seed: int = 0, start: int = 0,
+                output: str = "pil", batch_size: Optional[int] = None, **sampler_kw):
         """``pipe(classes=[88, 88, 207], seed=0, output="pil")``: labels (or ``prompts=[...]`` for
-        a text run; nothing for an unconditional one) -> images.
+        a text run; nothing for an unconditional one) -> images. ``pipe(tokens=z)``: tokens
+        (B, D) -> images (the decoder half only; image i gets decoder noise (seed, start + i)).
 
         Each class / prompt gives ``n`` images in a row (``classes=[c], n=4`` = ``[c] * 4``), and
         image i of the job gets the noise of index ``start + i`` under ``seed``, so
         ``pipe(classes=[c] * n, seed=s, output="np")`` is pixel for pixel
-        ``reptok sample --class c -n n --seed s --no-fast --out x.npz`` (same batch size: it runs
-        the CLI's calls, ``generate_from`` / ``decode_from`` / ``tensor_to_uint8``).
-        ``sampler_kw``: steps, cfg, cfg_interval, solver, decoder_steps, decoder_solver.
+        ``reptok sample --class c -n n --seed s --out x.npz`` on the same fast path (same batch
+        size: it runs the CLI's calls, :meth:`generate` / :meth:`decode` / ``tensor_to_uint8``).
+        ``sampler_kw``: the fields of :class:`SamplerArgs` (steps, guidance_scale, cfg_interval,
+        solver, decoder_steps, decoder_solver); an unknown one raises TypeError.
         ``batch_size``: rows per network call (default: the whole job in one batch; a last
-        partial batch is padded with its last row, as the CLI does). ``output`` as :meth:`decode`."""
+        partial batch is padded with its last row, as the CLI does). ``output``: "pil" (a list of
+        PIL images), "np" (uint8 (B,H,W,3)) or "pt" (float (B,3,H,W) clamped to [-1,1])."""
         check_output_kind(output)
-        unknown = sorted(set(sampler_kw) - set(self.SAMPLER_KEYS))
-        if unknown:
-            raise InputError(f"unknown sampler option {unknown[0]!r}: choose from {', '.join(self.SAMPLER_KEYS)}")
+        args = self.sampler_args(**sampler_kw)
+        if tokens is not None:
+            if classes is not None or prompts is not None:
+                raise InputError("pass tokens=... or classes / prompts, not both")
+            self._need("decoder", "latent")
+            return self._decode_job(tokens, seed, start, args, output)
         if self.generator is None:
-            raise InputError("this pipeline has no generator (a tokenizer run): use encode / decode / reconstruct")
+            raise InputError("this pipeline has no generator (a tokenizer run): use tokens=, encode or reconstruct")
         self._need("decoder", "latent")
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"n={n!r}: the number of images per class or prompt must be an int >= 1")
-        conds = self._job_conditions(classes, prompts)
-        conds = [c for c in conds for _ in range(n)]
+        conds = [c for c in self._job_conditions(classes, prompts) for _ in range(n)]
         idx = _indices(seed, start, len(conds))
         b = len(conds) if batch_size is None else int(batch_size)
         if b < 1:
@@ -393,12 +506,9 @@ class Pipeline(nn.Module):
         for i in range(0, len(conds), b):
             part, k = idx[i: i + b], len(idx[i: i + b])
             rows = pad_rows(conds[i: i + b], b)
-            g_noise = pad_rows(self.generator_noise(part, seed), b)
-            if self.is_text:
-                z = self.generate_from(None, g_noise, prompts=rows, **sampler_kw)
-            else:
-                z = self.generate_from(torch.tensor(rows, dtype=torch.long), g_noise, **sampler_kw)
-            images = self.decode_from(z, pad_rows(self.decoder_noise(part, seed), b), **sampler_kw)[:k]
+            z = self.generate(rows if self.is_text else torch.tensor(rows, dtype=torch.long),
+                              pad_rows(self.generator_noise(part, seed), b), args)
+            images = self.decode(z, pad_rows(self.decoder_noise(part, seed), b), args)[:k]
             out.append(images.float().cpu())
         return to_output(torch.cat(out), output)
 

@@ -29,7 +29,8 @@ from . import io
 from . import run as rundir
 from .errors import InputError
 from .flow import host_to_device
-from .pipeline import pad_rows
+from .backends import describe_fast_path
+from .pipeline import SamplerArgs, pad_rows
 from .images import make_grid, save_png, tensor_to_uint8, uint8_hwc
 from .dist import DistInfo, barrier, gather_objects, shard_range
 
@@ -104,10 +105,8 @@ def read_prompts(prompts: Optional[Sequence[str]] = None, prompts_file: Optional
 
 
 def parse_cfg_interval(text: Optional[str]):
-    """``--cfg-interval``: None -> "default" (the run's), 'none'/'all' -> None (guide every step),
-    'lo,hi' -> (lo, hi); range checks are the config layer's."""
-    if text is None:
-        return "default"
+    """``--cfg-interval`` TEXT: 'none'/'all' -> None (guide every step), 'lo,hi' -> (lo, hi);
+    range checks are the config layer's. (Not given: leave the run's interval.)"""
     if text.strip().lower() in ("none", "all"):
         return None
     try:
@@ -128,7 +127,7 @@ class SampleJob:
     classes: Optional[List[int]]
     prompts: Optional[List[str]]
     n: int
-    sampler: dict  # steps, cfg, cfg_interval, solver, decoder_steps, decoder_solver
+    sampler: dict  # the SamplerArgs fields the options set (the run's defaults for the rest)
     manifest: Optional[dict] = None
     overwrite: bool = False
 
@@ -174,17 +173,18 @@ def plan_sample_job(ckpt: Path, out: Path, *, classes: Optional[str] = None, pro
         raise InputError(f"{ckpt}: not a text-to-image run (it takes --class); drop --prompt/--prompts")
     class_ids = None if prompt_list is not None else parse_classes(
         classes if classes is not None else ("0" if gen_cfg.num_classes > 0 else ""), gen_cfg.num_classes)
-    interval = parse_cfg_interval(cfg_interval)
-    sampler = dict(steps=steps, cfg=cfg, cfg_interval=interval, solver=solver, decoder_steps=decoder_steps,
-                   decoder_solver=solver)
+    given = dict(steps=steps, guidance_scale=cfg, solver=solver, decoder_steps=decoder_steps, decoder_solver=solver)
+    sampler = {k: v for k, v in given.items() if v is not None}
+    if cfg_interval is not None:
+        sampler["cfg_interval"] = parse_cfg_interval(cfg_interval)
     job = SampleJob(Path(ckpt), Path(out), kind, class_ids, prompt_list, n, sampler, overwrite=overwrite)
     if kind == "folder":
-        sc = doc["config"].sampling
+        args = SamplerArgs.from_config(doc["config"].sampling, **sampler)
         job.manifest = outputs.sample_manifest(
-            ckpt, seed=seed, cfg=sc.cfg if cfg is None else cfg,
-            cfg_interval=(list(sc.cfg_interval) if interval == "default" else interval),
-            steps=steps or sc.steps, solver=solver or sc.solver, decoder_steps=decoder_steps or sc.decoder_steps,
-            decoder_solver=solver or sc.decoder_solver, backend=backend,
+            ckpt, seed=seed, cfg=args.guidance_scale,
+            cfg_interval=None if args.cfg_interval is None else list(args.cfg_interval),
+            steps=args.steps, solver=args.solver, decoder_steps=args.decoder_steps,
+            decoder_solver=args.decoder_solver, backend=backend,
             engine=str(Path(engine).resolve()) if engine else None, precision=precision,
             classes=class_ids, prompts=prompt_list, n=n)
         outputs.prepare_png_folder(out, job.manifest, overwrite=overwrite, write=False)  # check only
@@ -292,44 +292,29 @@ def sample_to(
     prompts: Optional[Sequence[str]] = None, writers: int = 2, **sampler_kw,
 ) -> dict:
     """Sample images ``[start, start + count)`` of the job (classes x n, or prompts x n for a
-    text-to-image run) and write them to ``out``.
+    text-to-image run) and write them to ``out``. ``sampler_kw``: ``pipe.sampler_args``'s
+    keywords (steps, guidance_scale, ...; checked before any work).
 
     ``batch_size`` is the decoder's batch (and the VAE's), ``gen_batch_size`` the generator's
-    (default: the same); the generator's tokens are buffered between them. The noise of the next
-    batches is drawn on a prefetch thread while the networks run, and PNGs are encoded and
-    written by ``writers`` threads (atomic per file), so the networks never wait on PIL. A last
-    partial batch is padded to the full size and the padding discarded. Images depend on (seed, index) only, so shards run with the
-    same batch sizes reproduce one run byte for byte (other batch sizes: within float rounding)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    (default: the same); the generator's tokens are buffered between them (``_run_batches``). A
+    last partial batch is padded to the full size and the padding discarded. Images depend on
+    (seed, index) only, so shards run with the same batch sizes reproduce one run byte for byte
+    (other batch sizes: within float rounding)."""
     out = Path(out)
     kind = check_output(out)
+    args = pipe.sampler_args(**sampler_kw)
     if batch_size < 1 or (gen_batch_size is not None and gen_batch_size < 1):
         raise InputError("--batch-size and --gen-batch-size must be >= 1")
     gen_batch_size = gen_batch_size or batch_size
-    if prompts is not None:
-        prompts = [str(p) for p in prompts]
-        if not prompts:
-            raise InputError("no prompts: pass --prompt TEXT or --prompts FILE")
-        classes = list(range(len(prompts)))
+    classes, prompts, total, count = _job_images(classes, n, start, count, prompts)
     name_kind = "prompt" if prompts is not None else "class"
     png_name_ = lambda i, label: png_name(i, label, name_kind)  # noqa: E731
-    total = len(classes) * n
-    count = total - start if count is None else count
-    if start < 0 or count < 0 or start + count > total:
-        raise InputError(f"--start {start} --count {count}: outside the job's {total} images")
     indices = list(range(start, start + count))
     mine = [indices[i] for i in shard_range(len(indices), info)]
     labels_of = lambda idx: [classes[i // n] for i in idx]  # noqa: E731
-    # Every network call sees exactly batch_size rows (a partial batch is padded, the padding
-    # dropped): row results then do not depend on where a shard starts, so shards equal one run
-    # byte for byte (float kernels give last-bit differences between batch sizes), and CUDA
-    # graphs capture one shape. Batches are capped at the job's size (a 1-image job is batch 1).
+    # Capped at the job's size (a 1-image job is batch 1); see _batch_calls for the padding.
     batch_size, gen_batch_size = min(batch_size, total), min(gen_batch_size, total)
-
     todo = mine
-    if total == 0:
-        raise InputError("nothing to sample: the job has no images")
     if kind == "folder":
         out.mkdir(parents=True, exist_ok=True)
         if prompts is not None and info.is_main:
@@ -337,37 +322,14 @@ def sample_to(
         todo = [i for i in mine if not (out / png_name_(i, labels_of([i])[0])).exists()]
 
     device = torch.device(getattr(pipe, "device", "cpu"))
-    cuda = device.type == "cuda"
-
-    def generate(idx, noise):
-        """Tokens (len(idx), D) of generator batch ``idx`` (on the pipeline's device)."""
-        b = gen_batch_size
-        lab = labels_of(idx)
-        noise = _to_device(noise, device)
-        if prompts is not None:
-            z = pipe.generate_from(None, pad_rows(noise, b), prompts=pad_rows([prompts[c] for c in lab], b), **sampler_kw)
-        else:
-            labels = _to_device(pad_rows(torch.tensor(lab).clamp(min=0), b), device)
-            z = pipe.generate_from(labels, pad_rows(noise, b), **sampler_kw)
-        return z[: len(idx)]
-
-    def decode(tokens, noise, k):
-        """Queue decoder batch -> the function that waits for its uint8 images (k, H, W, 3)."""
-        b = batch_size
-        return _fetch_uint8(pipe.decode_from(pad_rows(tokens, b), pad_rows(_to_device(noise, device), b), **sampler_kw)[:k])
-
+    generate, decode = _batch_calls(pipe, args, labels_of, prompts, gen_batch_size, batch_size, device)
     gen_batches = [todo[b: b + gen_batch_size] for b in range(0, len(todo), gen_batch_size)]
     dec_batches = [todo[b: b + batch_size] for b in range(0, len(todo), batch_size)]
     warmup_s = _warm_up(pipe, gen_batches, dec_batches, generate, decode, seed)
     t0 = time.perf_counter()  # after the warm-up: captures and compilation are not in the rate
-    arrays = []
-    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reptok-noise")
-    writer = _Writer(writers) if kind == "folder" else None
-    finished = False
-    in_flight = None  # (indices, wait) of the decoded batch whose images are still on the way
+    arrays, writer = [], (_Writer(writers) if kind == "folder" else None)
 
-    def hand_over(idx, wait):
-        imgs = wait()
+    def hand_over(idx, imgs):
         if writer is not None:
             writer.submit([(out / png_name_(i, label), im) for i, label, im in zip(idx, labels_of(idx), imgs)])
         else:
@@ -375,14 +337,96 @@ def sample_to(
         if progress is not None:
             progress(len(idx))
 
+    finished = False
+    try:
+        _run_batches(pipe, gen_batches, dec_batches, generate, decode, hand_over, seed, device.type == "cuda")
+        finished = True
+    finally:
+        if writer is not None:
+            writer.close(raise_errors=finished)
+    seconds = time.perf_counter() - t0
+    if kind != "folder":
+        written = _gather_to_file(out, kind, np.concatenate(arrays) if arrays else None, info,
+                                  np.asarray(labels_of(indices), np.int64), prompts,
+                                  ncol=n if len(classes) > 1 and count == total else 0)
+    else:
+        written = [str(out / png_name_(i, labels_of([i])[0])) for i in mine]
+    # Under torchrun the summary covers every rank's work (the folder is complete once this returns).
+    generated, skipped, files = len(todo), len(mine) - len(todo), len(written) if kind == "folder" else 1
+    if info.enabled:
+        parts = gather_objects((generated, skipped, files, seconds), info)
+        generated, skipped = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        files = sum(p[2] for p in parts) if kind == "folder" else 1
+        seconds = max(p[3] for p in parts)
+    return {
+        "out": str(out), "kind": kind, "images": len(indices), "generated": generated,
+        "skipped_existing": skipped, "files": files, "seconds": round(seconds, 3), "warmup_s": round(warmup_s, 3),
+        "images_per_s": round(generated / seconds, 3) if seconds > 0 and generated else None,
+        "seed": seed, "start": start, "count": count, "batch_size": batch_size, "gen_batch_size": gen_batch_size,
+        "nfe": args.nfe(), "fast_path": describe_fast_path(getattr(pipe, "fast_path", None)),
+    }
+
+
+def _job_images(classes, n: int, start: int, count: Optional[int], prompts):
+    """-> (per-condition ids, prompts as strings or None, the job's image count, the shard's
+    count), checked: a text job's conditions are its prompts' rows; the shard lies in the job."""
+    if prompts is not None:
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            raise InputError("no prompts: pass --prompt TEXT or --prompts FILE")
+        classes = list(range(len(prompts)))
+    total = len(classes) * n
+    count = total - start if count is None else count
+    if start < 0 or count < 0 or start + count > total:
+        raise InputError(f"--start {start} --count {count}: outside the job's {total} images")
+    if total == 0:
+        raise InputError("nothing to sample: the job has no images")
+    return classes, prompts, total, count
+
+
+def _batch_calls(pipe, args, labels_of, prompts, gen_batch_size: int, batch_size: int, device):
+    """(generate(idx, noise) -> tokens, decode(tokens, noise, k) -> wait for uint8 images).
+
+    Every network call sees exactly its stage's batch size (a partial batch is padded, the
+    padding dropped): row results then do not depend on where a shard starts, so shards equal one
+    run byte for byte (float kernels give last-bit differences between batch sizes), and CUDA
+    graphs capture one shape."""
+
+    def generate(idx, noise):
+        """Tokens (len(idx), D) of generator batch ``idx`` (on the pipeline's device)."""
+        b = gen_batch_size
+        lab = labels_of(idx)
+        noise = pad_rows(_to_device(noise, device), b)
+        if prompts is not None:
+            return pipe.generate(pad_rows([prompts[c] for c in lab], b), noise, args)[: len(idx)]
+        labels = _to_device(pad_rows(torch.tensor(lab).clamp(min=0), b), device)
+        return pipe.generate(labels, noise, args)[: len(idx)]
+
+    def decode(tokens, noise, k):
+        """Queue decoder batch -> the function that waits for its uint8 images (k, H, W, 3)."""
+        b = batch_size
+        return _fetch_uint8(pipe.decode(pad_rows(tokens, b), pad_rows(_to_device(noise, device), b), args)[:k])
+
+    return generate, decode
+
+
+def _run_batches(pipe, gen_batches, dec_batches, generate, decode, hand_over, seed: int, cuda: bool) -> None:
+    """The batch-in-flight scheduler: generator batches buffered up to each decoder batch, noise
+    of the next batches drawn on a prefetch thread, and one decoder batch in flight: batch d is
+    queued (with the generator batches it needs) before batch d-1's images are waited for, so on
+    CUDA the GPU always has the next batch's work queued while the host converts, writes and
+    prepares (CPU: the same order, same bytes). ``hand_over(indices, uint8 images)`` receives
+    every finished batch, in order, also the one already decoded when a later batch fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reptok-noise")
+    in_flight = None  # (indices, wait) of the decoded batch whose images are still on the way
+    finished = False
     try:
         gen_noise = [_prefetch(prefetcher, pipe.generator_noise, idx, seed, pin=cuda) for idx in gen_batches[:2]]
         dec_noise = [_prefetch(prefetcher, pipe.decoder_noise, idx, seed, pin=cuda) for idx in dec_batches[:2]]
         tokens = torch.zeros(0)
         g = 0  # next generator batch
-        # One batch in flight: decoder batch d is queued (with the generator batches it needs)
-        # before batch d-1's images are waited for, so on CUDA the GPU always has the next batch's
-        # work queued while the host converts, writes and prepares (CPU: the same order, same bytes).
         for d, idx in enumerate(dec_batches):
             while len(tokens) < len(idx):  # buffer the generator's tokens up to this decoder batch
                 z = generate(gen_batches[g], gen_noise[g].result())
@@ -398,11 +442,11 @@ def sample_to(
                 dec_noise.append(_prefetch(prefetcher, pipe.decoder_noise, dec_batches[d + 2], seed, pin=cuda))
             if in_flight is not None:
                 prev, in_flight = in_flight, None
-                hand_over(*prev)
+                hand_over(prev[0], prev[1]())
             in_flight = (idx, wait)
         if in_flight is not None:
             prev, in_flight = in_flight, None
-            hand_over(*prev)
+            hand_over(prev[0], prev[1]())
         finished = True
     finally:
         prefetcher.shutdown(wait=True, cancel_futures=True)
@@ -411,50 +455,33 @@ def sample_to(
         # them). Every batch handed over is written completely by the writer's close.
         if not finished and in_flight is not None:
             try:
-                hand_over(*in_flight)
+                hand_over(in_flight[0], in_flight[1]())
             except Exception:
                 pass
-        if writer is not None:
-            writer.close(raise_errors=finished)
-    seconds = time.perf_counter() - t0
-    local = np.concatenate(arrays) if arrays else None
-    written: List[str] = []
-    if kind != "folder":
-        if info.enabled:
-            tmp = Path(f"{out}.rank{info.rank}.npy")
-            io.atomic_save(tmp, lambda p: np.save(open(p, "wb"), local if local is not None
-                                                      else np.zeros((0, 1, 1, 3), np.uint8)))
-            barrier()
-            if info.is_main:
-                parts = [np.load(Path(f"{out}.rank{r}.npy")) for r in range(info.world_size)]
-                local = np.concatenate([p for p in parts if len(p)])
-                for r in range(info.world_size):
-                    Path(f"{out}.rank{r}.npy").unlink(missing_ok=True)
-        if info.is_main:
-            labels = np.asarray(labels_of(indices), np.int64)
-            if kind == "npz":
-                extra = {"prompts": np.asarray(prompts, dtype=str)} if prompts is not None else {}
-                io.atomic_save(out, lambda p: np.savez(open(p, "wb"), arr_0=local, arr_1=labels, **extra))
-            else:
-                ncol = n if len(classes) > 1 and count == total else 0
-                save_png(out, make_grid(list(local), ncol=ncol))
-            written = [str(out)]
-        barrier()
-    else:
-        written = [str(out / png_name_(i, labels_of([i])[0])) for i in mine]
-    # Under torchrun the summary covers every rank's work (the folder is complete once this returns).
-    generated, skipped, files = len(todo), len(mine) - len(todo), len(written) if kind == "folder" else 1
-    if info.enabled:
-        parts = gather_objects((generated, skipped, files, seconds), info)
-        generated, skipped = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        files = sum(p[2] for p in parts) if kind == "folder" else 1
-        seconds = max(p[3] for p in parts)
-    from .backends import describe_fast_path
 
-    return {
-        "out": str(out), "kind": kind, "images": len(indices), "generated": generated,
-        "skipped_existing": skipped, "files": files,
-        "seconds": round(seconds, 3), "warmup_s": round(warmup_s, 3), "images_per_s": round(generated / seconds, 3) if seconds > 0 and generated else None,
-        "seed": seed, "start": start, "count": count, "batch_size": batch_size, "gen_batch_size": gen_batch_size,
-        "nfe": pipe.nfe(**sampler_kw), "fast_path": describe_fast_path(getattr(pipe, "fast_path", None)),
-    }
+
+def _gather_to_file(out: Path, kind: str, local: Optional[np.ndarray], info: DistInfo, labels: np.ndarray,
+                    prompts: Optional[Sequence[str]], ncol: int) -> List[str]:
+    """Write an npz (ADM layout: arr_0 images, arr_1 labels, prompts for text runs) or a grid
+    PNG from this rank's images; under torchrun every rank's part is gathered through ``.npy``
+    files next to ``out`` and rank 0 writes. Returns the files written."""
+    written: List[str] = []
+    if info.enabled:
+        tmp = Path(f"{out}.rank{info.rank}.npy")
+        io.atomic_save(tmp, lambda p: np.save(open(p, "wb"), local if local is not None
+                                                  else np.zeros((0, 1, 1, 3), np.uint8)))
+        barrier()
+        if info.is_main:
+            parts = [np.load(Path(f"{out}.rank{r}.npy")) for r in range(info.world_size)]
+            local = np.concatenate([p for p in parts if len(p)])
+            for r in range(info.world_size):
+                Path(f"{out}.rank{r}.npy").unlink(missing_ok=True)
+    if info.is_main:
+        if kind == "npz":
+            extra = {"prompts": np.asarray(prompts, dtype=str)} if prompts is not None else {}
+            io.atomic_save(out, lambda p: np.savez(open(p, "wb"), arr_0=local, arr_1=labels, **extra))
+        else:
+            save_png(out, make_grid(list(local), ncol=ncol))
+        written = [str(out)]
+    barrier()
+    return written

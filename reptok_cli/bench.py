@@ -48,7 +48,8 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log lines on stderr.", rich_help_panel=W),
 ):
     """Time each stage per backend and batch size (warm-up excluded) and print a table."""
-    from reptok.bench import STAGES, run_bench
+    from export.bench import run_bench
+    from reptok.bench import STAGES
     from reptok.errors import InputError
 
     onnx_dir, trt_dir = _split_engines(engine or [])

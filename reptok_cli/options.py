@@ -104,16 +104,11 @@ def given_flags(over: dict, set_keys=()) -> Dict[str, str]:
 def check_sampling(**values) -> None:
     """Sampler options (steps, cfg, cfg_interval, decoder_steps, solver) checked by the config
     layer's rules before any work: ``check_sampling(steps=0)`` -> InputError "--steps 0: ..."."""
-    from reptok.config import PipelineConfig, SamplingConfig, check_rules
+    from reptok.pipeline import check_sampler_values
 
-    over = {f"sampling.{k}": v for k, v in values.items() if v is not None}
-    if not over:
-        return
-    base = PipelineConfig(generator=None)
-    base.sampling = SamplingConfig()
+    over = [f"sampling.{k}" for k, v in values.items() if v is not None]
     with option_names({k: FLAGS.get(k, "--" + k.split(".")[1].replace("_", "-")) for k in over}):
-        cfg = base.replace(**over)
-        check_rules(cfg, keys=set(over))
+        check_sampler_values(**values)
 
 
 def parse_set(items: Optional[List[str]]) -> dict:

@@ -52,11 +52,12 @@ def sample(
     quiet: bool = quiet_option(J),
 ):
     """Generate images: generator (a class or a prompt) -> token -> decoder -> (VAE) -> pixels."""
-    from reptok.backends import PRECISIONS, describe_fast_path, load_sampling_pipeline, resolve_backend
+    from export.runtime import load_sampling_pipeline
+    from reptok.backends import PRECISIONS, describe_fast_path, resolve_backend
     from reptok.sample import default_batch_size, parse_cfg_interval, plan_sample_job, sample_to
 
-    interval = parse_cfg_interval(cfg_interval)
-    check_sampling(steps=steps, cfg=cfg, cfg_interval=interval if isinstance(interval, tuple) else None,
+    interval = parse_cfg_interval(cfg_interval) if cfg_interval is not None else None
+    check_sampling(steps=steps, cfg=cfg, cfg_interval=interval,
                    decoder_steps=decoder_steps, solver=solver)
     check_choice("--precision", precision, tuple(PRECISIONS))
     dev = parse_device(device)

@@ -94,7 +94,7 @@ def reconstruct(
     quiet: bool = quiet_option(),
 ):
     """Image -> token -> image; prints the PSNR of each reconstruction."""
-    from reptok.backends import PRECISIONS, apply_fast_path, describe_fast_path
+    from reptok.backends import PRECISIONS, describe_fast_path
     from reptok.pipeline import Pipeline
     from reptok.evaluate.metrics import psnr as psnr_db
     from reptok.images import make_grid, save_png, tensor_to_uint8
@@ -107,12 +107,13 @@ def reconstruct(
     _check_kind(ckpt, "reconstruct")
     check_sampling(decoder_steps=decoder_steps, solver=solver)
     check_choice("--precision", precision, tuple(PRECISIONS))
-    pipe = apply_fast_path(Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae")),
-                           fast=not no_fast, precision=precision, cuda_graphs=cuda_graphs)
+    pipe = Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae"), fast=not no_fast,
+                             precision=precision, cuda_graphs=cuda_graphs)
     if not quiet:
         err.print(f"reconstructing with {describe_fast_path(pipe.fast_path)}", highlight=False)
     x = _load_images(images, pipe.cfg.image_size)
-    rec = pipe.reconstruct(x, seed, steps=decoder_steps, solver=solver, output="pt")
+    given = dict(decoder_steps=decoder_steps, decoder_solver=solver)
+    rec = pipe.reconstruct(x, seed, output="pt", **{k: v for k, v in given.items() if v is not None})
     a, b = tensor_to_uint8(x), tensor_to_uint8(rec)
     psnr = psnr_db(a, b)
     rows = []
@@ -142,11 +143,9 @@ def interpolate(
 ):
     """Spherical interpolation between two images' tokens, decoded with the same noise."""
     from reptok.pipeline import Pipeline
-    from reptok.images import make_grid, save_png, tensor_to_uint8
-    import torch
+    from reptok.images import make_grid, save_png
 
     from reptok.outputs import check_new_output
-    from reptok.pipeline import STREAM_DECODER, index_noise, slerp
 
     _check_images([a, b])
     if Path(out).suffix.lower() == ".png":
@@ -159,11 +158,9 @@ def interpolate(
     check_sampling(decoder_steps=decoder_steps)
 
     pipe = Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
-    z = pipe.encode(_load_images([a, b], pipe.cfg.image_size))
-    ts = [i / (frames - 1) for i in range(frames)]
-    tokens = torch.stack([slerp(z[0], z[1], t) for t in ts])
-    noise = index_noise(seed, [0], pipe.latent_shape, STREAM_DECODER).expand(frames, *pipe.latent_shape)
-    imgs = tensor_to_uint8(pipe.decode_tokens(tokens, noise, decoder_steps))
+    x = _load_images([a, b], pipe.cfg.image_size)
+    kw = {"decoder_steps": decoder_steps} if decoder_steps is not None else {}
+    imgs = pipe.interpolate(x[0], x[1], frames, seed, output="np", **kw)
     if Path(out).suffix.lower() == ".png":
         save_png(out, make_grid(list(imgs), ncol=frames))
         files = [str(out)]

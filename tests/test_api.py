@@ -1,6 +1,7 @@
 """The Python API (issue 17): ``from reptok import Pipeline``; ``pipe(classes=..., output=...)``,
-``encode`` / ``decode`` / ``reconstruct`` on every input and output kind, clamping, one-line
-errors, and the same pixels as ``reptok sample``."""
+``encode`` / ``pipe(tokens=...)`` / ``reconstruct`` / ``interpolate`` on every input and output
+kind, clamping, one-line errors, checked sampler settings (``SamplerArgs``), and the same pixels
+as ``reptok sample``."""
 
 import dataclasses
 
@@ -66,7 +67,9 @@ def test_call_output_kinds(pipe):
     pt = pipe(classes=[1, 1, 7], seed=0, output="pt", **FAST)
     assert pt.shape == (3, 3, 32, 32) and pt.dtype == torch.float32
     assert pt.min() >= -1 and pt.max() <= 1
-    raw = pipe.sample(torch.tensor([1, 1, 7]), [0, 1, 2], seed=0, **FAST)
+    args = pipe.sampler_args(**FAST)
+    raw = pipe.decode(pipe.generate(torch.tensor([1, 1, 7]), pipe.generator_noise([0, 1, 2], 0), args),
+                      pipe.decoder_noise([0, 1, 2], 0), args)
     assert raw.abs().max() > 1  # the clamp did something
     torch.testing.assert_close(pt, raw.clamp(-1, 1), rtol=0, atol=0)
     arr = pipe(classes=[1, 1, 7], seed=0, output="np", **FAST)
@@ -85,10 +88,11 @@ def test_call_matches_reptok_sample_pixel_for_pixel(pipe, run, tmp_path):
     cli("sample", "--ckpt", run, "--class", 3, "-n", 4, "--seed", 5, "--no-fast", "--out", out,
         "--batch-size", 4, "--steps", 3, "--decoder-steps", 3, "--cfg", 2.0, "--device", "cpu")
     want = np.load(out)["arr_0"]
-    got = pipe(classes=[3] * 4, seed=5, output="np", steps=3, decoder_steps=3, cfg=2.0)
+    got = pipe(classes=[3] * 4, seed=5, output="np", steps=3, decoder_steps=3, guidance_scale=2.0)
     assert got.shape == want.shape == (4, 32, 32, 3)
     assert np.array_equal(got, want)
-    assert np.array_equal(pipe(classes=[3], n=4, seed=5, output="np", steps=3, decoder_steps=3, cfg=2.0), want)
+    assert np.array_equal(pipe(classes=[3], n=4, seed=5, output="np", steps=3, decoder_steps=3, guidance_scale=2.0),
+                          want)
     # batch_size pads the last batch like the CLI does: equal to the CLI at that batch size.
     out2 = tmp_path / "y.npz"
     cli("sample", "--ckpt", run, "--class", "3,4", "-n", 3, "--seed", 5, "--no-fast", "--out", out2,
@@ -100,8 +104,8 @@ def test_call_matches_reptok_sample_pixel_for_pixel(pipe, run, tmp_path):
 def test_overrides_change_the_result(pipe):
     base = pipe(classes=[2, 5], seed=1, output="pt", **FAST)
     assert torch.equal(base, pipe(classes=[2, 5], seed=1, output="pt", **FAST))
-    for kw in (dict(cfg=3.0), dict(steps=2), dict(solver="heun"), dict(decoder_steps=2),
-               dict(decoder_solver="heun"), dict(cfg=3.0, cfg_interval=None)):
+    for kw in (dict(guidance_scale=3.0), dict(steps=2), dict(solver="heun"), dict(decoder_steps=2),
+               dict(decoder_solver="heun"), dict(guidance_scale=3.0, cfg_interval=None)):
         assert not torch.equal(base, pipe(classes=[2, 5], seed=1, output="pt", **{**FAST, **kw})), kw
     assert not torch.equal(base, pipe(classes=[2, 5], seed=2, output="pt", **FAST))
 
@@ -125,18 +129,18 @@ def test_encode_accepts_pil_numpy_and_tensors(pipe):
 def test_decode_and_reconstruct(pipe):
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     z = pipe.encode(x)
-    raw = pipe.decode_tokens(z, pipe.decoder_noise([0, 1, 2], 4), 3)
-    pt = pipe.decode(z, 4, steps=3, output="pt")
+    raw = pipe.decode(z, pipe.decoder_noise([0, 1, 2], 4), pipe.sampler_args(decoder_steps=3))
+    pt = pipe(tokens=z, seed=4, decoder_steps=3, output="pt")
     assert torch.equal(pt, raw.clamp(-1, 1)) and pt.min() >= -1 and pt.max() <= 1
     from reptok.images import tensor_to_uint8
 
-    assert np.array_equal(pipe.decode(z, 4, steps=3, output="np"), tensor_to_uint8(raw))
-    assert len(pipe.decode(z, 4, steps=3)) == 3
-    shifted = pipe.decode(z[1:], 4, start=1, steps=3, output="pt")
+    assert np.array_equal(pipe(tokens=z, seed=4, decoder_steps=3, output="np"), tensor_to_uint8(raw))
+    assert len(pipe(tokens=z, seed=4, decoder_steps=3)) == 3
+    shifted = pipe(tokens=z[1:], seed=4, start=1, decoder_steps=3, output="pt")
     assert (shifted - pt[1:]).abs().max() < 1e-4  # image i has noise index start + i
-    rec = pipe.reconstruct(x, 4, steps=3, output="pt")
+    rec = pipe.reconstruct(x, 4, decoder_steps=3, output="pt")
     assert torch.equal(rec, pt)
-    rec_np = pipe.reconstruct(tensor_to_uint8(x), 4, steps=3, output="np")
+    rec_np = pipe.reconstruct(tensor_to_uint8(x), 4, decoder_steps=3, output="np")
     assert rec_np.shape == (3, 32, 32, 3) and rec_np.dtype == np.uint8
 
 
@@ -150,9 +154,9 @@ def test_decode_and_reconstruct(pipe):
     (lambda p: p(classes=[1], n=0), "n=0"),
     (lambda p: p(classes=[1], seed=1.5), "seed=1.5"),
     (lambda p: p(classes=[1], start=-1), "start=-1"),
-    (lambda p: p(classes=[1], stepz=3), "unknown sampler option 'stepz'"),
-    (lambda p: p.decode(torch.zeros(2, 32), output="PIL"), "output='PIL'"),
-    (lambda p: p.decode(torch.zeros(32)), r"tokens must be \(B, D\)"),
+    (lambda p: p(classes=[1], steps=0), r"sampling.steps=0: must be >= 1"),
+    (lambda p: p(tokens=torch.zeros(2, 32), output="PIL"), "output='PIL'"),
+    (lambda p: p(tokens=torch.zeros(32)), r"tokens must be \(B, D\)"),
     (lambda p: p.encode(np.zeros((2, 32, 32, 3), np.float32)), "must be uint8"),
     (lambda p: p.encode(torch.zeros(2, 4, 32, 32)), r"must be \(B,3,H,W\)"),
     (lambda p: p.encode("image.png"), "expected PIL images"),
@@ -196,3 +200,75 @@ def test_text_run_takes_prompts(text_pipe, tmp_path):
     assert np.array_equal(np.load(tmp_path / "t.npz")["arr_0"], got)
     with pytest.raises(InputError, match="text-conditioned: pass prompts"):
         pipe(classes=[1])
+
+
+# ----------------------------------------------------------------------------- sampler settings
+def test_unknown_sampler_keyword_is_a_type_error(pipe):
+    """Catches: settings read with kw.get, so a misspelt keyword silently gives the default."""
+    with pytest.raises(TypeError, match="'decoder_step'"):
+        pipe(classes=[1], decoder_step=1)
+    with pytest.raises(TypeError, match="'stepz'"):
+        pipe.sampler_args(stepz=3)
+    with pytest.raises(TypeError, match="SamplerArgs"):
+        pipe.generate(torch.tensor([1]), pipe.generator_noise([0]), {"steps": 2})
+
+
+@pytest.mark.parametrize("kw", [dict(steps=0), dict(decoder_steps=0), dict(guidance_scale=-1.0),
+                                dict(solver="rk4"), dict(decoder_solver="rk4"), dict(cfg_interval=(0.9, 0.3)),
+                                dict(steps=True)])
+def test_invalid_sampler_values_are_input_errors(pipe, kw):
+    """Catches: ``steps or default`` (steps=0 ran the run's 50 steps where the CLI refuses
+    --steps 0), and a rule of the config table not applied to the Python API."""
+    with pytest.raises(InputError):
+        pipe(classes=[1], **kw)
+
+
+def test_sampler_args_are_the_runs_defaults_and_frozen(pipe):
+    from reptok.pipeline import SamplerArgs
+
+    s = pipe.cfg.sampling
+    args = pipe.sampler_args(steps=7, cfg_interval=None)
+    assert (args.steps, args.guidance_scale, args.cfg_interval, args.decoder_steps) == (7, s.cfg, None, s.decoder_steps)
+    assert pipe.sampler_args().cfg_interval == tuple(s.cfg_interval)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.steps = 3
+    assert SamplerArgs(steps=3) == SamplerArgs(steps=3)  # hashable settings compare by value
+
+
+def test_cfg_is_a_deprecated_alias_of_guidance_scale(pipe):
+    with pytest.warns(DeprecationWarning, match="guidance_scale"):
+        old = pipe(classes=[2], seed=1, output="pt", cfg=3.0, **FAST)
+    assert torch.equal(old, pipe(classes=[2], seed=1, output="pt", guidance_scale=3.0, **FAST))
+    with pytest.raises(TypeError, match="not both"):
+        pipe(classes=[2], cfg=3.0, guidance_scale=2.0)
+
+
+def test_from_run_fast_gives_the_cli_default_pixels(run, tmp_path):
+    """``Pipeline.from_run(..., fast=True)``: the CLI's default path (no --no-fast) from Python,
+    recorded in ``fast_path``. Catches: from_run ignoring ``fast`` or a Python-only path."""
+    from reptok import Pipeline
+
+    out = tmp_path / "f.npz"
+    cli("sample", "--ckpt", run, "--class", 4, "-n", 2, "--seed", 2, "--out", out, "--batch-size", 2,
+        "--steps", 3, "--decoder-steps", 3, "--device", "cpu")
+    fast = Pipeline.from_run(run, "cpu", fast=True)
+    assert fast.fast_path == {"backend": "torch", "device": "cpu", "precision": "fp32", "cuda_graphs": False,
+                              "compile": False}
+    got = fast(classes=[4], n=2, seed=2, output="np", steps=3, decoder_steps=3)
+    assert np.array_equal(got, np.load(out)["arr_0"])
+
+
+def test_interpolate_ends_at_the_two_images_with_shared_noise(pipe):
+    """Frame 0 / the last frame decode image a's / b's own token, every frame with the decoder
+    noise of index 0. Catches: per-frame noise, or t running 0..1 exclusive of 1."""
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    frames = pipe.interpolate(x[0], x[1], 3, seed=4, output="pt", decoder_steps=3)
+    assert frames.shape == (3, 3, 32, 32)
+    z = pipe.encode(x)
+    noise = pipe.decoder_noise([0], 4)
+    args = pipe.sampler_args(decoder_steps=3)
+    for i, k in ((0, 0), (2, 1)):
+        want = pipe.decode(z[k: k + 1], noise, args).clamp(-1, 1)
+        assert (frames[i: i + 1] - want).abs().max() < 1e-3  # other batch size: rounding
+    with pytest.raises(InputError, match="frames=1"):
+        pipe.interpolate(x[0], x[1], 1)

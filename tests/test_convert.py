@@ -198,9 +198,9 @@ def test_converted_pipeline_runs(pipe):
     img = torch.rand(2, 3, 256, 256, generator=g) * 2 - 1
     z = pipe.encode(img)
     assert z.shape == (2, 64) and torch.isfinite(z).all()
-    tok = pipe.generate(torch.tensor([3, 4]), torch.randn(2, 1, 64, generator=g), steps=2)
+    tok = pipe.generate(torch.tensor([3, 4]), torch.randn(2, 1, 64, generator=g), pipe.sampler_args(steps=2))
     assert tok.shape == (2, 64)
-    x = pipe.decode_tokens(tok, torch.randn(2, 4, 32, 32, generator=g), steps=2)
+    x = pipe.decode(tok, torch.randn(2, 4, 32, 32, generator=g), pipe.sampler_args(decoder_steps=2))
     assert x.shape == (2, 3, 256, 256) and torch.isfinite(x).all()
 
 

@@ -78,8 +78,8 @@ def test_student_is_closer_to_the_teacher_than_the_teacher_at_k_steps(dwork):
     z = teacher.encode(x)
     assert torch.equal(z, student.encode(x))
     noise = index_noise(5, range(32), teacher.latent_shape, STREAM_DECODER)
-    ref = teacher.decode_latents(z, noise, steps=TEACHER_STEPS)
-    err_teacher = float(((teacher.decode_latents(z, noise, steps=K) - ref) ** 2).mean())
+    ref = teacher.decode_latents(z, noise, teacher.sampler_args(decoder_steps=TEACHER_STEPS))
+    err_teacher = float(((teacher.decode_latents(z, noise, teacher.sampler_args(decoder_steps=K)) - ref) ** 2).mean())
     err_student = float(((student.decode_latents(z, noise) - ref) ** 2).mean())  # default steps: K
     assert err_student < 0.7 * err_teacher, (err_student, err_teacher)
 

@@ -52,6 +52,13 @@ def _vae_cfg():
     return cfg.validate()
 
 
+def _sample(p, labels, indices, seed):
+    """Both stages on the (seed, index) noise, raw (unclamped) images, the run's sampler settings."""
+    args = p.sampler_args()
+    z = p.generate(labels, p.generator_noise(indices, seed), args)
+    return p.decode(z, p.decoder_noise(indices, seed), args)
+
+
 def _cli(*args):
     from typer.testing import CliRunner
 
@@ -197,8 +204,8 @@ def test_sampled_images_float_parity(which, request):
     ref = Pipeline.from_run(run, components=("decoder", "generator", "vae"))
     rt = load_runtime_pipeline(run, request.getfixturevalue(f"{which}_onnx"))
     labels = torch.tensor([0, 3, 9])
-    want = ref.sample(labels, [0, 1, 2], seed=5)
-    got = rt.sample(labels, [0, 1, 2], seed=5)
+    want = _sample(ref, labels, [0, 1, 2], seed=5)
+    got = _sample(rt, labels, [0, 1, 2], seed=5)
     assert got.shape == want.shape == (3, 3, 32, 32)
     assert (got - want).abs().max() <= 1e-3
 
@@ -319,13 +326,13 @@ def test_trt_engines_parity(tiny_run, vae_run, vae_onnx, tmp_path, precision, to
             assert got.device.type == "cuda"
             assert (got - want).abs().max() <= tol * max(1.0, float(want.abs().max())), (comp, batch)
     labels = torch.tensor([1, 2])
-    assert (rt.sample(labels, [0, 1], seed=1) - ref.sample(labels, [0, 1], seed=1)).abs().max() < 10 * tol
+    assert (_sample(rt, labels, [0, 1], seed=1) - _sample(ref, labels, [0, 1], seed=1)).abs().max() < 10 * tol
 
 
 def test_cuda_graph_capture_is_thread_local(monkeypatch):
     """Catches: capture in the default "global" mode, which the sampler's noise-prefetch thread
     (pinning memory, querying events during the capture) can abort. CUDA is faked: no GPU here."""
-    from export import runtime
+    from reptok import fast as runtime
 
     modes = []
 
@@ -355,7 +362,7 @@ def test_cuda_graph_capture_is_thread_local(monkeypatch):
 def test_cuda_graphed_decoder_matches_eager(tiny_run, amp):
     """Also under bf16 autocast, entered and left around every call as the pipeline does: a
     graph captured with autocast's weight cache replays freed memory (it did, on an H200)."""
-    from export.runtime import CudaGraphed
+    from reptok.fast import CudaGraphed
 
     dec = Pipeline.from_run(tiny_run, "cuda", components=("decoder",)).decoder
     fast = CudaGraphed(dec)

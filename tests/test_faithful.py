@@ -32,6 +32,11 @@ def work(class_runs):
 
 
 # ----------------------------------------------------------------------------- CFG interval
+def _generate2(p, noise):
+    """Tokens of classes 0 and 1 in 2 generator steps."""
+    return p.generate(torch.tensor([0, 1]), noise, p.sampler_args(steps=2))
+
+
 def test_cfg_interval_is_judged_in_float32_like_the_official_code():
     """10 steps, [0.2, 0.8]: t_8 = float32(0.8) = 0.800000011920929 is guided officially (0.8f <= 0.8f);
     a float64 comparison (0.800000011920929 > 0.8) would leave it out."""
@@ -91,7 +96,7 @@ def test_train_gen_token_norm(work, tmp_path, norm):
     from reptok.pipeline import Pipeline
 
     p = Pipeline.from_run(tmp_path / "g", components=("generator",))
-    z = p.generate(torch.tensor([0, 1]), torch.randn(2, 1, tokens.shape[1]), steps=2)
+    z = p.generate(torch.tensor([0, 1]), torch.randn(2, 1, tokens.shape[1]), p.sampler_args(steps=2))
     assert z.shape == (2, tokens.shape[1]) and torch.isfinite(z).all()
 
 
@@ -126,12 +131,12 @@ def test_legacy_run_config_keeps_per_dim_and_its_sampler(work, tmp_path):
     assert cfg.generator.time_sampler == cfg.decoder.time_sampler == "logit_normal"
     assert "time_sampler" not in cfg.to_dict()["train"]
     noise = torch.randn(2, 1, cfg.generator.token_dim)
-    before = Pipeline.from_run(old, components=("generator",)).generate(torch.tensor([0, 1]), noise, steps=2)
+    before = _generate2(Pipeline.from_run(old, components=("generator",)), noise)
     shutil.copytree(old, tmp_path / "copy")
     cli("train", "gen", "--tokens", work / "tokens.npy", "--out", old, "--steps", 3, "--resume", "--json")
     new = json.loads((old / "config.json").read_text())["pipeline"]
     assert new["generator"]["token_norm"] == "per_dim" and new["generator"]["time_sampler"] == "logit_normal"
-    again = Pipeline.from_run(tmp_path / "copy", components=("generator",)).generate(torch.tensor([0, 1]), noise, steps=2)
+    again = _generate2(Pipeline.from_run(tmp_path / "copy", components=("generator",)), noise)
     assert torch.equal(before, again)
 
 

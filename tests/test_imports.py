@@ -110,3 +110,48 @@ def test_cycle_detector_catches_a_cycle(tmp_path):
     assert found == [["reptok.a", "reptok.c", "reptok.sub.b"]]
     (pkg / "c.py").write_text("def thing():\n    return 1\n")
     assert cycles(import_graph(tmp_path, ("reptok",))) == []
+
+
+# ----------------------------------------------------------------------------- package layering
+LAYERS = {"reptok": set(), "export": {"reptok"}, "reptok_cli": {"export", "reptok"}}  # who may import whom
+
+
+def package_violations(graph: Dict[str, Set[str]]) -> List[str]:
+    """'a.mod -> b.mod' for every import (module level or inside a function) that goes against
+    ``reptok_cli -> export -> reptok``."""
+    out = []
+    for mod, deps in sorted(graph.items()):
+        pkg = mod.split(".")[0]
+        for d in sorted(deps):
+            if d.split(".")[0] not in LAYERS[pkg] | {pkg}:
+                out.append(f"{mod} -> {d}")
+    return out
+
+
+def test_packages_depend_one_way():
+    assert package_violations(import_graph(ROOT)) == []
+
+
+def test_layering_check_catches_an_in_function_upward_import(tmp_path):
+    # reptok/a.py reaching up into export inside a function is a violation; the reverse is not.
+    for pkg in ("reptok", "export"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "export" / "x.py").write_text("from reptok import a\n")
+    (tmp_path / "reptok" / "a.py").write_text("def f():\n    from export.x import g\n    return g\n")
+    graph = import_graph(tmp_path, ("reptok", "export"))
+    assert package_violations(graph) == ["reptok.a -> export.x"]
+
+
+def test_reptok_bench_needs_the_runtimes_handed_in():
+    """reptok.bench measures torch alone; onnx / trt rows come from export.bench (which passes
+    its RUNTIMES). Catches: onnx / trt silently dropped from the report when nothing builds them."""
+    import pytest
+
+    from export.bench import RUNTIMES
+    from reptok.bench import run_bench
+    from reptok.errors import InputError
+
+    with pytest.raises(InputError, match="export.bench"):
+        run_bench(preset="tiny", backends="torch,onnx")
+    assert callable(RUNTIMES.check) and callable(RUNTIMES.pipelines)

@@ -72,8 +72,13 @@ def _t_of(name: str, r: dict) -> torch.Tensor:
 def _generate(p, z, y, steps):
     """The official generate_with_cfg_interval(cfg 1.5, [0.3, 0.9]) through Pipeline.generate (tokens
     come back denormalised; the official returns generator space, so normalise again)."""
-    tok = p.generate(y, z, steps=steps, cfg=1.5, cfg_interval=(0.3, 0.9), solver="euler")
+    tok = p.generate(y, z, p.sampler_args(steps=steps, guidance_scale=1.5, cfg_interval=(0.3, 0.9), solver="euler"))
     return tok, p.generator.normalize(tok)
+
+
+def _dec(p, steps):
+    """Decoder settings: ``steps`` Euler steps."""
+    return p.sampler_args(decoder_steps=steps, decoder_solver="euler")
 
 
 def _recon_losses(p, r):
@@ -163,10 +168,10 @@ OUTPUTS = {
     **{f"dec/v/t={t}": (lambda n: lambda I, T, r: I.decoder.official_velocity(r["dec/z"], _t_of(n, r), r["dec/c"]))(
         f"dec/v/t={t}") for t in ("1.0", "0.5", "0.02")},
     "dec/v/t_mixed": lambda I, T, r: I.decoder.official_velocity(r["dec/z"], r["dec/t_mixed"], r["dec/c"]),
-    "dec/sample4/latent": lambda I, T, r: I.decode_latents(r["dec/c"], r["dec/z"], steps=4, solver="euler"),
-    "dec/sample4/image": lambda I, T, r: I.decode_tokens(r["dec/c"], r["dec/z"], steps=4, solver="euler"),
-    "dec/decode50/image": lambda I, T, r: I.decode_tokens(I.generator.denormalize(r["dec/decode50/token"]),
-                                                   r["dec/decode50/noise"], steps=50, solver="euler"),
+    "dec/sample4/latent": lambda I, T, r: I.decode_latents(r["dec/c"], r["dec/z"], _dec(I, 4)),
+    "dec/sample4/image": lambda I, T, r: I.decode(r["dec/c"], r["dec/z"], _dec(I, 4)),
+    "dec/decode50/image": lambda I, T, r: I.decode(I.generator.denormalize(r["dec/decode50/token"]),
+                                             r["dec/decode50/noise"], _dec(I, 50)),
     "gen/v_model": lambda I, T, r: T.generator(r["gen/x"], r["gen/t"], r["gen/y"]),
     "gen/v_ema": lambda I, T, r: I.generator(r["gen/x"], r["gen/t"], r["gen/y"]),
     "gen/v_cfg_ema": lambda I, T, r: __import__("reptok.flow", fromlist=["x"]).guided_velocity(
@@ -174,8 +179,8 @@ OUTPUTS = {
     "gen/sample10/out": lambda I, T, r: _generate(I, r["gen/sample/z"], r["gen/sample/y"], 10)[1],
     "gen/sample50/out": lambda I, T, r: _generate(I, r["gen/sample/z"], r["gen/sample/y"], 50)[1],
     "pipe/samples": lambda I, T, r: _generate(I, r["pipe/z"], r["pipe/y"], 50)[1],
-    "pipe/images": lambda I, T, r: I.decode_tokens(_generate(I, r["pipe/z"], r["pipe/y"], 50)[0], r["pipe/decode_noise"],
-                                            steps=50, solver="euler"),
+    "pipe/images": lambda I, T, r: I.decode(_generate(I, r["pipe/z"], r["pipe/y"], 50)[0], r["pipe/decode_noise"],
+                                      _dec(I, 50)),
     "train/vae_latent": lambda I, T, r: T.latent.latents_from_moments(T.latent.encode_moments(r["enc/img_256"]),
                                                                       noise=r["train/vae_eps"]),
     "train/vtheta": lambda I, T, r: T.decoder.official_velocity(

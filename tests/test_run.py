@@ -29,8 +29,8 @@ def test_save_load_bit_identical(tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     labels = torch.tensor([1, 4])
     assert torch.equal(pipe.encode(x), again.encode(x))
-    a = pipe.sample(labels, [0, 1], seed=3, steps=3, decoder_steps=3)
-    b = again.sample(labels, [0, 1], seed=3, steps=3, decoder_steps=3)
+    a, b = (p.decode(p.generate(labels, p.generator_noise([0, 1], 3), p.sampler_args(steps=3)),
+                     p.decoder_noise([0, 1], 3), p.sampler_args(decoder_steps=3)) for p in (pipe, again))
     assert torch.equal(a, b)
 
 

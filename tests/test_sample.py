@@ -81,7 +81,7 @@ def test_onnx_default_with_engine_and_tolerance(run, onnx_dir, tmp_path):
 def test_writer_loses_no_image_when_interrupted(run, tmp_path):
     """KeyboardInterrupt in the third decoder batch: every file present is complete and equal to
     the uninterrupted run's, none is half-written, and a rerun generates only the rest."""
-    from reptok.backends import load_sampling_pipeline
+    from export.runtime import load_sampling_pipeline
     from reptok.sample import sample_to
 
     kw = dict(seed=3, batch_size=2, steps=3, decoder_steps=3)
@@ -91,7 +91,7 @@ def test_writer_loses_no_image_when_interrupted(run, tmp_path):
     assert len(ref) == 9
 
     calls = {"n": 0}
-    real = pipe.decode_from
+    real = pipe.decode
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -99,7 +99,7 @@ def test_writer_loses_no_image_when_interrupted(run, tmp_path):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    pipe.decode_from = flaky
+    pipe.decode = flaky
     with pytest.raises(KeyboardInterrupt):
         sample_to(pipe, [0, 1, 2], 3, tmp_path / "out", **kw)
     files = sorted((tmp_path / "out").iterdir())
@@ -108,7 +108,7 @@ def test_writer_loses_no_image_when_interrupted(run, tmp_path):
         with Image.open(p) as im:
             im.load()  # a truncated PNG raises here
             assert np.array_equal(np.asarray(im), ref[p.name])
-    pipe.decode_from = real
+    pipe.decode = real
     again = sample_to(pipe, [0, 1, 2], 3, tmp_path / "out", **kw)
     assert again["generated"] == 5 and again["skipped_existing"] == 4
     for name, want in ref.items():
@@ -120,12 +120,12 @@ def test_next_batch_is_queued_before_the_previous_one_is_waited_for(run, tmp_pat
     generator and decoder of batch k+1 are called before batch k's images are waited for, and the
     bytes equal the plain per-batch conversion."""
     import reptok.sample as smp
-    from reptok.backends import load_sampling_pipeline
+    from export.runtime import load_sampling_pipeline
     from reptok.images import tensor_to_uint8
 
     pipe = load_sampling_pipeline(run, "cpu")
     events, real_fetch = [], smp._fetch_uint8
-    gen, dec = pipe.generate_from, pipe.decode_from
+    gen, dec = pipe.generate, pipe.decode
 
     def fetch(images):
         k = sum(e[0] == "decode" for e in events) - 1
@@ -134,8 +134,8 @@ def test_next_batch_is_queued_before_the_previous_one_is_waited_for(run, tmp_pat
         return lambda: (events.append(("wait", k)), wait())[1] if np.array_equal(wait(), want) else None
 
     monkeypatch.setattr(smp, "_fetch_uint8", fetch)
-    pipe.generate_from = lambda *a, **k: (events.append(("generate",)), gen(*a, **k))[1]
-    pipe.decode_from = lambda *a, **k: (events.append(("decode",)), dec(*a, **k))[1]
+    pipe.generate = lambda *a, **k: (events.append(("generate",)), gen(*a, **k))[1]
+    pipe.decode = lambda *a, **k: (events.append(("decode",)), dec(*a, **k))[1]
     res = smp.sample_to(pipe, [0, 1, 2], 2, tmp_path / "o.npz", seed=1, batch_size=2, steps=2, decoder_steps=2)
     assert res["generated"] == 6 and np.load(tmp_path / "o.npz")["arr_0"].shape[0] == 6
     names = [e[0] if e[0] != "wait" else f"wait{e[1]}" for e in events]
@@ -146,17 +146,17 @@ def test_timer_starts_after_the_compile_warm_up(run, tmp_path, monkeypatch):
     """Catches: the images/s timer started before the first (compiling / capturing) calls, which
     understates --compile. A fake clock: the first network call costs 1000 s, later ones 1 s."""
     import reptok.sample as smp
-    from reptok.backends import load_sampling_pipeline
+    from export.runtime import load_sampling_pipeline
 
     pipe = load_sampling_pipeline(run, "cpu")
     pipe.fast_path = {**pipe.fast_path, "compile": True}  # as --compile would set it
-    clock, gen = [0.0], pipe.generate_from
+    clock, gen = [0.0], pipe.generate
 
     def timed_gen(*a, **k):
         clock[0] += 1000.0 if clock[0] == 0 else 1.0
         return gen(*a, **k)
 
-    pipe.generate_from = timed_gen
+    pipe.generate = timed_gen
     monkeypatch.setattr(smp.time, "perf_counter", lambda: clock[0])
     res = smp.sample_to(pipe, [0, 1], 2, tmp_path / "o.npz", seed=1, batch_size=2, steps=2, decoder_steps=2)
     assert res["warmup_s"] == 1000.0
@@ -168,17 +168,18 @@ def test_nfe_counts():
     from reptok.presets import get_preset
 
     pipe = random_pipeline(get_preset("tiny"))
-    n = pipe.nfe(steps=10, decoder_steps=5, solver="heun", decoder_solver="euler", cfg=2.0, cfg_interval=(0.3, 0.9))
+    n = pipe.sampler_args(steps=10, decoder_steps=5, solver="heun", decoder_solver="euler", guidance_scale=2.0,
+                          cfg_interval=(0.3, 0.9)).nfe()
     # grid 0, .1, ..., 1: Heun evaluates t_0..t_9 and t_1..t_10; [0.3, 0.9] holds 7 of each
     assert n == {"generator": 20, "generator_guided": 14, "decoder": 5}
-    assert pipe.nfe(steps=4, cfg=1.0)["generator_guided"] == 0
+    assert pipe.sampler_args(steps=4, guidance_scale=1.0).nfe()["generator_guided"] == 0
 
 
 def test_regional_compile_compiles_one_block_for_all():
     """Identical blocks share one compiled frame (dynamo's CompileCounter backend, no inductor)."""
     from torch._dynamo.testing import CompileCounter
 
-    from export.runtime import regional_compile
+    from reptok.fast import regional_compile
     from reptok.bench import random_pipeline
     from reptok.presets import get_preset
 
@@ -199,12 +200,35 @@ def test_regional_compile_compiles_one_block_for_all():
     torch._dynamo.reset()
 
 
+def test_fast_variant_is_a_copy_that_leaves_the_pipeline_as_it_was():
+    """``fast_variant`` goes through ``Pipeline.with_networks``: the variant's decoder and
+    generator are compiled proxies (same outputs), the original keeps its nn.Modules and its
+    registry. Catches: with_networks editing the original's ``_modules`` (a shared dict)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from reptok.bench import random_pipeline
+    from reptok.fast import fast_variant
+    from reptok.presets import get_preset
+
+    pipe = random_pipeline(get_preset("tiny"), components=("decoder", "generator"))
+    torch._dynamo.reset()
+    v = fast_variant(pipe, compile=True, compile_kw={"backend": CompileCounter()})
+    assert v.fast_blocks > 0 and not isinstance(v.decoder, torch.nn.Module)
+    assert isinstance(pipe.decoder, torch.nn.Module) and set(pipe._modules) >= {"decoder", "generator"}
+    assert "decoder" not in v._modules and v.device == pipe.device
+    args, idx = pipe.sampler_args(steps=2, decoder_steps=2), [0, 1]
+    labels = torch.tensor([1, 2])
+    want = pipe.generate(labels, pipe.generator_noise(idx), args)
+    assert torch.allclose(v.generate(labels, v.generator_noise(idx), args), want, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_regional_compile_reaches_a_text_generators_cross_attention():
     """The generator's block_lists: the mixer blocks and, for text, the condition's
     cross-attention blocks; a class generator has no cross blocks (skipped, not an error)."""
     from torch._dynamo.testing import CompileCounter
 
-    from export.runtime import regional_compile
+    from reptok.fast import regional_compile
     from reptok.models import build_generator
     from reptok.presets import get_preset
 

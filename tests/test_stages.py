@@ -199,7 +199,7 @@ def test_cfg_changes_samples_and_interval_respected(work, tmp_path):
     pipe = Pipeline.from_run(work / "gen", components=("generator",))
     g = pipe.cfg.generator
     noise = index_noise(0, [0, 1], (g.n_tokens, g.token_dim), STREAM_GENERATOR)
-    z1, z4 = (pipe.generate(torch.tensor([2, 2]), noise, steps=10, cfg=c) for c in (1.0, 20.0))
+    z1, z4 = (pipe.generate(torch.tensor([2, 2]), noise, pipe.sampler_args(steps=10, guidance_scale=c)) for c in (1.0, 20.0))
     assert (z1 - z4).abs().max() > 1e-2
     assert np.array_equal(c1, c4o)  # an interval that contains no step means no guidance
 

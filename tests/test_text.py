@@ -201,11 +201,11 @@ def test_cfg_with_the_empty_prompt(work):
     prompts = ["a red circle", "a blue cross", "a red circle"]
     noise = index_noise(0, range(3), (1, 32), 0)
     kw = dict(steps=6, cfg_interval=None)
-    plain = pipe.generate_text(prompts, noise, cfg=1.0, **kw)
+    plain = pipe.generate(prompts, noise, pipe.sampler_args(guidance_scale=1.0, **kw))
     hidden, mask = pipe.text_encoder.encode(prompts)
     x = flow.solve(lambda x, t: pipe.generator(x, t, hidden, mask), noise, 6)
     assert torch.allclose(plain, pipe.generator.denormalize(x), atol=1e-5)  # cfg 1 = plain conditional
-    guided = pipe.generate_text(prompts, noise, cfg=3.0, **kw)
+    guided = pipe.generate(prompts, noise, pipe.sampler_args(guidance_scale=3.0, **kw))
     assert not torch.allclose(guided, plain, atol=1e-4)
     null_h, null_m = pipe.text_encoder.encode([""] * 3)
 
@@ -215,7 +215,7 @@ def test_cfg_with_the_empty_prompt(work):
 
     assert torch.allclose(guided, pipe.generator.denormalize(flow.solve(manual, noise, 6)), atol=1e-4)
     # Duplicate prompts share a table row; each image still gets its own prompt's states.
-    alone = pipe.generate_text(["a blue cross"], noise[1:2], cfg=3.0, **kw)
+    alone = pipe.generate(["a blue cross"], noise[1:2], pipe.sampler_args(guidance_scale=3.0, **kw))
     assert torch.allclose(alone, guided[1:2], atol=1e-5)
 
 

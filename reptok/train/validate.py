@@ -228,8 +228,7 @@ class ReconValidation(Validation):
         from ..images import make_grid, tensor_to_uint8
         from ..pipeline import Pipeline
 
-        view = Pipeline(self.cfg, encoder=enc, decoder=dec, latent=self.latent)
-        view.autocast_dtype = self.amp_dtype
+        view = Pipeline(self.cfg, encoder=enc, decoder=dec, latent=self.latent, autocast_dtype=self.amp_dtype)
         m, r, g = len(self.recon_items), self.cfg.image_size, min(GRID, len(self.recon_items))
         shapes = {"psnr": m, "ssim": m, "grid": (g, r, r, 3), "feat": (m, self.fdim)}
         if self.ref is None:
@@ -239,7 +238,7 @@ class ReconValidation(Validation):
             idx = self.recon_items[a:b]
             images = self._images(idx)
             orig = tensor_to_uint8(images)
-            out = tensor_to_uint8(view.decode_tokens(view.encode(images), view.decoder_noise(idx, self.seed)))
+            out = tensor_to_uint8(view.decode(view.encode(images), view.decoder_noise(idx, self.seed)))
             buf.put("psnr", a, np.minimum(psnr(orig, out), PSNR_CAP))
             buf.put("ssim", a, ssim(orig, out))
             buf.put("grid", a, out[: max(0, g - a)])
@@ -304,19 +303,20 @@ class GenValidation(Validation):
     def _token_fd(self, gen) -> dict:
         from ..pipeline import Pipeline
 
-        view = Pipeline(self.cfg, generator=gen, text_encoder=None if self.text is None else self.text[1])
-        view.autocast_dtype = self.amp_dtype
+        view = Pipeline(self.cfg, generator=gen, text_encoder=None if self.text is None else self.text[1],
+                        autocast_dtype=self.amp_dtype)
         m, dim = len(self.ref_items), self.tokens.shape[1]
         # The run's CFG; a class generator trained without a null class has none to apply.
-        scale = None if self.text is not None or gen.null_class is not None else 1.0
+        no_cfg = self.text is None and gen.null_class is None
+        args = view.sampler_args(**({"guidance_scale": 1.0} if no_cfg else {}))
         buf = Buffers(self.device, self.info, tok=(m, dim))
         for a, b in my_chunks(m, self.info):
             noise = view.generator_noise(range(a, b), self.seed)
             if self.text is not None:
                 prompts = [str(self.text[2][i]) for i in self.ref_items[a:b]]
-                out = view.generate(None, noise, cfg=scale, prompts=prompts)
+                out = view.generate(prompts, noise, args)
             else:
-                out = view.generate(torch.arange(a, b) % max(self.classes, 1), noise, cfg=scale)
+                out = view.generate(torch.arange(a, b) % max(self.classes, 1), noise, args)
             buf.put("tok", a, out.float())
         fake = buf.reduce()["tok"]
         rec = {"token_fd": round(fd_of(fake, self.tokens[self.ref_items].double().numpy()), 5), "fd_n": m}
