@@ -238,7 +238,7 @@ def test_token_lr_scale_moves_the_cls_token_further(work, tmp_path):
     assert 0.5e-3 < moved[1] <= 1.01e-3 and moved[10] == pytest.approx(10 * moved[1], rel=0.05)
     res = cli("train", "recon", "--data", work / "data", "--out", tmp_path / "bad", "--preset", "tiny",
               "--token-lr-scale", 0, code=2)
-    assert "token_lr_scale" in res.output and not (tmp_path / "bad").exists()
+    assert "--token-lr-scale" in res.output and not (tmp_path / "bad").exists()  # the option, by its name
 
 
 def test_resume_may_change_token_lr_scale(work, tmp_path):
