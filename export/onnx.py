@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from reptok.errors import InputError
-from reptok.io import atomic_dir
+from reptok.io import atomic_dir, read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "reptok-onnx/1"
@@ -94,7 +94,6 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise InputError(f"{folder}: not a reptok export folder (no {MANIFEST}); write one with 'reptok export onnx'")
-    from reptok.io import read_json
 
     doc = read_json(path, "manifest")
     if doc.get("format") != FORMAT:

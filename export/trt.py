@@ -29,7 +29,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from reptok.errors import InputError
-from reptok.io import atomic_dir
+from reptok.io import atomic_dir, atomic_write_bytes
 
 from .onnx import MANIFEST, read_manifest
 from .runtime import SIDECAR, require_trt
@@ -192,8 +192,6 @@ def build_engines(
         shutil.copy(onnx_dir / MANIFEST, tmp / MANIFEST)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     if timing_cache is not None and cache_bytes:
-        from reptok.io import atomic_write_bytes
-
         atomic_write_bytes(Path(timing_cache), cache_bytes)
     sidecar["out"] = str(Path(out_dir).absolute())
     return sidecar

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from reptok.run import resolve_config
+from reptok.run import resolve_config, read_run_config
 
 from .common import app, emit_json, handle_errors
 from .options import json_option, run_path
@@ -55,9 +55,7 @@ def _distilled(ckpt: Optional[str]) -> Optional[dict]:
     attached to one), else None."""
     if not ckpt:
         return None
-    from pathlib import Path
 
-    from reptok.run import read_run_config
 
     return read_run_config(Path(ckpt)).get("distilled")
 
@@ -67,10 +65,8 @@ def _run_summary(ckpt: Optional[str]) -> Optional[dict]:
     tokenizer_run, a distilled student's teacher, the --init run), sha256 of its weights."""
     if not ckpt:
         return None
-    from pathlib import Path
 
     from reptok.outputs import weights_hash
-    from reptok.run import read_run_config
     from reptok.train.start import checkpoint_step, last_loss
 
     from reptok import provenance

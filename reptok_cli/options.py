@@ -25,10 +25,6 @@ def device_option(panel: Optional[str] = None):
     return typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N", rich_help_panel=panel)
 
 
-def precision_option(default: Optional[str], help: str, panel: Optional[str] = None):
-    return typer.Option(default, "--precision", help=help, rich_help_panel=panel)
-
-
 def json_option(panel: Optional[str] = None):
     return typer.Option(False, "--json", help="Machine output: one JSON line on stdout (progress still on stderr unless -q).",
                         rich_help_panel=panel)

@@ -93,7 +93,7 @@ def _by_hand(fake: np.ndarray, real: np.ndarray, k: int) -> dict:
     Tr sqrtm(S1 S2) as the sum of the square roots of the product's (real, >= 0) eigenvalues; a
     sample is inside a set's manifold when within the k-th neighbour distance of one of its
     members; IS = exp(mean KL(p(y|x) || p(y))), averaged over splits at i * N // splits."""
-    from reptok.evaluate.run import IS_SPLITS
+    from reptok.evaluate.commands import IS_SPLITS
     from reptok.shapes.judge import load_judge
 
     judge = load_judge("cpu")
@@ -196,7 +196,7 @@ def fast_fid(monkeypatch):
     """scipy's sqrtm of a 2048 x 2048 matrix takes ~20 s on one core: check that the Inception
     statistics reach the FID as 2048-d, then compute it on the first 64 dimensions (the formula
     itself is tested in test_metrics.py)."""
-    from reptok.evaluate import metrics, run
+    from reptok.evaluate import commands as run, metrics
 
     seen = []
 
@@ -271,7 +271,7 @@ def test_recon_inception_path_random_weights(env, tmp_path, offline, fast_fid):
 
 # ----------------------------------------------------------------------------- failures
 def test_missing_inception_weights_fail_before_work(env, no_weights, monkeypatch, tmp_path):
-    from reptok.evaluate import run
+    from reptok.evaluate import commands as run
     from reptok.pipeline import Pipeline
 
     def must_not_run(*a, **k):

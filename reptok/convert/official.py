@@ -58,7 +58,7 @@ from ..config import (
     VAEConfig,
 )
 from ..errors import InputError
-from ..io import file_sha256
+from ..io import file_sha256, atomic_dir, atomic_write_text, read_json
 from .safe_load import jsonable, safe_torch_load, to_plain
 
 PathLike = Union[str, Path]
@@ -381,7 +381,6 @@ def _read_vae_config(path: PathLike) -> dict:
         p = p / "config.json"
     if not p.is_file():
         raise InputError(f"--vae-config {path}: no diffusers config.json there")
-    from ..io import read_json
 
     return read_json(p, "--vae-config file")
 
@@ -760,7 +759,6 @@ def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[st
                hparams: dict) -> None:
     from safetensors.torch import save_file
 
-    from ..io import atomic_dir, atomic_write_text
     from ..provenance import converter_id
     from ..run import EMA, MODEL, write_run_config
 

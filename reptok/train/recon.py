@@ -22,7 +22,7 @@ from ..models.encoder import cos_anchor_loss
 from ..pipeline import Pipeline, STREAM_DECODER, index_noise
 from ..images import make_grid, save_png, tensor_to_uint8
 from ..dist import DistInfo
-from .loop import _check_batch, fit
+from .loop import _check_batch, fit, amp_dtype_for
 from .start import load_init, prepare_run_dir, read_init
 from ..flops import train_gflops
 
@@ -150,7 +150,6 @@ def train_recon(
     prepared dataset for validation (``reptok.train.validate``; a resumed run finds its own)."""
     from ..data.dataset import PreparedDataset
     from .logs import check_wandb
-    from .loop import amp_dtype_for
 
     dataset = PreparedDataset(data)
     if dataset.resolution != cfg.image_size:
