@@ -50,6 +50,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+from reptok.choices import DTYPES as ALL_DTYPES
 from reptok.errors import InputError
 from reptok.io import atomic_dir, read_json
 
@@ -58,7 +59,7 @@ FORMAT = "reptok-onnx/1"
 GRAPHS = ("generator", "decoder", "vae", "encoder")  # component names accepted by --components
 GRAPH_FILE = {"generator": "generator", "decoder": "decoder", "vae": "vae_decoder", "encoder": "encoder"}
 DEFAULT_COMPONENTS = ("generator", "decoder", "vae")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {k: ALL_DTYPES[k] for k in ("fp32", "fp16")}  # weights stored in the graph; no bf16 ONNX here
 # Default verification tolerance: max |ort - torch_fp32| <= atol * max(1, max |torch_fp32|).
 # fp32: only kernel reordering differs; fp16: the half-precision rounding of a whole network.
 DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 3e-2}

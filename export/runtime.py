@@ -33,12 +33,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from reptok.choices import RUNTIME_BACKENDS as BACKENDS
 from reptok.errors import InputError
 
 from .onnx import import_ort, ort_session_options, pipeline_config_sha256, read_manifest, run_config_sha256
 
 SIDECAR = "engines.json"  # the TensorRT sidecar written by export/trt.py
-BACKENDS = ("onnx", "trt")
 
 
 # ----------------------------------------------------------------------------- availability

@@ -25,10 +25,9 @@ from typing import Optional
 
 import torch
 
+from .choices import BACKENDS, PRECISIONS
 from .errors import InputError
 
-BACKENDS = ("torch", "onnx", "trt")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_backend(backend: Optional[str], engine: Optional[Path]) -> str:

@@ -438,7 +438,7 @@ def _check_value_type(dotted: str, value: Any) -> None:
     _coerce_scalar(base, value, dotted)
 
 
-SOLVERS = ("euler", "heun")  # reptok.flow.SOLVERS
+SOLVERS = ("euler", "heun")  # the flow ODE solvers (reptok.flow runs them)
 
 
 def _ge(lo):

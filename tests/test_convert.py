@@ -384,7 +384,7 @@ def test_xl_layout_infers_the_released_sizes():
     from diffusers import AutoencoderKL
 
     from reptok.convert import official as O
-    from reptok.info import SD_VAE_CONFIG
+    from reptok.models.vae import SD_VAE_CONFIG
     from reptok.convert.keymaps import decoder_key_map
     from reptok.models.decoder import FlowDecoder
     from reptok.models.generator import TokenGenerator

@@ -336,3 +336,18 @@ def test_recon_bad_inputs_exit_2(judge_cache, tmp_path):
         res = cli("eval", "recon", "--ckpt", env / "tok", "--data", env / "data", "--features", "judge",
                   opt, val, code=2)  # a typo in a rule name: refused before any work
         assert res.output.count("error:") == 1 and choices in res.output
+
+
+def test_eval_reads_every_image_kind_data_prep_reads(tmp_path):
+    # One extension list for prep and eval: a .tif / .gif folder prep accepts must not be "empty" here.
+    from PIL import Image
+    from reptok.evaluate import load_images
+
+    pix = np.zeros((4, 4, 3), np.uint8)
+    pix[1, 2] = (200, 10, 30)
+    Image.fromarray(pix).save(tmp_path / "a.tif")
+    Image.fromarray(pix).save(tmp_path / "b.GIF", format="GIF")
+    (tmp_path / "c.txt").write_text("not an image")
+    imgs = np.concatenate(list(load_images(str(tmp_path)).batches(10)))
+    assert imgs.shape == (2, 4, 4, 3)
+    assert tuple(imgs[0, 1, 2]) == (200, 10, 30)  # the lossless .tif, pixel for pixel

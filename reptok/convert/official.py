@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..choices import DTYPES
 from ..config import (
     DecoderConfig,
     EncoderConfig,
@@ -59,6 +60,7 @@ from ..config import (
 )
 from ..errors import InputError
 from ..io import file_sha256, atomic_dir, atomic_write_text, read_json
+from ..models.vae import SD_VAE_CONFIG
 from .safe_load import jsonable, safe_torch_load, to_plain
 
 PathLike = Union[str, Path]
@@ -74,7 +76,6 @@ P_GEN_RAW = "model.net."
 P_METRICS = "metric_tracker."
 COMPILED = "_orig_mod."
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CONVERSION = "conversion.json"
@@ -381,13 +382,10 @@ def _read_vae_config(path: PathLike) -> dict:
         p = p / "config.json"
     if not p.is_file():
         raise InputError(f"--vae-config {path}: no diffusers config.json there")
-
     return read_json(p, "--vae-config file")
 
 
 def _infer_vae_config(src: _Keys, norm_groups: Optional[int]) -> dict:
-    from ..info import SD_VAE_CONFIG
-
     n = src.name
     blocks = src.indices(re.escape(P_VAE) + r"encoder\.down_blocks\.(\d+)\.resnets\.0\.conv1\.weight")
     if not blocks:
@@ -563,6 +561,158 @@ def _materialise(tensors: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[s
 
 
 # ----------------------------------------------------------------------------- the converter
+def _scale_factor(hp: dict, name: str, notes: List[str]) -> float:
+    """The VAE-latent -> token scale of the hyper-parameters (1.0, noted, when absent)."""
+    scale_factor = _dig(hp, "first_stage_cfg", "params", "scale_factor")
+    if scale_factor is None:
+        scale_factor = 1.0
+        notes.append("no first_stage_cfg.params.scale_factor in the hyper-parameters: token_std = 1.0")
+    scale_factor = float(scale_factor)
+    if not scale_factor > 0:
+        raise InputError(f"{name}: scale_factor {scale_factor} must be positive")
+    return scale_factor
+
+
+def _encoders(src: "_Keys", enc_opts: dict, notes: List[str]):
+    """The encode() copy (inference) and the fp32 fine-tuned copy the decoder was trained on
+    (training; the encode() copy when absent), with the two comparisons the summary reports."""
+    ecfg, enc = _convert_encoder(src, notes=notes, **enc_opts)
+    dino_cmp = _compare_dino_copies(src)
+    if dino_cmp.get("present"):
+        ecfg32, enc_train = _convert_encoder(src, notes=[], prefix=P_DINO_FP32, **enc_opts)
+        if ecfg32 != ecfg:
+            raise InputError(f"{src.name}: the fp32 DINO copy ({P_DINO_FP32}*) has another architecture than "
+                             f"the encode() copy ({P_DINO}*)")
+        if not dino_cmp["equal_up_to_rounding"]:
+            notes.append(f"the fp32 DINO copy ({P_DINO_FP32}*) differs from the encode() copy beyond rounding "
+                         f"(max |diff| {dino_cmp['max_abs_diff']:.3g}); inference uses the encode() copy, "
+                         "training (--init) the fp32 copy")
+    else:
+        enc_train = enc
+        notes.append(f"no fp32 DINO copy ({P_DINO_FP32}*): training from this run (--init) uses the encode() copy")
+    target_cmp = _compare_target(src)
+    if target_cmp.get("compared") and not target_cmp["differs_only_in_cls_token"]:
+        notes.append(f"the target DINO ({P_DINO_TARGET}*) differs from the fine-tuned one in "
+                     f"{', '.join(target_cmp['differing'][:3])} besides cls_token (max |diff| "
+                     f"{target_cmp['max_abs_diff_besides_cls_token']:.3g}); the converted encoder keeps only the "
+                     "target's cls token, so its cosine target differs from the official one")
+    return ecfg, enc, enc_train, dino_cmp, target_cmp
+
+
+def _generators(src: "_Keys", hp: dict, token_dim: int, scale_factor: float, use_ema: bool, notes: List[str]):
+    """The generator sampling uses (EMA unless ``use_ema`` is off or there is none) and the one
+    training (--init) continues (the raw one where present), with their source prefixes."""
+    has_ema = any(k.startswith(P_GEN_EMA) for k in src.state)
+    has_raw = any(k.startswith(P_GEN_RAW) for k in src.state)
+    if use_ema and not has_ema:
+        if not has_raw:
+            raise InputError(f"{src.name}: no generator weights ({P_GEN_EMA}* or {P_GEN_RAW}*)")
+        notes.append(f"no EMA generator ({P_GEN_EMA}*): converted the raw one ({P_GEN_RAW}*)")
+        gen_prefix = P_GEN_RAW
+    else:
+        gen_prefix = P_GEN_EMA if use_ema else P_GEN_RAW
+    kw = dict(hp=hp, token_dim=token_dim, scale_factor=scale_factor)
+    gcfg, gen = _convert_generator(src, prefix=gen_prefix, **kw)
+    train_prefix = P_GEN_RAW if has_raw else gen_prefix
+    gen_train = gen
+    if train_prefix != gen_prefix:
+        gcfg_raw, gen_train = _convert_generator(src, prefix=train_prefix, **kw)
+        if gcfg_raw != gcfg:
+            raise InputError(f"{src.name}: the raw generator ({P_GEN_RAW}*) has another architecture than the EMA one")
+    gcfg.token_norm = "scalar"  # cls / scale_factor
+    gcfg.time_sampler, gcfg.time_loc, gcfg.time_scale = _time_sampler(hp, notes)
+    return gcfg, gen, gen_train, gen_prefix, train_prefix
+
+
+def _vae_downsample(vae_cfg: dict, image_size: int) -> int:
+    downsample = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    if image_size % downsample:
+        raise InputError(f"image size {image_size} is not divisible by the VAE downsampling {downsample}")
+    return downsample
+
+
+def _weight_files(enc_train, dec, gen_train, enc, gen, dtype: torch.dtype):
+    """model.safetensors: the training state (fp32 fine-tuned DINO + original cls token, decoder,
+    raw generator); ema.safetensors: what inference uses (the encode() copy, the EMA generator;
+    the decoder, which has one copy, is read from model.safetensors). Both in ``dtype``."""
+    weights, infer = {}, {}
+    for comp, part in (("encoder", enc_train), ("decoder", dec), ("generator", gen_train)):
+        weights.update({f"{comp}.{k}": v for k, v in part.items()})
+    for comp, part in (("encoder", enc), ("generator", gen)):
+        infer.update({f"{comp}.{k}": v for k, v in part.items()})
+    return _materialise(weights, dtype), _materialise(infer, dtype)
+
+
+def _check_consumed(src: "_Keys", gen_prefix: str, train_prefix: str) -> Dict[str, int]:
+    """Every source tensor was converted or belongs to a known ignored group (counted by group;
+    the generator copy neither sampling nor training uses is one); InputError naming the first
+    unknown key otherwise."""
+    unused_gen = None if {gen_prefix, train_prefix} == {P_GEN_EMA, P_GEN_RAW} else (
+        P_GEN_RAW if gen_prefix == P_GEN_EMA else P_GEN_EMA)
+    ignored: Dict[str, int] = {}
+    unknown = []
+    for k in src.state:
+        if k in src.used:
+            continue
+        g = _ignored_group(k, unused_gen)
+        if g is None:
+            unknown.append(k)
+        else:
+            ignored[g] = ignored.get(g, 0) + 1
+    if unknown:
+        raise InputError(f"{src.name}: unknown key {unknown[0]!r} ({len(unknown)} unrecognised; "
+                         "official-checkpoint-spec.md section 7.3 lists the expected layout)")
+    return ignored
+
+
+def _sampling_config(hp: dict, gcfg) -> SamplingConfig:
+    """The official sample_kwargs as reptok's sampling defaults (CFG only where the generator learnt it)."""
+    sk = _dig(hp, "sample_kwargs", default={}) or {}
+    interval = sk.get("t_interval", sk.get("cfg_interval", (0.3, 0.9)))
+    return SamplingConfig(
+        steps=int(sk.get("num_steps", 50)), solver="euler",
+        cfg=float(sk.get("cfg_scale", 1.5)) if gcfg.num_classes > 0 and gcfg.class_dropout > 0 else 1.0,
+        cfg_interval=tuple(float(v) for v in interval) if interval is not None else (0.3, 0.9),
+        decoder_steps=50, decoder_solver="euler",
+    )
+
+
+def _source_record(ck, hash_source: bool) -> dict:
+    return {"source": str(ck.path.resolve()), "source_bytes": ck.path.stat().st_size,
+            "sha256": file_sha256(ck.path) if hash_source else None, "lightning": ck.meta}
+
+
+def _weights_record(gen_prefix: str, train_prefix: str, dino_cmp: dict) -> dict:
+    """Which source prefixes became the inference and the training weights."""
+    return {
+        "generator_weights": "ema" if gen_prefix == P_GEN_EMA else "raw",
+        "weights": {
+            "inference (ema.safetensors)": {"encoder": P_DINO + "*", "generator": gen_prefix + "*",
+                                            "decoder": "model.safetensors"},
+            "training (model.safetensors, train --init)": {
+                "encoder": (P_DINO_FP32 if dino_cmp.get("present") else P_DINO) + "*",
+                "encoder.cls_token_frozen": P_DINO_TARGET + "{cls_token, pos_embed[:, 0]}",
+                "decoder": P_DEC + "*", "generator": train_prefix + "*"},
+        },
+    }
+
+
+def _inferred(image_size: int, ecfg, dcfg, gcfg, vae_cfg: dict, scfg: SamplingConfig) -> dict:
+    """What the conversion read off the tensors and hyper-parameters, for the summary."""
+    return {
+        "image_size": image_size,
+        "encoder": {"model": ecfg.model, "dim": ecfg.dim, "overrides": ecfg.overrides, "img_size": ecfg.img_size},
+        "decoder": {k: getattr(dcfg, k) for k in ("width", "depth", "head_dim", "ff_expand", "mapping_width",
+                                                  "mapping_depth", "patch_size", "input_size", "in_channels")},
+        "generator": {k: getattr(gcfg, k) for k in ("dim", "depth", "token_expand", "channel_expand", "n_tokens",
+                                                    "token_dim", "num_classes", "class_dropout")},
+        "vae": {k: vae_cfg[k] for k in ("block_out_channels", "layers_per_block", "norm_num_groups",
+                                        "latent_channels")},
+        "sampling": {"steps": scfg.steps, "cfg": scfg.cfg, "cfg_interval": list(scfg.cfg_interval),
+                     "decoder_steps": scfg.decoder_steps},
+    }
+
+
 def convert_official(
     ckpt_path: PathLike,
     out_dir: PathLike,
@@ -598,98 +748,21 @@ def convert_official(
     out = Path(out_dir)
     _check_out(out, overwrite)
     ck = read_official_checkpoint(ckpt_path)
-    src = _Keys(ck.state, ck.path.name)
-    hp = ck.hparams
-    notes: List[str] = []
-
-    scale_factor = _dig(hp, "first_stage_cfg", "params", "scale_factor")
-    if scale_factor is None:
-        scale_factor = 1.0
-        notes.append("no first_stage_cfg.params.scale_factor in the hyper-parameters: token_std = 1.0")
-    scale_factor = float(scale_factor)
-    if not scale_factor > 0:
-        raise InputError(f"{src.name}: scale_factor {scale_factor} must be positive")
+    src, hp, notes = _Keys(ck.state, ck.path.name), ck.hparams, []
+    scale_factor = _scale_factor(hp, src.name, notes)
     if image_size is None:
         image_size = int(_dig(hp, "first_stage_cfg", "params", "image_size", default=256) or 256)
 
     # --- components (all validation happens before anything is written)
     enc_opts = dict(heads=encoder_heads, patch=encoder_patch, img_size=encoder_img_size, model=encoder_model)
-    ecfg, enc = _convert_encoder(src, notes=notes, **enc_opts)  # inference: the encode() copy
-    dino_cmp = _compare_dino_copies(src)
-    if dino_cmp.get("present"):  # training: the fp32 fine-tuned copy the decoder was trained on
-        ecfg32, enc_train = _convert_encoder(src, notes=[], prefix=P_DINO_FP32, **enc_opts)
-        if ecfg32 != ecfg:
-            raise InputError(f"{src.name}: the fp32 DINO copy ({P_DINO_FP32}*) has another architecture than "
-                             f"the encode() copy ({P_DINO}*)")
-        if not dino_cmp["equal_up_to_rounding"]:
-            notes.append(f"the fp32 DINO copy ({P_DINO_FP32}*) differs from the encode() copy beyond rounding "
-                         f"(max |diff| {dino_cmp['max_abs_diff']:.3g}); inference uses the encode() copy, "
-                         "training (--init) the fp32 copy")
-    else:
-        enc_train = enc
-        notes.append(f"no fp32 DINO copy ({P_DINO_FP32}*): training from this run (--init) uses the encode() copy")
-    target_cmp = _compare_target(src)
-    if target_cmp.get("compared") and not target_cmp["differs_only_in_cls_token"]:
-        notes.append(f"the target DINO ({P_DINO_TARGET}*) differs from the fine-tuned one in "
-                     f"{', '.join(target_cmp['differing'][:3])} besides cls_token (max |diff| "
-                     f"{target_cmp['max_abs_diff_besides_cls_token']:.3g}); the converted encoder keeps only the "
-                     "target's cls token, so its cosine target differs from the official one")
+    ecfg, enc, enc_train, dino_cmp, target_cmp = _encoders(src, enc_opts, notes)
     vae_model, vae = _convert_vae(src, vae_config=vae_config, norm_groups=vae_norm_groups, image_size=image_size)
     vae_cfg = dict(vae_model.config)
-    n_down = len(vae_cfg["block_out_channels"]) - 1
-    downsample = 2 ** n_down
-    if image_size % downsample:
-        raise InputError(f"image size {image_size} is not divisible by the VAE downsampling {downsample}")
-    latent = int(vae_cfg["latent_channels"])
+    latent, downsample = int(vae_cfg["latent_channels"]), _vae_downsample(vae_cfg, image_size)
     dcfg, dec = _convert_decoder(src, latent_channels=latent, input_size=image_size // downsample, token_dim=ecfg.dim)
-
-    has_ema = any(k.startswith(P_GEN_EMA) for k in src.state)
-    has_raw = any(k.startswith(P_GEN_RAW) for k in src.state)
-    if use_ema and not has_ema:
-        if not has_raw:
-            raise InputError(f"{src.name}: no generator weights ({P_GEN_EMA}* or {P_GEN_RAW}*)")
-        notes.append(f"no EMA generator ({P_GEN_EMA}*): converted the raw one ({P_GEN_RAW}*)")
-        gen_prefix = P_GEN_RAW
-    else:
-        gen_prefix = P_GEN_EMA if use_ema else P_GEN_RAW
-    gcfg, gen = _convert_generator(src, prefix=gen_prefix, hp=hp, token_dim=ecfg.dim, scale_factor=scale_factor)
-    # Training (--init) continues the raw generator; the EMA one is what sampling uses.
-    train_prefix = P_GEN_RAW if has_raw else gen_prefix
-    if train_prefix != gen_prefix:
-        gcfg_raw, gen_train = _convert_generator(src, prefix=train_prefix, hp=hp, token_dim=ecfg.dim,
-                                                 scale_factor=scale_factor)
-        if gcfg_raw != gcfg:
-            raise InputError(f"{src.name}: the raw generator ({P_GEN_RAW}*) has another architecture than the EMA one")
-    else:
-        gen_train = gen
-    unused_gen = None if {gen_prefix, train_prefix} == {P_GEN_EMA, P_GEN_RAW} else (
-        P_GEN_RAW if gen_prefix == P_GEN_EMA else P_GEN_EMA)
-    gcfg.token_norm = "scalar"  # cls / scale_factor
-    gcfg.time_sampler, gcfg.time_loc, gcfg.time_scale = _time_sampler(hp, notes)
-
-    # --- every source tensor is consumed or deliberately ignored
-    ignored: Dict[str, int] = {}
-    unknown = []
-    for k in src.state:
-        if k in src.used:
-            continue
-        g = _ignored_group(k, unused_gen)
-        if g is None:
-            unknown.append(k)
-        else:
-            ignored[g] = ignored.get(g, 0) + 1
-    if unknown:
-        raise InputError(f"{src.name}: unknown key {unknown[0]!r} ({len(unknown)} unrecognised; "
-                         "official-checkpoint-spec.md section 7.3 lists the expected layout)")
-
-    sk = _dig(hp, "sample_kwargs", default={}) or {}
-    interval = sk.get("t_interval", sk.get("cfg_interval", (0.3, 0.9)))
-    scfg = SamplingConfig(
-        steps=int(sk.get("num_steps", 50)), solver="euler",
-        cfg=float(sk.get("cfg_scale", 1.5)) if gcfg.num_classes > 0 and gcfg.class_dropout > 0 else 1.0,
-        cfg_interval=tuple(float(v) for v in interval) if interval is not None else (0.3, 0.9),
-        decoder_steps=50, decoder_solver="euler",
-    )
+    gcfg, gen, gen_train, gen_prefix, train_prefix = _generators(src, hp, ecfg.dim, scale_factor, use_ema, notes)
+    ignored = _check_consumed(src, gen_prefix, train_prefix)
+    scfg = _sampling_config(hp, gcfg)
     pcfg = PipelineConfig(
         image_size=image_size, encoder=ecfg,
         vae=VAEConfig(source=VAE_DIR, scale=0.18215, shift=0.0, latent_channels=latent, downsample=downsample),
@@ -697,54 +770,22 @@ def convert_official(
     ).validate()
 
     # --- write
-    # model.safetensors: the training state (fp32 fine-tuned DINO + original cls token, decoder,
-    # raw generator); ema.safetensors: what inference uses (the encode() copy, the EMA generator;
-    # the decoder, which has one copy, is read from model.safetensors).
-    dt = DTYPES[dtype]
-    weights, infer = {}, {}
-    for comp, part in (("encoder", enc_train), ("decoder", dec), ("generator", gen_train)):
-        weights.update({f"{comp}.{k}": v for k, v in part.items()})
-    for comp, part in (("encoder", enc), ("generator", gen)):
-        infer.update({f"{comp}.{k}": v for k, v in part.items()})
-    weights, infer = _materialise(weights, dt), _materialise(infer, dt)
-    vae_w = _materialise(vae, dt)
-    sha = file_sha256(ck.path) if hash_source else None
+    weights, infer = _weight_files(enc_train, dec, gen_train, enc, gen, DTYPES[dtype])
+    vae_w = _materialise(vae, DTYPES[dtype])
     summary = {
         "format": "reptok-conversion/1",
-        "source": str(ck.path.resolve()),
-        "source_bytes": ck.path.stat().st_size,
-        "sha256": sha,
-        "lightning": ck.meta,
+        **_source_record(ck, hash_source),
         "kind": "pipeline",
         "out": str(out),
         "dtype": dtype,
-        "generator_weights": "ema" if gen_prefix == P_GEN_EMA else "raw",
-        "weights": {
-            "inference (ema.safetensors)": {"encoder": P_DINO + "*", "generator": gen_prefix + "*",
-                                            "decoder": "model.safetensors"},
-            "training (model.safetensors, train --init)": {
-                "encoder": (P_DINO_FP32 if dino_cmp.get("present") else P_DINO) + "*",
-                "encoder.cls_token_frozen": P_DINO_TARGET + "{cls_token, pos_embed[:, 0]}",
-                "decoder": P_DEC + "*", "generator": train_prefix + "*"},
-        },
+        **_weights_record(gen_prefix, train_prefix, dino_cmp),
         "dino_target": target_cmp,
         "scale_factor": scale_factor,
         "tensors": {"source": len(src.state), "consumed": len(src.used), "ignored": sum(ignored.values()),
                     "written": len(weights) + len(infer) + len(vae_w)},
         "ignored": dict(sorted(ignored.items())),
         "dino_copies": dino_cmp,
-        "inferred": {
-            "image_size": image_size,
-            "encoder": {"model": ecfg.model, "dim": ecfg.dim, "overrides": ecfg.overrides, "img_size": ecfg.img_size},
-            "decoder": {k: getattr(dcfg, k) for k in ("width", "depth", "head_dim", "ff_expand", "mapping_width",
-                                                      "mapping_depth", "patch_size", "input_size", "in_channels")},
-            "generator": {k: getattr(gcfg, k) for k in ("dim", "depth", "token_expand", "channel_expand", "n_tokens",
-                                                        "token_dim", "num_classes", "class_dropout")},
-            "vae": {k: vae_cfg[k] for k in ("block_out_channels", "layers_per_block", "norm_num_groups",
-                                            "latent_channels")},
-            "sampling": {"steps": scfg.steps, "cfg": scfg.cfg, "cfg_interval": list(scfg.cfg_interval),
-                         "decoder_steps": scfg.decoder_steps},
-        },
+        "inferred": _inferred(image_size, ecfg, dcfg, gcfg, vae_cfg, scfg),
         "options": {"encoder_heads": encoder_heads, "encoder_patch": encoder_patch, "encoder_img_size": encoder_img_size,
                     "encoder_model": encoder_model, "vae_config": str(vae_config) if vae_config else None,
                     "vae_norm_groups": vae_norm_groups, "use_ema": use_ema},
