@@ -53,6 +53,7 @@ from torch import nn
 from reptok.choices import DTYPES as ALL_DTYPES
 from reptok.errors import InputError
 from reptok.io import atomic_dir, read_json
+from reptok.outputs import check_new_output
 
 MANIFEST = "manifest.json"
 FORMAT = "reptok-onnx/1"
@@ -450,8 +451,7 @@ def export_onnx(
     atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
     log = log or (lambda msg: None)
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # fail before loading weights
-        raise InputError(f"--out {out_dir}: folder is not empty; pass --overwrite to replace it")
+    check_new_output(out_dir, overwrite, folder=True)  # fail before loading weights
 
     pipe, run, cfg_hash = _load(run_dir_or_pipeline, comps)
     # Export and verification run on the CPU in float32 (the reference semantics); an in-memory

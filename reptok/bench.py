@@ -74,11 +74,12 @@ def random_pipeline(cfg, seed: int = 0, components: Sequence[str] = ("decoder", 
     random token statistics, and for latent configs a random diffusers AutoencoderKL with the
     SD-VAE architecture (``reptok.models.vae.SD_VAE_CONFIG``, resized to the config's channels)."""
     from .pipeline import Pipeline
+    from .shapes.ssl import builtin_weights
 
     comps = set(components)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = Pipeline.build(cfg, components=comps - {"vae"})
+        pipe = Pipeline.build(cfg, components=comps - {"vae"}, resolve_builtin=builtin_weights)
         if "vae" in comps:
             pipe.latent = random_latent(cfg.vae, seed)
     if pipe.decoder is not None:

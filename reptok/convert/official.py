@@ -49,6 +49,7 @@ from ..choices import DTYPES
 from ..config import PipelineConfig, SamplingConfig, VAEConfig
 from ..errors import InputError
 from ..io import file_sha256, atomic_dir, atomic_write_text
+from ..outputs import check_new_output
 from .decoder import convert_decoder
 from .encoder import compare_dino_copies, compare_target, convert_encoder
 from .generator import convert_generator, time_sampler
@@ -75,14 +76,6 @@ def _ignored_group(key: str, unused_gen: Optional[str]) -> Optional[str]:
     if unused_gen is not None and key.startswith(unused_gen):
         return "generator_raw" if unused_gen == P_GEN_RAW else "generator_ema"
     return None
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out}: exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise InputError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
 
 
 def _materialise(tensors: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
@@ -276,7 +269,7 @@ def convert_official(
     if encoder_heads is not None and encoder_heads <= 0:
         raise InputError(f"--encoder-heads {encoder_heads}: must be positive")
     out = Path(out_dir)
-    _check_out(out, overwrite)
+    check_new_output(out, overwrite, folder=True)
     ck = read_official_checkpoint(ckpt_path)
     src, hp, notes = Keys(ck.state, ck.path.name), ck.hparams, []
     scale_factor = _scale_factor(hp, src.name, notes)
@@ -333,7 +326,7 @@ def _write_run(out: Path, overwrite: bool, cfg: PipelineConfig, weights: Dict[st
     from ..provenance import converter_id
     from ..run import EMA, MODEL, write_run_config
 
-    _check_out(out, overwrite)  # again: the load may have taken minutes
+    check_new_output(out, overwrite, folder=True)  # again: the load may have taken minutes
     with atomic_dir(out, overwrite=overwrite) as tmp:  # the run appears whole, in one rename
         write_run_config(tmp, cfg, "pipeline",
                          converted_from={"format": "official-lightning", "source": Path(summary["source"]).name,

@@ -44,6 +44,7 @@ from PIL import Image
 from .. import __version__
 from ..errors import InputError
 from ..io import atomic_dir
+from ..outputs import check_new_output
 from ..images import IMAGE_EXTENSIONS, center_crop_arr, load_image
 from ..shapes import render as _shapes
 
@@ -492,10 +493,7 @@ def _ordered_map(fn, items: Iterable, workers: int, window: int) -> Iterator:
 
 
 def _resolve_out(out: Path, overwrite: bool, source: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
+    check_new_output(out, overwrite, folder=True)
     src = Path(source).expanduser()
     if src.exists():
         s, o = src.resolve(), out.resolve()

@@ -19,6 +19,7 @@ from ..config import PipelineConfig
 from ..data.latents import LatentCache
 from ..errors import InputError
 from ..models.encoder import cos_anchor_loss
+from ..shapes.ssl import builtin_weights
 from ..pipeline import Pipeline, STREAM_DECODER, index_noise
 from ..images import make_grid, save_png, tensor_to_uint8
 from ..dist import DistInfo
@@ -177,7 +178,8 @@ def train_recon(
         extra["init"] = str(Path(init).resolve())
     cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra=extra)
     torch.manual_seed(cfg.train.seed)  # the decoder's random init is part of the run's identity
-    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"), load_weights=init_state is None)
+    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"), load_weights=init_state is None,
+                          resolve_builtin=builtin_weights)  # a builtin encoder: pre-trained once, cached
     if init_state is not None:
         load_init(init_state, {"encoder": pipe.encoder, "decoder": pipe.decoder})
     pipe.decoder.grad_checkpoint = grad_checkpoint
