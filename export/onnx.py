@@ -50,15 +50,17 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+from reptok.choices import DTYPES as ALL_DTYPES
 from reptok.errors import InputError
-from reptok.io import atomic_dir
+from reptok.io import atomic_dir, read_json
+from reptok.outputs import check_new_output
 
 MANIFEST = "manifest.json"
 FORMAT = "reptok-onnx/1"
 GRAPHS = ("generator", "decoder", "vae", "encoder")  # component names accepted by --components
 GRAPH_FILE = {"generator": "generator", "decoder": "decoder", "vae": "vae_decoder", "encoder": "encoder"}
 DEFAULT_COMPONENTS = ("generator", "decoder", "vae")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {k: ALL_DTYPES[k] for k in ("fp32", "fp16")}  # weights stored in the graph; no bf16 ONNX here
 # Default verification tolerance: max |ort - torch_fp32| <= atol * max(1, max |torch_fp32|).
 # fp32: only kernel reordering differs; fp16: the half-precision rounding of a whole network.
 DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 3e-2}
@@ -94,7 +96,6 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise InputError(f"{folder}: not a reptok export folder (no {MANIFEST}); write one with 'reptok export onnx'")
-    from reptok.io import read_json
 
     doc = read_json(path, "manifest")
     if doc.get("format") != FORMAT:
@@ -450,8 +451,7 @@ def export_onnx(
     atol = DEFAULT_ATOL[dtype] if atol is None else float(atol)
     log = log or (lambda msg: None)
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # fail before loading weights
-        raise InputError(f"--out {out_dir}: folder is not empty; pass --overwrite to replace it")
+    check_new_output(out_dir, overwrite, folder=True)  # fail before loading weights
 
     pipe, run, cfg_hash = _load(run_dir_or_pipeline, comps)
     # Export and verification run on the CPU in float32 (the reference semantics); an in-memory

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from reptok.backends import PRECISIONS, SIDECAR, resolve_backend
+from reptok.choices import RUNTIME_BACKENDS as BACKENDS
 from reptok.errors import InputError
 from reptok.models.generator import denormalize_tokens, normalize_tokens
 from reptok.models.text_generator import TextCondition
@@ -39,7 +40,6 @@ from reptok.run import read_run_config
 
 from .onnx import import_ort, ort_session_options, pipeline_config_sha256, read_manifest, run_config_sha256
 
-BACKENDS = ("onnx", "trt")
 
 
 # ----------------------------------------------------------------------------- availability

@@ -28,13 +28,14 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from reptok.choices import DTYPES
 from reptok.errors import InputError
-from reptok.io import atomic_dir
+from reptok.io import atomic_dir, atomic_write_bytes
 
 from .onnx import MANIFEST, read_manifest
 from .runtime import SIDECAR, require_trt
 
-PRECISIONS = ("fp16", "bf16", "fp32")
+PRECISIONS = tuple(DTYPES)  # builder flags, by the numeric format's name
 FORMAT = "reptok-trt/1"
 # Graphs whose batch is twice the sampling batch (CFG's [null, cond] rows in one call).
 BATCH_MULTIPLIER = {"generator": 2}
@@ -92,6 +93,59 @@ def _parse(trt, builder, logger, path: Path):
     return network, parser
 
 
+def _sidecar(trt, precision: str, min_batch: int, opt_batch: int, max_batch: int, onnx_dir: Path,
+             manifest: dict) -> dict:
+    """The engine folder's record of what was built, where and from which graphs (engines to come)."""
+    device = torch.cuda.current_device()
+    return {
+        "format": FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(device),
+        "compute_capability": "%d.%d" % torch.cuda.get_device_capability(device),
+        "cuda": torch.version.cuda,
+        "precision": precision,
+        "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+        "onnx_dir": str(onnx_dir.absolute()),
+        "config_sha256": manifest.get("config_sha256"),
+        "engines": {},
+    }
+
+
+def _builder_config(trt, builder, network, precision: str, workspace_gb: Optional[float]):
+    """The builder config for ``precision``; returns it and how many norm layers were pinned to fp32."""
+    config = builder.create_builder_config()
+    if workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32
+    pinned = 0
+    if precision != "fp32":
+        pinned = _pin_norms_fp32(trt, network)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    return config, pinned
+
+
+def _add_profile(builder, config, network, graph_file: str, bmin: int, bopt: int, bmax: int) -> Dict[str, dict]:
+    """One optimization profile over the batch axis (every other axis is static); its shapes by input."""
+    profile = builder.create_optimization_profile()
+    shapes: Dict[str, dict] = {}
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        dims = list(inp.shape)
+        if any(d < 0 for d in dims[1:]):
+            raise RuntimeError(f"{graph_file}: input {inp.name} has a dynamic non-batch axis {dims}")
+        mk = lambda b: tuple([b] + dims[1:])  # noqa: E731
+        profile.set_shape(inp.name, mk(bmin), mk(bopt), mk(bmax))
+        shapes[inp.name] = {"min": mk(bmin), "opt": mk(bopt), "max": mk(bmax)}
+    config.add_optimization_profile(profile)
+    return shapes
+
+
 def build_engines(
     onnx_dir,
     out_dir,
@@ -127,52 +181,16 @@ def build_engines(
     cache_bytes = b""
     if timing_cache is not None and Path(timing_cache).is_file():
         cache_bytes = Path(timing_cache).read_bytes()
-    device = torch.cuda.current_device()
-    cc = "%d.%d" % torch.cuda.get_device_capability(device)
-    sidecar = {
-        "format": FORMAT,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tensorrt": trt.__version__,
-        "gpu": torch.cuda.get_device_name(device),
-        "compute_capability": cc,
-        "cuda": torch.version.cuda,
-        "precision": precision,
-        "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        "onnx_dir": str(onnx_dir.absolute()),
-        "config_sha256": manifest.get("config_sha256"),
-        "engines": {},
-    }
+    sidecar = _sidecar(trt, precision, min_batch, opt_batch, max_batch, onnx_dir, manifest)
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         for comp, graph in manifest["graphs"].items():
             t0 = time.perf_counter()
             builder = trt.Builder(logger)
             network, _parser = _parse(trt, builder, logger, onnx_dir / graph["file"])
-            config = builder.create_builder_config()
-            if workspace_gb:
-                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-            if precision == "fp16":
-                config.set_flag(trt.BuilderFlag.FP16)
-            elif precision == "bf16":
-                config.set_flag(trt.BuilderFlag.BF16)
-            else:
-                config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32
-            pinned = 0
-            if precision != "fp32":
-                pinned = _pin_norms_fp32(trt, network)
-                config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+            config, pinned = _builder_config(trt, builder, network, precision, workspace_gb)
             k = BATCH_MULTIPLIER.get(comp, 1)
             bmin, bopt, bmax = min_batch, opt_batch * k, max_batch * k
-            profile = builder.create_optimization_profile()
-            shapes: Dict[str, dict] = {}
-            for i in range(network.num_inputs):
-                inp = network.get_input(i)
-                dims = list(inp.shape)
-                if any(d < 0 for d in dims[1:]):
-                    raise RuntimeError(f"{graph['file']}: input {inp.name} has a dynamic non-batch axis {dims}")
-                mk = lambda b: tuple([b] + dims[1:])  # noqa: E731
-                profile.set_shape(inp.name, mk(bmin), mk(bopt), mk(bmax))
-                shapes[inp.name] = {"min": mk(bmin), "opt": mk(bopt), "max": mk(bmax)}
-            config.add_optimization_profile(profile)
+            shapes = _add_profile(builder, config, network, graph["file"], bmin, bopt, bmax)
             cache = config.create_timing_cache(cache_bytes)
             config.set_timing_cache(cache, ignore_mismatch=False)
             log(f"building {comp} ({precision}, batch {bmin}/{bopt}/{bmax}) ...")
@@ -192,8 +210,6 @@ def build_engines(
         shutil.copy(onnx_dir / MANIFEST, tmp / MANIFEST)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     if timing_cache is not None and cache_bytes:
-        from reptok.io import atomic_write_bytes
-
         atomic_write_bytes(Path(timing_cache), cache_bytes)
     sidecar["out"] = str(Path(out_dir).absolute())
     return sidecar

@@ -26,11 +26,10 @@ from typing import Optional
 
 import torch
 
+from .choices import BACKENDS, PRECISIONS
 from .errors import InputError
 from .fast import fast_variant
 
-BACKENDS = ("torch", "onnx", "trt")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIDECAR = "engines.json"  # the TensorRT sidecar written by export/trt.py (resolve_backend looks for it)
 
 

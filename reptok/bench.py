@@ -36,12 +36,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .choices import BACKENDS, PRECISIONS
+from .models.vae import SD_VAE_CONFIG
 from .errors import InputError
 from .fast import fast_variant
 
 STAGES = ("generator", "decoder", "vae", "end_to_end")
-BACKENDS = ("torch", "onnx", "trt")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- random weights
@@ -72,13 +72,14 @@ def randomize_weights(module: nn.Module, seed: int = 0) -> nn.Module:
 def random_pipeline(cfg, seed: int = 0, components: Sequence[str] = ("decoder", "generator", "vae")):
     """A Pipeline of ``cfg`` with random weights (no downloads): randomized decoder / generator,
     random token statistics, and for latent configs a random diffusers AutoencoderKL with the
-    SD-VAE architecture (``reptok.info.SD_VAE_CONFIG``, resized to the config's channels)."""
+    SD-VAE architecture (``reptok.models.vae.SD_VAE_CONFIG``, resized to the config's channels)."""
     from .pipeline import Pipeline
+    from .shapes.ssl import builtin_weights
 
     comps = set(components)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = Pipeline.build(cfg, components=comps - {"vae"})
+        pipe = Pipeline.build(cfg, components=comps - {"vae"}, resolve_builtin=builtin_weights)
         if "vae" in comps:
             pipe.latent = random_latent(cfg.vae, seed)
     if pipe.decoder is not None:
@@ -97,7 +98,6 @@ def random_autoencoder(vae_cfg, seed: int = 0, narrow: bool = False):
     level instead of 128-512 (the same layout at a CPU dry run's cost)."""
     from diffusers import AutoencoderKL
 
-    from .info import SD_VAE_CONFIG
 
     levels = int(round(math.log2(vae_cfg.downsample))) + 1
     kw = dict(SD_VAE_CONFIG)

@@ -104,14 +104,6 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shard_range(n: int, info: DistInfo) -> range:
     """Contiguous slice of [0, n) for this rank (sampling / extraction split by index)."""
     per = (n + info.world_size - 1) // info.world_size

@@ -13,12 +13,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .config import TIME_SAMPLERS
+from .config import SOLVERS, TIME_SAMPLERS
 
 # velocity_fn(x, t) -> v, with t a (B,) float tensor on x's device.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-SOLVERS = ("euler", "heun")
 
 
 # ----------------------------------------------------------------------------- the path

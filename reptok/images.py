@@ -14,6 +14,10 @@ from PIL import Image
 from .io import atomic_write_bytes
 from .errors import InputError
 
+# The image files a folder is read for, by `data prep` and by `eval` alike (lower-case suffixes;
+# a tuple, so both ``suffix in`` and ``name.endswith`` work).
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jfif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """ADM / DiT centre crop: halve with BOX while >= 2x the target, BICUBIC resize so the short

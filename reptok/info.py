@@ -10,13 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import PipelineConfig
+from .models.vae import SD_VAE_CONFIG
 
-# diffusers config of stabilityai/sd-vae-ft-mse (public), to size the VAE without downloading it.
-SD_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=[128, 256, 512, 512], act_fn="silu", sample_size=256, scaling_factor=0.18215,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-)
 
 
 def _count(m: torch.nn.Module, trainable_only: bool = False) -> int:

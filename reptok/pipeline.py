@@ -198,16 +198,18 @@ class Pipeline(nn.Module):
 
     @classmethod
     def build(cls, cfg: PipelineConfig, components: Iterable[str] = ("encoder", "decoder", "generator", "vae"),
-              vae_root=None, load_weights: bool = True, meta: bool = False) -> "Pipeline":
+              vae_root=None, load_weights: bool = True, meta: bool = False,
+              resolve_builtin=None) -> "Pipeline":
         """Build the components of ``cfg``. ``load_weights=False`` skips the encoder's hub/file
         weights (a run's own safetensors will overwrite every tensor anyway). A text-conditioned
         generator brings its frozen text encoder (hub / local weights loaded here; a random
         ``tiny`` tower is overwritten by the run's ``text_encoder.*`` tensors). ``meta``: the
         encoder, decoder and generator get their parameters on the meta device (no random init;
-        load them with ``rundir.load_into(..., assign=True)``)."""
+        load them with ``rundir.load_into(..., assign=True)``). ``resolve_builtin``: the file of a
+        ``builtin:*`` encoder (``reptok.shapes.ssl.builtin_weights``); never pre-trained here."""
         from .models.decoder import FlowDecoder
         from .models import build_generator
-        from .shapes.ssl import build_encoder
+        from .models.encoder import build_encoder
         from .models.vae import build_latent_space
 
         comps = set(components)
@@ -218,7 +220,7 @@ class Pipeline(nn.Module):
 
             text_encoder = build_text_encoder(cfg.generator.text_encoder, max_len=cfg.generator.text_len or None)
         with params_on_meta() if meta else contextlib.nullcontext():
-            nets = dict(encoder=build_encoder(cfg.encoder, load_weights) if "encoder" in comps else None,
+            nets = dict(encoder=build_encoder(cfg.encoder, load_weights, resolve_builtin=resolve_builtin) if "encoder" in comps else None,
                         decoder=FlowDecoder(cfg.decoder) if "decoder" in comps else None,
                         generator=build_generator(cfg.generator) if with_gen else None)
         latent = build_latent_space(cfg.vae, vae_root) if "vae" in comps else None

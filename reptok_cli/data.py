@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import app, emit_json, err, handle_errors
+from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
 from .options import device_option, json_option
 
 data_app = typer.Typer(
@@ -139,7 +139,6 @@ def cache_latents(
     from reptok.data.latents import cache_latents as run_cache, load_vae, vae_identity
     from reptok.errors import InputError
 
-    from .common import init_ranks, parse_device
 
     read_meta(directory)
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import app, emit_json, err, handle_errors, parse_device
+from .common import app, emit_json, err, handle_errors, parse_device, result_console
 from .options import device_option, json_option, quiet_option, run_path
 
 eval_app = typer.Typer(
@@ -29,7 +29,7 @@ _PR_HELP = "adm (float16 distance blocks with float32 fallback, as the ADM evalu
 
 
 def _rules(is_rule: str, pr_distances: str):
-    from reptok.evaluate.run import Rules
+    from reptok.evaluate.commands import Rules
 
     return Rules(is_rule, pr_distances).check()
 
@@ -73,7 +73,6 @@ def _report(title: str, rows, results: dict, written: Optional[Path], json_out: 
     nothing with --json -q)."""
     from rich.table import Table
 
-    from .common import result_console
 
     if json_out and quiet:
         return
@@ -114,7 +113,7 @@ def _record(run: Optional[Path], results: dict, kind: str, samples: Optional[Pat
 
 
 def _save(path: Path, results: dict) -> Optional[Path]:
-    from reptok.evaluate.run import write_results
+    from reptok.evaluate.commands import write_results
 
     try:
         return write_results(path, results)
@@ -148,7 +147,7 @@ def recon(
     json_out: bool = json_option(J),
 ):
     """Reconstruct held-out images and report PSNR, SSIM and rFID (written to RUN/eval_recon.json)."""
-    from reptok.evaluate.run import eval_recon, recon_results_path
+    from reptok.evaluate.commands import eval_recon, recon_results_path
     from reptok.outputs import check_new_output
 
     rules = _rules(is_rule, pr_distances)
@@ -200,7 +199,7 @@ def gen(
 ):
     """FID, Inception Score and precision/recall of samples against a reference set."""
     from reptok.evaluate.record import run_of_samples
-    from reptok.evaluate.run import eval_gen, results_path_for_samples
+    from reptok.evaluate.commands import eval_gen, results_path_for_samples
     from reptok.outputs import check_new_output
 
     rules = _rules(is_rule, pr_distances)
@@ -242,7 +241,6 @@ def probe(
 
     from reptok.evaluate.probe import probe_run
 
-    from .common import result_console
 
     dev = parse_device(device)
     with _progress(quiet) as bar:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from reptok.presets import DEFAULT_PRESET
-from reptok.run import resolve_config
+from reptok.run import resolve_config, read_run_config
 
 from .common import app, emit_json, handle_errors
 from .options import json_option, run_path
@@ -56,9 +56,7 @@ def _distilled(ckpt: Optional[str]) -> Optional[dict]:
     attached to one), else None."""
     if not ckpt:
         return None
-    from pathlib import Path
 
-    from reptok.run import read_run_config
 
     return read_run_config(Path(ckpt)).get("distilled")
 
@@ -68,10 +66,8 @@ def _run_summary(ckpt: Optional[str]) -> Optional[dict]:
     tokenizer_run, a distilled student's teacher, the --init run), sha256 of its weights."""
     if not ckpt:
         return None
-    from pathlib import Path
 
     from reptok.outputs import weights_hash
-    from reptok.run import read_run_config
     from reptok.train.start import checkpoint_step, last_loss
 
     from reptok import provenance

@@ -10,7 +10,7 @@ import typer
 from reptok.presets import DEFAULT_PRESET
 
 from .common import app, emit_json, err, handle_errors, init_ranks, parse_device
-from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option, run_path
+from .options import device_option, given_flags, json_option, option_names, parse_set, quiet_option, run_path, check_choice
 
 train_app = typer.Typer(help="Train the tokenizer (recon) or the generator (gen).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -71,7 +71,6 @@ def _check_runtime(workers, precision, wandb) -> None:
 
     if workers is not None and workers < 0:
         raise InputError(f"--workers {workers}: expected 0 or more")
-    from .options import check_choice
 
     check_choice("--precision", precision, PRECISIONS, allow_none=False)
     check_wandb(wandb)

@@ -383,8 +383,13 @@ def test_xl_layout_infers_the_released_sizes():
     import timm
     from diffusers import AutoencoderKL
 
-    from reptok.convert import official as O
-    from reptok.info import SD_VAE_CONFIG
+    from reptok.convert import layout as O
+    from reptok.convert.decoder import convert_decoder
+    from reptok.convert.encoder import convert_encoder
+    from reptok.convert.generator import convert_generator
+    from reptok.convert.official import _ignored_group
+    from reptok.convert.vae import convert_vae
+    from reptok.models.vae import SD_VAE_CONFIG
     from reptok.convert.keymaps import decoder_key_map
     from reptok.models.decoder import FlowDecoder
     from reptok.models.generator import TokenGenerator
@@ -405,14 +410,14 @@ def test_xl_layout_infers_the_released_sizes():
     sd.update({p + k.replace("mixer.", "mixer._orig_mod."): v for p in (O.P_GEN_EMA, O.P_GEN_RAW)
                for k, v in gen.state_dict().items() if not k.startswith("token_")})
     sd["metric_tracker.fid.inception.fc.weight"] = torch.empty(3, device="meta")
-    src = O._Keys(sd, "xl")
-    ecfg, enc = O._convert_encoder(src, heads=None, patch=None, img_size=224, model=cfg.encoder.model, notes=[])
+    src = O.Keys(sd, "xl")
+    ecfg, enc = convert_encoder(src, heads=None, patch=None, img_size=224, model=cfg.encoder.model, notes=[])
     assert ecfg.overrides == {} and ecfg.dim == 768 and enc["vit.pos_embed"].shape == (1, 256, 768)
-    vm, _ = O._convert_vae(src, vae_config=None, norm_groups=None, image_size=256)
+    vm, _ = convert_vae(src, vae_config=None, norm_groups=None, image_size=256)
     assert {k: vm.config[k] for k in SD_VAE_CONFIG if k not in ("down_block_types", "up_block_types")} == \
         {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in SD_VAE_CONFIG.items()
          if k not in ("down_block_types", "up_block_types")}
-    dcfg, _ = O._convert_decoder(src, latent_channels=4, input_size=32, token_dim=768)
-    gcfg, _ = O._convert_generator(src, prefix=O.P_GEN_EMA, hp={}, token_dim=768, scale_factor=1.0)
+    dcfg, _ = convert_decoder(src, latent_channels=4, input_size=32, token_dim=768)
+    gcfg, _ = convert_generator(src, prefix=O.P_GEN_EMA, hp={}, token_dim=768, scale_factor=1.0)
     assert dcfg == cfg.decoder and gcfg == cfg.generator
-    assert [k for k in sd if k not in src.used and O._ignored_group(k, O.P_GEN_RAW) is None] == []
+    assert [k for k in sd if k not in src.used and _ignored_group(k, O.P_GEN_RAW) is None] == []

@@ -93,7 +93,7 @@ def _by_hand(fake: np.ndarray, real: np.ndarray, k: int) -> dict:
     Tr sqrtm(S1 S2) as the sum of the square roots of the product's (real, >= 0) eigenvalues; a
     sample is inside a set's manifold when within the k-th neighbour distance of one of its
     members; IS = exp(mean KL(p(y|x) || p(y))), averaged over splits at i * N // splits."""
-    from reptok.evaluate.run import IS_SPLITS
+    from reptok.evaluate.commands import IS_SPLITS
     from reptok.shapes.judge import load_judge
 
     judge = load_judge("cpu")
@@ -196,7 +196,7 @@ def fast_fid(monkeypatch):
     """scipy's sqrtm of a 2048 x 2048 matrix takes ~20 s on one core: check that the Inception
     statistics reach the FID as 2048-d, then compute it on the first 64 dimensions (the formula
     itself is tested in test_metrics.py)."""
-    from reptok.evaluate import metrics, run
+    from reptok.evaluate import commands as run, metrics
 
     seen = []
 
@@ -271,7 +271,7 @@ def test_recon_inception_path_random_weights(env, tmp_path, offline, fast_fid):
 
 # ----------------------------------------------------------------------------- failures
 def test_missing_inception_weights_fail_before_work(env, no_weights, monkeypatch, tmp_path):
-    from reptok.evaluate import run
+    from reptok.evaluate import commands as run
     from reptok.pipeline import Pipeline
 
     def must_not_run(*a, **k):
@@ -336,3 +336,18 @@ def test_recon_bad_inputs_exit_2(judge_cache, tmp_path):
         res = cli("eval", "recon", "--ckpt", env / "tok", "--data", env / "data", "--features", "judge",
                   opt, val, code=2)  # a typo in a rule name: refused before any work
         assert res.output.count("error:") == 1 and choices in res.output
+
+
+def test_eval_reads_every_image_kind_data_prep_reads(tmp_path):
+    # One extension list for prep and eval: a .tif / .gif folder prep accepts must not be "empty" here.
+    from PIL import Image
+    from reptok.evaluate import load_images
+
+    pix = np.zeros((4, 4, 3), np.uint8)
+    pix[1, 2] = (200, 10, 30)
+    Image.fromarray(pix).save(tmp_path / "a.tif")
+    Image.fromarray(pix).save(tmp_path / "b.GIF", format="GIF")
+    (tmp_path / "c.txt").write_text("not an image")
+    imgs = np.concatenate(list(load_images(str(tmp_path)).batches(10)))
+    assert imgs.shape == (2, 4, 4, 3)
+    assert tuple(imgs[0, 1, 2]) == (200, 10, 30)  # the lossless .tif, pixel for pixel

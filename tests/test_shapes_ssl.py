@@ -107,3 +107,16 @@ def test_models_layer_never_trains_builtin_weights(quick_ssl):
     with pytest.raises(InputError, match="reptok.shapes.ssl"):
         SSLEncoder(quick_ssl)
     assert not ssl_shapes.cache_path(quick_ssl).exists()
+
+
+def test_pipeline_build_never_pretrains_a_builtin_encoder(quick_ssl):
+    # Pipeline.build without a resolver refuses a builtin encoder instead of pre-training it as a
+    # side effect; load_weights=False (a run's own weights come next) needs no builtin file at all.
+    from reptok.pipeline import Pipeline
+
+    cfg = get_preset("tiny")
+    cfg.encoder = quick_ssl
+    with pytest.raises(InputError, match="builtin"):
+        Pipeline.build(cfg, components=("encoder",))
+    assert Pipeline.build(cfg, components=("encoder",), load_weights=False).encoder is not None
+    assert not ssl_shapes.cache_path(quick_ssl).exists()

@@ -1,13 +1,15 @@
 """Official state-dict names: our key -> the authors' key, for the networks whose names differ.
 
-The only place (with ``official.py``, which reads the checkpoint's layout) that spells official
-key names (official-checkpoint-spec.md tables 3.8 and 6.1):
+With the component adapters beside it (``layout.py``: the prefixes; ``encoder.py``,
+``generator.py``, ``vae.py``) the only place that spells official key names
+(official-checkpoint-spec.md tables 3.8 and 6.1):
 
 - the decoder: ``decoder_key_map(depth, mapping_depth)``, one-to-one renames (below);
-- the generator: our keys are the official ones minus ``_orig_mod.`` (``official.py``); its
+- the generator: our keys are the official ones minus ``_orig_mod.`` (``generator.py``); its
   label table keeps the official name ``label_embedder.*`` through ``TokenGenerator``'s
   state-dict hooks;
-- the encoder: timm's ViT names (``official.py``).
+- the encoder: timm's ViT names (``encoder.py``); the VAE: diffusers' names, legacy attention
+  names mapped in ``vae.py``.
 """
 
 from __future__ import annotations

@@ -41,9 +41,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 from PIL import Image
 
+from .. import __version__
 from ..errors import InputError
-from ..io import replace_dir, temp_dir_beside
-from ..images import center_crop_arr, load_image
+from ..io import atomic_dir
+from ..outputs import check_new_output
+from ..images import IMAGE_EXTENSIONS, center_crop_arr, load_image
 from ..shapes import render as _shapes
 
 FORMAT = "reptok-data/1"
@@ -53,9 +55,6 @@ BUILTIN_PREFIX = "builtin:"
 DEFAULT_SHAPES_COUNT = 12000
 DEFAULT_RESOLUTION = 256
 DEFAULT_BUILTIN_RESOLUTION = 32
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
-)
 _SHARD_BYTES = 500 * 2**20  # like save_to_disk's default max_shard_size
 
 # Column names we recognise when a Hugging Face dataset does not say (by feature type) which
@@ -186,7 +185,7 @@ def _folder_source(root: Path, limit: Optional[int], seed: int) -> _Source:
         class_names = []
         files = [(p, -1) for p in sorted(top_files)]
     if not files:
-        raise InputError(f"{root}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise InputError(f"{root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     idx = _subset(len(files), limit, seed)
     chosen = files if idx is None else [files[i] for i in idx]
 
@@ -494,10 +493,7 @@ def _ordered_map(fn, items: Iterable, workers: int, window: int) -> Iterator:
 
 
 def _resolve_out(out: Path, overwrite: bool, source: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
+    check_new_output(out, overwrite, folder=True)
     src = Path(source).expanduser()
     if src.exists():
         s, o = src.resolve(), out.resolve()
@@ -578,55 +574,63 @@ def _prepare(source, out, resolution, limit, split, image_column, label_column, 
     if batch_size < 1:
         raise InputError(f"batch size {batch_size}: must be >= 1")
     _resolve_out(out, overwrite, source)
-
-    if builtin:
-        src = _builtin_source(source, res, limit, seed)
-    else:
-        p = Path(source).expanduser()
-        if p.is_dir() and not _is_saved_dataset(p) and _has_images(p):
-            src = _folder_source(p, limit, seed)
-        elif p.exists() or not source.startswith(("/", "./", "../", "~")):
-            src = _hf_source(source, split, limit, seed, image_column, label_column, caption_column)
-        else:
-            raise InputError(f"{source}: no such folder (and not a builtin: or Hugging Face dataset name)")
+    src = _open_source(source, res, limit, split, image_column, label_column, caption_column, seed)
 
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out)
-    writer = _ShardWriter(tmp, res)
-    skipped: List[Tuple[str, str]] = list(src.pre_skipped)
-    n_bad = 0
-    max_label = -1
-    has_captions = False
-    done = 0
-    cleanup: List[Callable[[], None]] = []
+    with atomic_dir(out, overwrite) as tmp:  # Ctrl-C, a failure or "nothing usable": nothing half-written
+        writer = _ShardWriter(tmp, res)
+        try:
+            stats = _write_shards(source, src, writer, res, batch_size, workers, progress)
+        except BaseException:
+            writer.abort()
+            raise
+        meta = _meta(source, src, res, seed, limit, writer.count, stats)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / SKIPPED_FILE).write_text("".join(f"{k}\t{r}\n" for k, r in stats["skipped"]))
+    seconds = time.perf_counter() - t0
+    return {**meta, "out": str(out), "seconds": round(seconds, 3),
+            "images_per_s": round(writer.count / max(seconds, 1e-9), 1)}
+
+
+def _open_source(source: str, res, limit, split, image_column, label_column, caption_column, seed) -> "_Source":
+    """``builtin:...`` | a folder of images | a saved / Hub dataset."""
+    if source.startswith(BUILTIN_PREFIX):
+        return _builtin_source(source, res, limit, seed)
+    p = Path(source).expanduser()
+    if p.is_dir() and not _is_saved_dataset(p) and _has_images(p):
+        return _folder_source(p, limit, seed)
+    if p.exists() or not source.startswith(("/", "./", "../", "~")):
+        return _hf_source(source, split, limit, seed, image_column, label_column, caption_column)
+    raise InputError(f"{source}: no such folder (and not a builtin: or Hugging Face dataset name)")
+
+
+def _decode_one(src: "_Source", rec: _Record, res: int):
+    """``(rec, pixels, caption, None)``, or ``(rec, None, "", why)`` for an undecodable input."""
     try:
-        def work(rec: _Record):
-            try:
-                arr, caption = src.decode(rec, res)
-                return rec, arr, caption, None
-            except Exception as e:  # noqa: BLE001 - any undecodable input is skipped, not fatal
-                msg = str(e)
-                if isinstance(e, InputError):
-                    # load_image's message starts with the path; the report has it already.
-                    msg = msg.split(": ", 1)[-1]
-                elif not msg:
-                    msg = type(e).__name__
-                return rec, None, "", msg
+        arr, caption = src.decode(rec, res)
+        return rec, arr, caption, None
+    except Exception as e:  # noqa: BLE001 - any undecodable input is skipped, not fatal
+        msg = str(e)
+        if isinstance(e, InputError):
+            # load_image's message starts with the path; the report has it already.
+            msg = msg.split(": ", 1)[-1]
+        elif not msg:
+            msg = type(e).__name__
+        return rec, None, "", msg
 
-        imgs: List[np.ndarray] = []
-        labels: List[int] = []
-        caps: List[str] = []
 
-        def flush():
-            nonlocal imgs, labels, caps
-            if not imgs:
-                return
-            writer.write(np.stack(imgs), np.asarray(labels, np.int64), caps)
-            imgs, labels, caps = [], [], []
-
-        results = _ordered_map(work, src.records, workers, window=max(2 * batch_size, 4 * workers))
-        cleanup.append(results.close)  # stop the decoding threads at once on Ctrl-C / errors
+def _write_shards(source: str, src: "_Source", writer: "_ShardWriter", res: int, batch_size: int,
+                  workers: int, progress) -> Dict[str, Any]:
+    """Decode every record (``workers`` threads, in order) into ``writer``'s shards, ``batch_size``
+    at a time; the skipped records and what the metadata needs. InputError if nothing was usable."""
+    skipped: List[Tuple[str, str]] = list(src.pre_skipped)
+    n_bad, max_label, has_captions, done = 0, -1, False, 0
+    imgs: List[np.ndarray] = []
+    labels: List[int] = []
+    caps: List[str] = []
+    results = _ordered_map(lambda rec: _decode_one(src, rec, res), src.records, workers,
+                           window=max(2 * batch_size, 4 * workers))
+    try:
         for rec, arr, caption, err in results:
             done += 1
             if err is not None:
@@ -639,56 +643,48 @@ def _prepare(source, out, resolution, limit, split, image_column, label_column, 
                 has_captions = has_captions or bool(caption)
                 max_label = max(max_label, rec.label)
             if len(imgs) >= batch_size:
-                flush()
+                writer.write(np.stack(imgs), np.asarray(labels, np.int64), caps)
+                imgs, labels, caps = [], [], []
             if progress is not None and (done % batch_size == 0 or done == src.total):
                 progress(done, src.total)
-        flush()
-
-        if writer.count == 0:
-            examples = "; ".join(f"{k}: {r}" for k, r in skipped[:3])
-            raise InputError(
-                f"{source}: no usable images ({n_bad} of {done} unreadable"
-                + (f", e.g. {examples}" if examples else "") + ")"
-            )
-        writer.finish()
-
-        class_names = src.class_names
-        if class_names is None:  # integer labels without names
-            class_names = [str(i) for i in range(max_label + 1)]
-        meta = {
-            "format": FORMAT,
-            "source": source,
-            "source_kind": src.kind,
-            "resolution": res,
-            "count": writer.count,
-            "num_classes": len(class_names),
-            "class_names": class_names,
-            "has_captions": has_captions,
-            "skipped": len(skipped),
-            "unreadable": n_bad,
-            "seed": seed,
-            "limit": limit,
-            "crop": "adm-center-crop",
-            "image_layout": "CHW",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **src.extra,
-        }
-        from .. import __version__
-
-        meta["reptok_version"] = __version__
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        (tmp / SKIPPED_FILE).write_text("".join(f"{k}\t{r}\n" for k, r in skipped))
-        replace_dir(tmp, out)
+        if imgs:
+            writer.write(np.stack(imgs), np.asarray(labels, np.int64), caps)
     except BaseException:
-        # Ctrl-C, a failure, or "nothing usable": leave nothing half-written behind.
-        for fn in cleanup:
-            fn()
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        results.close()  # stop the decoding threads at once on Ctrl-C / errors
         raise
-    seconds = time.perf_counter() - t0
-    return {**meta, "out": str(out), "seconds": round(seconds, 3),
-            "images_per_s": round(writer.count / max(seconds, 1e-9), 1)}
+    if writer.count == 0:
+        examples = "; ".join(f"{k}: {r}" for k, r in skipped[:3])
+        raise InputError(
+            f"{source}: no usable images ({n_bad} of {done} unreadable"
+            + (f", e.g. {examples}" if examples else "") + ")"
+        )
+    writer.finish()
+    return {"skipped": skipped, "unreadable": n_bad, "max_label": max_label, "has_captions": has_captions}
+
+
+def _meta(source: str, src: "_Source", res: int, seed, limit, count: int, stats: Dict[str, Any]) -> Dict[str, Any]:
+    class_names = src.class_names
+    if class_names is None:  # integer labels without names
+        class_names = [str(i) for i in range(stats["max_label"] + 1)]
+    return {
+        "format": FORMAT,
+        "source": source,
+        "source_kind": src.kind,
+        "resolution": res,
+        "count": count,
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        "has_captions": stats["has_captions"],
+        "skipped": len(stats["skipped"]),
+        "unreadable": stats["unreadable"],
+        "seed": seed,
+        "limit": limit,
+        "crop": "adm-center-crop",
+        "image_layout": "CHW",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **src.extra,
+        "reptok_version": __version__,
+    }
 
 
 def _has_images(root: Path, max_depth: int = 3) -> bool:

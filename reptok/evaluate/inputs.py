@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..images import IMAGE_EXTENSIONS
 from .metrics import feature_stats
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "load_reference_stats",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 

@@ -106,7 +106,7 @@ def probe_run(ckpt, data, *, limit: Optional[int] = None, test_fraction: float =
               batch_size: int = 64, device="cpu", progress=None) -> dict:
     """Linear probes of a tokenizer run's fine-tuned token and of its frozen SSL token on the
     labelled images of a prepared dataset (the first ``limit``), on one seeded stratified split.
-    ``progress(description, total) -> advance(k)`` as in :mod:`reptok.evaluate.run`."""
+    ``progress(description, total) -> advance(k)`` as in :mod:`reptok.evaluate.commands`."""
     from .. import run as rundir
     from ..data.dataset import PreparedDataset
     from ..pipeline import Pipeline

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -149,7 +149,7 @@ def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_
     ``load_weights=False``: architecture only (seeded random init), for callers that load a
     full state dict next (a run directory) and must not touch the hub or the original file.
     ``weights_file``: the file behind a ``builtin:*`` name, resolved by the layer that owns it
-    (``reptok.shapes.ssl.build_encoder``; the models layer never trains or caches anything).
+    (``build_encoder``'s ``resolve_builtin``; the models layer never trains or caches anything).
     """
     import timm
 
@@ -167,7 +167,7 @@ def build_vit(cfg: EncoderConfig, root: Optional[Union[str, Path]] = None, load_
     if cfg.weights.startswith("builtin:"):
         if weights_file is None:
             raise InputError(f"encoder weights {cfg.weights!r} are built by reptok.shapes.ssl: build the encoder "
-                             "with Pipeline.build or reptok.shapes.ssl.build_encoder")
+                             "with reptok.shapes.ssl.build_encoder (or pass resolve_builtin=reptok.shapes.ssl.builtin_weights)")
         path = Path(weights_file)
     else:
         path = _resolve_weights_path(cfg.weights, Path(root) if root is not None else None)
@@ -338,3 +338,15 @@ class SSLEncoder(nn.Module):
         """Restore the trainable cls token to the original (frozen) one."""
         with torch.no_grad():
             self.vit.cls_token.copy_(self.cls_token_frozen)
+
+
+def build_encoder(cfg: EncoderConfig, load_weights: bool = True, root: Optional[Union[str, Path]] = None,
+                  resolve_builtin: Optional[Callable[[EncoderConfig], Path]] = None) -> SSLEncoder:
+    """The :class:`SSLEncoder` of any ``cfg``. A ``builtin:*`` weights name is turned into its file
+    by ``resolve_builtin`` (``reptok.shapes.ssl.builtin_weights``, which pre-trains once and
+    caches): this layer never trains or caches, and without a resolver such a name is refused in
+    one line instead of pre-training as a side effect. ``load_weights=False`` never needs one."""
+    weights_file = None
+    if load_weights and cfg.weights.startswith("builtin:") and resolve_builtin is not None:
+        weights_file = resolve_builtin(cfg)
+    return SSLEncoder(cfg, root=root, load_weights=load_weights, weights_file=weights_file)

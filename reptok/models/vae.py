@@ -23,6 +23,13 @@ import torch.nn as nn
 from ..config import VAEConfig
 from ..errors import InputError
 
+# diffusers config of stabilityai/sd-vae-ft-mse (public), to size the VAE without downloading it.
+SD_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=[128, 256, 512, 512], act_fn="silu", sample_size=256, scaling_factor=0.18215,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+
 PathLike = Union[str, Path]
 
 

@@ -9,6 +9,7 @@ Every stage calls the same package functions as the individual commands.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import io
-from ..errors import InputError
+from ..outputs import check_new_output
 from ..evaluate.metrics import psnr as psnr_db
 from ..images import make_grid, save_png
 
@@ -41,50 +42,27 @@ class QuickstartPlan:
     seed: int = 0
 
 
-def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: str = "cpu",
-                   progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
-    from ..pipeline import Pipeline
+@contextlib.contextmanager
+def _stage(name: str, times: dict, log: Callable[[str], None]):
+    """Log a stage's start and (on success) its time; ``times[name]``: its seconds either way."""
+    log(f"[{name}] ...")
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = round(time.perf_counter() - t, 1)
+    log(f"[{name}] done in {times[name]} s")
+
+
+def _train_both(out: Path, plan: "QuickstartPlan", base, device: str, progress: bool, stage, log) -> None:
+    """The builtin encoder, the tokenizer, its tokens and the generator, each a timed stage."""
     from ..config import PipelineConfig
-    from ..data.dataset import PreparedDataset
-    from ..data.prep import prepare
-    from .render import make_shapes
-    from .judge import load_judge
     from ..extract import extract_tokens
-    from .ssl import builtin_weights
-    from ..presets import get_preset
-    from ..sample import sample_to
+    from ..pipeline import Pipeline
     from ..train.gen import gen_config, train_gen
     from ..train.recon import train_recon
+    from .ssl import builtin_weights
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} is not empty; pass --overwrite or choose another --out")
-    if overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    times = {}
-
-    def stage(name):
-        class _T:
-            def __enter__(self):
-                log(f"[{name}] ...")
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                times[name] = round(time.perf_counter() - self.t, 1)
-                if exc[0] is None:
-                    log(f"[{name}] done in {times[name]} s")
-        return _T()
-
-    base = get_preset(plan.preset)
-    with stage("data"):
-        prepare(f"builtin:shapes:{plan.images}", out / "data", resolution=base.image_size, seed=plan.seed)
-        n_val = min(plan.val_images, max(plan.images // 4, 16))
-        prepare(f"builtin:shapes:{n_val}", out / "val", resolution=base.image_size, seed=plan.seed + 20_000)
-    with stage("judge"):
-        judge = load_judge(device)
     if base.encoder.weights.startswith("builtin:"):
         with stage("ssl encoder"):  # trained once per machine, then cached like the judge
             builtin_weights(base.encoder, log=log)
@@ -104,6 +82,51 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         _validation_plan(gcfg, plan, plan.gen_steps)
         train_gen(out / "tokens.npy", out / "generator", gcfg, device=device, progress=progress,
                   val_tokens=out / "val_tokens.npy")
+
+
+def _reconstruct_held_out(out: Path, plan: "QuickstartPlan", image_size: int, judge, device: str):
+    """Held-out shapes through the tokenizer (fast path): the images, mean PSNR, the judge's
+    accuracy on the reconstructions; a grid of originals beside reconstructions is saved."""
+    from ..backends import apply_fast_path
+    from ..pipeline import Pipeline
+    from .render import make_shapes
+
+    held = make_shapes(plan.eval_recon, image_size, seed=plan.seed + 10_000)
+    images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    tokpipe = apply_fast_path(Pipeline.from_run(out / "tokenizer", device, components=("encoder", "decoder", "vae")))
+    rec = tokpipe.reconstruct(images, plan.seed, output="np")
+    psnr = float(psnr_db(held["images"], rec).mean())
+    recon_acc = float((judge.predict(rec).cpu().numpy() == held["labels"]).mean())
+    pairs = [im for k in range(min(16, len(rec))) for im in (held["images"][k], rec[k])]
+    save_png(out / "reconstructions.png", make_grid(pairs, ncol=8))
+    return held, psnr, recon_acc
+
+
+def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: str = "cpu",
+                   progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    from ..pipeline import Pipeline
+    from .judge import load_judge
+    from ..data.prep import prepare
+    from ..presets import get_preset
+    from ..sample import sample_to
+
+    out = Path(out)
+    check_new_output(out, overwrite, folder=True)
+    if overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict = {}
+    stage = lambda name: _stage(name, times, log)  # noqa: E731
+    base = get_preset(plan.preset)
+    with stage("data"):
+        prepare(f"builtin:shapes:{plan.images}", out / "data", resolution=base.image_size, seed=plan.seed)
+        n_val = min(plan.val_images, max(plan.images // 4, 16))
+        prepare(f"builtin:shapes:{n_val}", out / "val", resolution=base.image_size, seed=plan.seed + 20_000)
+    with stage("judge"):
+        judge = load_judge(device)
+    _train_both(out, plan, base, device, progress, stage, log)
     from ..backends import apply_fast_path
 
     # The fast path of `reptok sample` (bf16 + CUDA graphs on CUDA; torch eager fp32 on a CPU).
@@ -117,14 +140,7 @@ def run_quickstart(out: Path, plan: QuickstartPlan = QuickstartPlan(), device: s
         pred = judge.predict(z["arr_0"]).cpu().numpy()
         accuracy = float((pred == z["arr_1"]).mean())
     with stage("reconstruct"):
-        held = make_shapes(plan.eval_recon, pipe.cfg.image_size, seed=plan.seed + 10_000)
-        images = torch.from_numpy(held["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        tokpipe = apply_fast_path(Pipeline.from_run(out / "tokenizer", device, components=("encoder", "decoder", "vae")))
-        rec = tokpipe.reconstruct(images, plan.seed, output="np")
-        psnr = float(psnr_db(held["images"], rec).mean())
-        recon_acc = float((judge.predict(rec).cpu().numpy() == held["labels"]).mean())
-        pairs = [im for k in range(min(16, len(rec))) for im in (held["images"][k], rec[k])]
-        save_png(out / "reconstructions.png", make_grid(pairs, ncol=8))
+        held, psnr, recon_acc = _reconstruct_held_out(out, plan, pipe.cfg.image_size, judge, device)
     real_acc = judge.accuracy(held["images"], held["labels"])
     report = {
         "out": str(out),

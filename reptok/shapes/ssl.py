@@ -49,6 +49,7 @@ from ..config import EncoderConfig
 from .render import NUM_CLASSES, SHAPES_VERSION, render_shape
 from ..errors import InputError
 from ..models.encoder import SSLEncoder
+from ..models.encoder import build_encoder as _build_encoder
 
 BUILTIN_WEIGHTS = ("builtin:shapes-ssl",)
 SSL_VERSION = 3
@@ -225,7 +226,6 @@ def builtin_weights(cfg: EncoderConfig, log: Callable[[str], None] = _stderr) ->
 
 
 def build_encoder(cfg: EncoderConfig, load_weights: bool = True, root: Optional[Path] = None) -> SSLEncoder:
-    """The :class:`SSLEncoder` of any ``cfg``; a ``builtin:*`` name is resolved here to its cached
-    file (pre-trained now if missing), so the models layer itself never trains or caches."""
-    weights_file = builtin_weights(cfg) if load_weights and cfg.weights.startswith("builtin:") else None
-    return SSLEncoder(cfg, root=root, load_weights=load_weights, weights_file=weights_file)
+    """:func:`reptok.models.encoder.build_encoder` with the builtin names resolved here (their
+    cached file, pre-trained now if missing): for the commands that train from such an encoder."""
+    return _build_encoder(cfg, load_weights, root, resolve_builtin=builtin_weights)

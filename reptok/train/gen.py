@@ -24,15 +24,16 @@ import torch
 from torch import nn
 
 from .. import flow
+from .. import run as rundir
 from ..config import PipelineConfig
 from ..errors import InputError
-from ..extract import load_tokens
+from ..extract import load_tokens, sidecar_paths
 from ..models import build_generator
 from ..models.generator import TokenGenerator
 from ..dist import DistInfo
-from ..run import resolve_config
+from ..run import resolve_config, read_run_config
 from ..flops import train_gflops
-from .loop import _check_batch, fit
+from .loop import _check_batch, fit, amp_dtype_for
 from .start import check_init, check_out, has_checkpoint, init_run_config, load_init, prepare_run_dir, read_init
 
 
@@ -146,7 +147,6 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
     loader reads them in the training process unless ``workers`` asks for more. ``val_tokens``:
     held-out tokens for validation (``reptok.train.validate``; a resumed run finds its own)."""
     from .logs import check_wandb
-    from .loop import amp_dtype_for
 
     amp_dtype_for(precision, device)
     check_wandb(wandb)
@@ -169,8 +169,6 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
             raise InputError(f"{tokens_path}: labels go up to {int(labels.max())} but the generator has "
                              f"{cfg.generator.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
     if resume and val_tokens is None and (Path(out) / "config.json").exists():
-        from ..run import read_run_config
-
         val_tokens = read_run_config(Path(out)).get("val_tokens")
     val = _val_tokens(val_tokens, meta, cfg) if val_tokens is not None else None
     tokenizer_run = meta.get("checkpoint")
@@ -190,8 +188,6 @@ def train_gen(tokens_path: Path, out: Path, cfg: PipelineConfig, *, resume: bool
     feats = None
     if text_encoder is not None:
         if resume and text_encoder.stores_weights:  # the run's own random tower, before encoding
-            from .. import run as rundir
-
             part = rundir.split_prefix(rundir.read_weights(Path(out), use_ema=False), "text_encoder")
             rundir.load_into(text_encoder, part, str(Path(out) / rundir.MODEL))
         elif init_state is not None and text_encoder.stores_weights:  # the --init run's tower
@@ -244,7 +240,6 @@ def gen_validation(val: Optional[dict], cfg: PipelineConfig, info: DistInfo, dev
 
 def _text_encoder_for(tokens_path: Path, data: dict, cfg: PipelineConfig):
     """Check the captions, build the frozen text encoder and record its spec / sizes in ``cfg``."""
-    from ..extract import sidecar_paths
     from ..models.text import build_text_encoder
 
     captions = data["captions"]
@@ -290,8 +285,6 @@ def gen_config(tokens_path: Path, preset: PipelineConfig, overrides: dict,
     """The generator run's config: the tokenizer run's models + the preset's generator/training.
     ``init`` (the config of an ``--init`` run): its generator and sampling settings instead of the
     preset's (the weights must fit), training still from the preset."""
-    from .. import run as rundir
-
     meta = load_tokens(tokens_path)["meta"]
     tok = meta.get("checkpoint")
     if tok and (Path(tok) / rundir.CONFIG).exists():

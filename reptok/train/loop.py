@@ -29,13 +29,13 @@ from torch import nn
 
 from .. import io
 from .. import run as rundir
+from ..choices import TRAIN_PRECISIONS as PRECISIONS
 from ..config import TrainConfig
 from ..errors import InputError, TrainingDiverged
 from ..dist import DistInfo
 from .feed import default_workers, local_slice, step_loader
 from .logs import METRICS, TrainLogger
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # a scheduler's stop / SLURM's warning before the time limit
 
 

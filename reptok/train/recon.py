@@ -19,10 +19,11 @@ from ..config import PipelineConfig
 from ..data.latents import LatentCache
 from ..errors import InputError
 from ..models.encoder import cos_anchor_loss
+from ..shapes.ssl import builtin_weights
 from ..pipeline import Pipeline, STREAM_DECODER, index_noise
 from ..images import make_grid, save_png, tensor_to_uint8
 from ..dist import DistInfo
-from .loop import _check_batch, fit
+from .loop import _check_batch, fit, amp_dtype_for
 from .start import load_init, prepare_run_dir, read_init
 from ..flops import train_gflops
 
@@ -150,7 +151,6 @@ def train_recon(
     prepared dataset for validation (``reptok.train.validate``; a resumed run finds its own)."""
     from ..data.dataset import PreparedDataset
     from .logs import check_wandb
-    from .loop import amp_dtype_for
 
     dataset = PreparedDataset(data)
     if dataset.resolution != cfg.image_size:
@@ -178,7 +178,8 @@ def train_recon(
         extra["init"] = str(Path(init).resolve())
     cfg = prepare_run_dir(out, cfg, "tokenizer", resume, info, extra=extra)
     torch.manual_seed(cfg.train.seed)  # the decoder's random init is part of the run's identity
-    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"), load_weights=init_state is None)
+    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"), load_weights=init_state is None,
+                          resolve_builtin=builtin_weights)  # a builtin encoder: pre-trained once, cached
     if init_state is not None:
         load_init(init_state, {"encoder": pipe.encoder, "decoder": pipe.decoder})
     pipe.decoder.grad_checkpoint = grad_checkpoint

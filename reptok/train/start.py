@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 from torch import nn
 
 from .. import run as rundir
-from ..config import PipelineConfig
+from ..config import PipelineConfig, with_encoder, with_vae
 from ..errors import InputError
 from ..presets import DEFAULT_PRESET
 from ..dist import DistInfo, barrier
@@ -163,8 +164,6 @@ def read_init(init: Path, stage: str, cfg: PipelineConfig) -> Dict[str, dict]:
     raw weights (``model.safetensors``: the training state, for a converted official run the fp32
     encoder, the original cls token and the raw generator) fit the models of ``cfg`` key for key
     and shape for shape. Returns {component: state}; InputError (exit 2) otherwise."""
-    import torch
-
     from ..models.decoder import FlowDecoder
     from ..models.encoder import SSLEncoder
     from ..models import build_generator
@@ -237,7 +236,6 @@ def recon_run_config(out: Path, overrides: dict, *, preset: str = DEFAULT_PRESET
     """The config ``train recon`` runs with, checked before any work: the run's own (``resume``),
     the ``init`` run's models with the training settings of ``preset`` / ``config``, or
     ``preset`` / ``config`` with ``encoder`` / ``vae`` swapped in; then the dotted ``overrides``."""
-    from ..config import with_encoder, with_vae
     from ..models.encoder import vit_width
     from ..run import resolve_config
 

@@ -61,6 +61,7 @@ def recon_task(cfg: PipelineConfig, root: Path, images: int):
     from ..data.dataset import PreparedDataset
     from ..data.prep import prepare
     from ..pipeline import Pipeline
+    from ..shapes.ssl import builtin_weights
     from .recon import ReconTask
 
     prepare(f"builtin:shapes:{images}", root / "data", resolution=cfg.image_size)
@@ -68,7 +69,7 @@ def recon_task(cfg: PipelineConfig, root: Path, images: int):
         random_autoencoder(cfg.vae, 0).save_pretrained(root / "vae")
         cfg.vae.source, cfg.vae.subfolder = str(root / "vae"), None
     torch.manual_seed(0)
-    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"))
+    pipe = Pipeline.build(cfg, components=("encoder", "decoder", "vae"), resolve_builtin=builtin_weights)
     return ReconTask(pipe, PreparedDataset(root / "data"), cfg.train.cos_weight, False, cfg.train.token_lr_scale,
                      hflip=cfg.train.hflip)
 

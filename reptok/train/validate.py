@@ -40,7 +40,7 @@ import torch.distributed as tdist
 from .. import flow
 from ..dist import DistInfo
 from ..errors import InputError
-from ..pipeline import index_noise
+from ..pipeline import index_noise, Pipeline
 
 K_TIMES = 8
 CHUNK = 16  # held-out items per forward (x K_TIMES rows): fixed, so batch composition never changes
@@ -157,7 +157,7 @@ def recon_extractor(choice: str, image_size: int, device):
         from ..shapes.judge import load_judge
 
         return load_judge(device), "judge"
-    from ..evaluate.run import build_extractor, resolve_features
+    from ..evaluate.commands import build_extractor, resolve_features
 
     try:
         feats = resolve_features("inception", download=False)
@@ -226,7 +226,6 @@ class ReconValidation(Validation):
         """PSNR / SSIM / Fréchet proxy of the reconstructions, and the grid."""
         from ..evaluate.metrics import psnr, ssim
         from ..images import make_grid, tensor_to_uint8
-        from ..pipeline import Pipeline
 
         view = Pipeline(self.cfg, encoder=enc, decoder=dec, latent=self.latent, autocast_dtype=self.amp_dtype)
         m, r, g = len(self.recon_items), self.cfg.image_size, min(GRID, len(self.recon_items))
@@ -301,8 +300,6 @@ class GenValidation(Validation):
         return (hidden.to(self.device).repeat_interleave(K_TIMES, 0), mask.to(self.device).repeat_interleave(K_TIMES, 0))
 
     def _token_fd(self, gen) -> dict:
-        from ..pipeline import Pipeline
-
         view = Pipeline(self.cfg, generator=gen, text_encoder=None if self.text is None else self.text[1],
                         autocast_dtype=self.amp_dtype)
         m, dim = len(self.ref_items), self.tokens.shape[1]

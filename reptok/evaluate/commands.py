@@ -301,6 +301,22 @@ def _round(x, nd: int = 6):
 
 
 # ----------------------------------------------------------------------------- eval gen
+def _check_stats_dim(ref, ref_stats: dict, extractor) -> None:
+    dim = _feature_dim(extractor)
+    if ref_stats["mu"].shape[0] != dim:
+        raise EvalInputError(
+            f"--ref {ref}: its mu/sigma are {ref_stats['mu'].shape[0]}-d but the {extractor.name} "
+            f"features are {dim}-d; they were computed with another feature extractor "
+            f"(ADM reference batches need --features inception)")
+
+
+def _size_mismatch_note(sample_set: ImageSet, ref_set: ImageSet, extractor) -> str:
+    size = "299x299 (TF bilinear)" if extractor.name == "inception" else "32x32 (antialiased)"
+    return (f"samples are {sample_set.height}x{sample_set.width}, the reference "
+            f"{ref_set.height}x{ref_set.width}: both are resized to {size} by the feature "
+            "extractor, but FID is normally reported at matching resolutions")
+
+
 def eval_gen(
     samples: PathLike,
     ref: PathLike,
@@ -344,12 +360,7 @@ def eval_gen(
         choice = resolve_features(features, inception_weights)
         extractor = build_extractor(choice, device, progress)
     if ref_stats is not None:
-        dim = _feature_dim(extractor)
-        if ref_stats["mu"].shape[0] != dim:
-            raise EvalInputError(
-                f"--ref {ref}: its mu/sigma are {ref_stats['mu'].shape[0]}-d but the {extractor.name} "
-                f"features are {dim}-d; they were computed with another feature extractor "
-                f"(ADM reference batches need --features inception)")
+        _check_stats_dim(ref, ref_stats, extractor)
     # 3. features
     fake_feats, fake_logits = _extract(extractor, sample_set, progress, "sample features")
     if len(fake_feats) < 2:
@@ -360,7 +371,6 @@ def eval_gen(
         if len(ref_feats) < 2 and ref_stats is None:
             raise EvalInputError(f"--ref {ref}: need at least 2 images, got {len(ref_feats)}")
     # 4. metrics
-    mu_s, sigma_s = feature_stats(fake_feats)
     if ref_stats is not None:
         mu_r, sigma_r = ref_stats["mu"], ref_stats["sigma"]
         notes.append("FID against the precomputed mu/sigma of the reference batch"
@@ -368,15 +378,11 @@ def eval_gen(
                         "differences)" if extractor.name == "inception" else ""))
     else:
         mu_r, sigma_r = feature_stats(ref_feats)
-    scores = _scores(fake_feats, fake_logits, ref_feats, (mu_s, sigma_s), (mu_r, sigma_r), extractor, k,
+    scores = _scores(fake_feats, fake_logits, ref_feats, feature_stats(fake_feats), (mu_r, sigma_r), extractor, k,
                      device, notes, progress, rules)
     if ref_set is not None and (ref_set.height, ref_set.width) != (sample_set.height, sample_set.width):
-        size = "299x299 (TF bilinear)" if extractor.name == "inception" else "32x32 (antialiased)"
-        notes.append(f"samples are {sample_set.height}x{sample_set.width}, the reference "
-                     f"{ref_set.height}x{ref_set.width}: both are resized to {size} by the feature "
-                     "extractor, but FID is normally reported at matching resolutions")
+        notes.append(_size_mismatch_note(sample_set, ref_set, extractor))
     _protocol_notes(extractor, len(fake_feats), notes, rules)
-
     return {
         **scores,
         "protocol": _protocol(extractor, rules, batch_size),
@@ -394,6 +400,64 @@ def eval_gen(
 
 
 # ----------------------------------------------------------------------------- eval recon
+def _check_recon_args(batch_size: int, limit: Optional[int], decoder_steps: Optional[int],
+                      solver: Optional[str]) -> None:
+    from .. import flow
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if decoder_steps is not None and decoder_steps < 1:
+        raise InputError(f"--decoder-steps must be >= 1, got {decoder_steps}")
+    if solver is not None and solver not in flow.SOLVERS:
+        raise InputError(f"--solver {solver!r}: choose one of {', '.join(flow.SOLVERS)}")
+
+
+def _recon_inputs(ckpt: PathLike, data: PathLike, limit: Optional[int]):
+    """The tokenizer run's config document, the prepared dataset (at the tokenizer's resolution)
+    and how many of its images to reconstruct (at least 2)."""
+    from ..data.dataset import PreparedDataset
+
+    doc = rundir.read_run_config(Path(ckpt))
+    cfg = doc["config"]
+    ds = PreparedDataset(data)
+    if ds.resolution != cfg.image_size:
+        raise InputError(f"--data {data}: images are {ds.resolution}px but the tokenizer works at "
+                         f"{cfg.image_size}px; prepare the data with --resolution {cfg.image_size}")
+    n = len(ds) if limit is None else min(len(ds), limit)
+    if n < 2:
+        raise EvalInputError(f"--data {data}: need at least 2 images, got {n}")
+    return doc, ds, n
+
+
+def _finite_mean_psnr(p: np.ndarray, notes: List[str]) -> float:
+    """Mean PSNR over the finite values (an exact reconstruction is inf), noting how many were not."""
+    if np.isinf(p).any():
+        notes.append(f"{int(np.isinf(p).sum())} reconstruction(s) identical to the original (PSNR inf); "
+                     "the mean PSNR is over the finite values")
+    return float(p[np.isfinite(p)].mean()) if np.isfinite(p).any() else float("inf")
+
+
+def _reconstruct_all(pipe, ds, n: int, batch_size: int, seed: int, steps: int, solver: str, extractor, progress):
+    """Reconstruct the first ``n`` images of ``ds``: per-image PSNR and SSIM (uint8), and the
+    extractor's feature streams of the originals and of the reconstructions."""
+    psnrs, ssims = [], []
+    real, fake = FeatureStream(extractor), FeatureStream(extractor)
+    advance = _bar(progress, f"reconstructing ({steps} decoder steps)", n)
+    for i in range(0, n, batch_size):
+        idx = list(range(i, min(i + batch_size, n)))
+        x = ds.get_batch(idx)["image"]
+        b = pipe.reconstruct(x, seed, start=idx[0], steps=steps, solver=solver, output="np")
+        a = ds.get_uint8(idx)
+        psnrs.append(psnr(a, b))
+        ssims.append(ssim(a, b))
+        real.add(a)
+        fake.add(b)
+        advance(len(idx))
+    return np.concatenate(psnrs), np.concatenate(ssims), real, fake
+
+
 def eval_recon(
     ckpt: PathLike,
     data: PathLike,
@@ -419,29 +483,12 @@ def eval_recon(
     ``fast``: the fast path of ``reptok.backends.apply_fast_path`` (bf16 + CUDA graphs on CUDA;
     a no-op on a CPU); False = torch eager fp32. ``rules``: as :func:`eval_gen`.
     """
-    from .. import flow
-    from ..data.dataset import PreparedDataset
-
     t0 = time.perf_counter()
     rules.check()
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be >= 1, got {limit}")
-    if decoder_steps is not None and decoder_steps < 1:
-        raise InputError(f"--decoder-steps must be >= 1, got {decoder_steps}")
-    if solver is not None and solver not in flow.SOLVERS:
-        raise InputError(f"--solver {solver!r}: choose one of {', '.join(flow.SOLVERS)}")
+    _check_recon_args(batch_size, limit, decoder_steps, solver)
     # 1. cheap checks: run config, dataset metadata, resolution
-    doc = rundir.read_run_config(Path(ckpt))
+    doc, ds, n = _recon_inputs(ckpt, data, limit)
     cfg = doc["config"]
-    ds = PreparedDataset(data)
-    if ds.resolution != cfg.image_size:
-        raise InputError(f"--data {data}: images are {ds.resolution}px but the tokenizer works at "
-                         f"{cfg.image_size}px; prepare the data with --resolution {cfg.image_size}")
-    n = len(ds) if limit is None else min(len(ds), limit)
-    if n < 2:
-        raise EvalInputError(f"--data {data}: need at least 2 images, got {n}")
     steps = int(decoder_steps or cfg.sampling.decoder_steps)
     solver = solver or cfg.sampling.decoder_solver
     # 2. the feature extractor's weights, before any reconstruction work
@@ -463,26 +510,10 @@ def eval_recon(
         notes.append("--data is the dataset this tokenizer was trained on: these are training-set "
                      "reconstructions; use a held-out split (e.g. ImageNet val) for reportable numbers")
     # 4. reconstruct and measure, batch by batch
-    psnrs, ssims = [], []
-    real, fake = FeatureStream(extractor), FeatureStream(extractor)
-    advance = _bar(progress, f"reconstructing ({steps} decoder steps)", n)
-    for i in range(0, n, batch_size):
-        idx = list(range(i, min(i + batch_size, n)))
-        x = ds.get_batch(idx)["image"]
-        b = pipe.reconstruct(x, seed, start=idx[0], steps=steps, solver=solver, output="np")
-        a = ds.get_uint8(idx)
-        psnrs.append(psnr(a, b))
-        ssims.append(ssim(a, b))
-        real.add(a)
-        fake.add(b)
-        advance(len(idx))
+    p, s, real, fake = _reconstruct_all(pipe, ds, n, batch_size, seed, steps, solver, extractor, progress)
     real_feats, _ = real.result()
     fake_feats, fake_logits = fake.result()
-    p, s = np.concatenate(psnrs), np.concatenate(ssims)
-    if np.isinf(p).any():
-        notes.append(f"{int(np.isinf(p).sum())} reconstruction(s) identical to the original (PSNR inf); "
-                     "the mean PSNR is over the finite values")
-    psnr_mean = float(p[np.isfinite(p)].mean()) if np.isfinite(p).any() else float("inf")
+    psnr_mean = _finite_mean_psnr(p, notes)
     scores = _scores(fake_feats, fake_logits, real_feats, feature_stats(fake_feats), feature_stats(real_feats),
                      extractor, k, device, notes, progress, rules)
     _protocol_notes(extractor, n, notes, rules)
