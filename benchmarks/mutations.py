@@ -58,7 +58,7 @@ MUTATIONS = [
      "generator=index_generator(seed, k, stream)) for k, i in enumerate(indices)])", ["tests/test_sample.py", "-k", "index_noise"]),
     ("adm-resize-filter", "reptok/images.py", "round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)",
      "round(x * scale) for x in pil_image.size), resample=Image.BILINEAR)", ["tests/test_data.py", "-k", "adm_center_crop"]),
-    ("ckpt-every-unchecked", "reptok/config.py", '("train.ckpt_every", *_ge(1))', '("train.ckpt_every", *_ge(0))',
+    ("ckpt-every-unchecked", "reptok/config.py", "ckpt_every: int = ruled(500, ge(1))", "ckpt_every: int = ruled(500, ge(0))",
      ["tests/test_config.py"]),
 ]
 
