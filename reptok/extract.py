@@ -18,32 +18,11 @@ import torch
 from .io import atomic_save, atomic_write_text
 from .errors import InputError
 from .dist import DistInfo, barrier, shard_range
-
-
-def sidecar_paths(out: Path) -> dict:
-    out = Path(out)
-    stem = out.with_suffix("")
-    return {"tokens": out, "labels": Path(f"{stem}.labels.npy"), "meta": Path(f"{stem}.json"),
-            "captions": Path(f"{stem}.captions.json")}
+from .outputs import check_tokens_output, sidecar_paths
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_save(path, lambda tmp: np.save(open(tmp, "wb"), arr))
-
-
-def check_output(out: Path, overwrite: bool = False) -> None:
-    """Before any work: ``out`` ends in .npy, its folder exists and is writable, and neither it
-    nor a sidecar exists unless ``overwrite`` (a generator run may point at these tokens)."""
-    from .outputs import check_new_output, check_writable_parent
-
-    out = Path(out)
-    if out.suffix != ".npy":
-        raise InputError(f"--out {out}: the tokens file must end in .npy")
-    if not out.parent.exists():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist")
-    check_writable_parent(out)
-    for p in sidecar_paths(out).values():
-        check_new_output(p, overwrite)
 
 
 def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: DistInfo = DistInfo(),
@@ -53,7 +32,7 @@ def extract_tokens(pipe, data: Path, out: Path, batch_size: int = 64, info: Dist
     from .data.dataset import PreparedDataset
 
     out = Path(out)
-    check_output(out, overwrite)
+    check_tokens_output(out, overwrite)
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: must be >= 1")
     if limit is not None and limit < 1:

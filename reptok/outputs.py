@@ -10,6 +10,10 @@
   is shard-safe: ``--start`` / ``--count`` are not in the manifest, so shards of one job share
   it. A mismatch is exit 2 naming the first differing setting; a non-empty folder without a
   manifest is refused unless ``overwrite``.
+- Each command's own output check, run before any work: :func:`check_tokens_output` (``reptok
+  tokens``: a .npy and its sidecars), :func:`check_run_output` (the training stages: a run
+  folder, new or resumed) and :func:`check_sample_output` (``reptok sample``: .npz, .png grid or
+  PNG folder).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import io
+from . import run as rundir
 from .errors import InputError
 
 MANIFEST = ".reptok-sample.json"
@@ -163,3 +168,60 @@ def prepare_png_folder(out: Path, manifest: dict, overwrite: bool = False, write
 def _short(v) -> str:
     s = json.dumps(v) if not isinstance(v, str) else v
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+# ----------------------------------------------------------------------------- each command's output
+def sidecar_paths(out: Path) -> dict:
+    """The files ``reptok tokens`` writes for ``out`` (tokens.npy): the tokens and their sidecars."""
+    out = Path(out)
+    stem = out.with_suffix("")
+    return {"tokens": out, "labels": Path(f"{stem}.labels.npy"), "meta": Path(f"{stem}.json"),
+            "captions": Path(f"{stem}.captions.json")}
+
+
+def check_tokens_output(out: Path, overwrite: bool = False) -> None:
+    """Before any work: ``out`` ends in .npy, its folder exists and is writable, and neither it
+    nor a sidecar exists unless ``overwrite`` (a generator run may point at these tokens)."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise InputError(f"--out {out}: the tokens file must end in .npy")
+    if not out.parent.exists():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    check_writable_parent(out)
+    for p in sidecar_paths(out).values():
+        check_new_output(p, overwrite)
+
+
+def has_checkpoint(out: Path) -> bool:
+    """A run directory holds a run once a checkpoint is written; a folder with only config.json
+    (a start that failed before its first checkpoint) counts as empty: a fresh start replaces it."""
+    out = Path(out)
+    return (out / rundir.TRAIN_STATE).exists() or (out / rundir.MODEL).exists()
+
+
+def check_run_output(out: Path, resume: bool) -> None:
+    """``--out`` checked before any work: a folder (or a path that can become one) that this
+    user can write; with ``resume`` a run with a checkpoint, without it no run yet."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    check_writable_parent(out, folder=True)
+    if resume and not (out / rundir.TRAIN_STATE).exists():
+        raise InputError(f"{out}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
+    if not resume and has_checkpoint(out):
+        raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def sample_output_kind(out: Path) -> str:
+    s = Path(out).suffix.lower()
+    return "npz" if s == ".npz" else "grid" if s == ".png" else "folder"
+
+
+def check_sample_output(out: Path) -> str:
+    """Fail before any work if OUT cannot be written."""
+    out = Path(out)
+    kind = sample_output_kind(out)
+    if kind == "folder" and out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    check_writable_parent(out, folder=kind == "folder")
+    return kind

@@ -28,6 +28,7 @@ import torch
 from . import io
 from . import run as rundir
 from .errors import InputError
+from .outputs import check_sample_output
 from .flow import host_to_device
 from .backends import describe_fast_path
 from .pipeline import SamplerArgs, pad_rows
@@ -63,23 +64,6 @@ def parse_classes(spec: str, num_classes: int) -> List[int]:
     if bad:
         raise InputError(f"--class {bad[0]} is outside the model's classes 0-{num_classes - 1}")
     return out
-
-
-def output_kind(out: Path) -> str:
-    s = Path(out).suffix.lower()
-    return "npz" if s == ".npz" else "grid" if s == ".png" else "folder"
-
-
-def check_output(out: Path) -> str:
-    """Fail before any work if OUT cannot be written."""
-    from .outputs import check_writable_parent
-
-    out = Path(out)
-    kind = output_kind(out)
-    if kind == "folder" and out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    check_writable_parent(out, folder=kind == "folder")
-    return kind
 
 
 def png_name(index: int, label: int, kind: str = "class") -> str:
@@ -157,7 +141,7 @@ def plan_sample_job(ckpt: Path, out: Path, *, classes: Optional[str] = None, pro
     PNG folder whose manifest matches: then it resumes), and build its PNG-folder manifest."""
     from . import outputs
 
-    kind = check_output(out)
+    kind = check_sample_output(out)
     doc = rundir.read_run_config(ckpt)
     gen_cfg = doc["config"].generator
     if doc["kind"] == "tokenizer" or gen_cfg is None:
@@ -301,7 +285,7 @@ def sample_to(
     (seed, index) only, so shards run with the same batch sizes reproduce one run byte for byte
     (other batch sizes: within float rounding)."""
     out = Path(out)
-    kind = check_output(out)
+    kind = check_sample_output(out)
     args = pipe.sampler_args(**sampler_kw)
     if batch_size < 1 or (gen_batch_size is not None and gen_batch_size < 1):
         raise InputError("--batch-size and --gen-batch-size must be >= 1")

@@ -47,10 +47,10 @@ def distill(
     dev = parse_device(device)
     over = _train_overrides(steps, batch_size, lr, seed, grad_accum, ckpt_every, None, ema)
     from reptok.train.loop import PRECISIONS
-    from reptok.train.start import check_out, has_checkpoint
+    from reptok.outputs import check_run_output, has_checkpoint
 
     check_choice("--precision", precision, PRECISIONS, allow_none=False)
-    check_out(out, resume)
+    check_run_output(out, resume)
     with option_names(given_flags(over)):
         if resume and has_checkpoint(out):
             cfg = resolve_config(ckpt=str(out), overrides=over)

@@ -27,11 +27,12 @@ def extract(
 ):
     """Encode every image of a dataset to its token: float32 (N, D) in dataset order."""
     from reptok.data.dataset import PreparedDataset
-    from reptok.extract import check_output, extract_tokens
+    from reptok.extract import extract_tokens
+    from reptok.outputs import check_tokens_output
     from reptok.pipeline import Pipeline
     from reptok.run import read_run_config
 
-    check_output(out, overwrite)
+    check_tokens_output(out, overwrite)
     kind = read_run_config(ckpt)["kind"]
     if kind == "generator":
         from reptok.errors import InputError

@@ -28,13 +28,14 @@ from .. import run as rundir
 from ..config import PipelineConfig
 from ..errors import InputError
 from ..extract import load_tokens, sidecar_paths
+from ..outputs import check_run_output
 from ..models import build_generator
 from ..models.generator import TokenGenerator
 from ..dist import DistInfo
 from ..run import resolve_config, read_run_config
 from ..flops import train_gflops
 from .loop import _check_batch, fit, amp_dtype_for
-from .start import check_init, check_out, has_checkpoint, init_run_config, load_init, prepare_run_dir, read_init
+from .start import check_init, has_checkpoint, init_run_config, load_init, prepare_run_dir, read_init
 
 
 class CaptionFeatures:
@@ -269,7 +270,7 @@ def gen_run_config(out: Path, tokens: Path, overrides: dict, *, preset: str = "s
         raise InputError("--caption-dropout applies to text-to-image runs; add --text-encoder NAME")
     check_init(init, resume, **{"--text-encoder": text, "--num-classes": overrides.get("generator.num_classes") is not None,
                                 "--token-norm": overrides.get("generator.token_norm")})
-    check_out(out, resume)
+    check_run_output(out, resume)
     if resume and has_checkpoint(out):
         if text is not None:  # compared with the run's (canonical) spec; gen_config does it for new runs
             from ..models.text import canonical_spec

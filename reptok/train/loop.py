@@ -286,6 +286,163 @@ def _agree_to_stop(stop: _StopRequest, info: DistInfo, device: str) -> Optional[
 
 
 # ----------------------------------------------------------------------------- the loop
+class _Fit:
+    """One ``fit`` call split into its phases: set-up (here), one optimizer step (``step``), the
+    bookkeeping at its end (``end_step``) and the closing summary (``finish``). The attributes are
+    what the phases share: the model and optimizer state, the device-side loss window, the clocks."""
+
+    def __init__(self, task: nn.Module, run: Path, cfg: TrainConfig, device: str, info: DistInfo,
+                 resume: bool, precision: str, compile: bool, hooks: dict):
+        self.task, self.run, self.cfg, self.device, self.info, self.hooks = task, run, cfg, device, info, hooks
+        _check_batch(cfg, info)
+        self.amp_dtype = amp_dtype_for(precision, device)
+        self.dev_type = dev_type = torch.device(device).type
+        task.to(device)
+        self.params = params = [p for p in task.parameters() if p.requires_grad]
+        if not params:
+            raise InputError("nothing to train: every parameter is frozen")
+        self.opt = opt = make_optimizer(task, params, cfg, dev_type)
+        self.scaler = scaler = torch.amp.GradScaler(dev_type, enabled=self.amp_dtype is torch.float16)
+        self.ema = ema = EMA(task.saved_modules(), cfg.ema)
+        self.start = start = load_checkpoint(run, task, ema, opt, scaler) if resume else 0
+        if info.is_main:
+            _truncate_metrics(run / METRICS, start)
+        if compile:
+            for region in (task.compile_regions() if hasattr(task, "compile_regions") else [task]):
+                region.compile()  # in place: parameter names (and so checkpoints) do not change
+        self.model = task
+        if info.enabled:
+            self.model = nn.parallel.DistributedDataParallel(task, **ddp_options(info, dev_type))
+        self.pin = dev_type == "cuda"
+        self.last_saved = start
+        self.sync_every = max(1, min(cfg.log_every, 10))  # ranks agree on a stop request this often
+
+    def start_clock(self) -> None:
+        self.window_loss = None  # summed over the steps since the last host read, on the device
+        self.t_start, self.seen = time.perf_counter(), 0
+        # steady-state rate: after the first synced step
+        self.t_first = self.seen_first = self.t_synced = self.seen_synced = None
+
+    def step(self, step: int, loader) -> tuple:
+        """One optimizer step over ``cfg.grad_accum`` micro-batches; returns ``(keys, stats, gnorm)``:
+        the metric names, their rank-averaged values (on the device) and the gradient norm."""
+        task, cfg, info, opt, scaler, params = self.task, self.cfg, self.info, self.opt, self.scaler, self.params
+        g = step_generator(cfg.seed, step)
+        torch.manual_seed(rank_seed(cfg.seed, step, info.rank))
+        noise = task.draw_noise(cfg.batch_size, g)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step) * group.get("lr_scale", 1.0)
+        opt.zero_grad(set_to_none=True)
+        totals = self._accumulate(loader, noise)
+        keys = sorted(totals)
+        stats = torch.stack([totals[k].to(torch.float64) for k in keys])  # on the training device
+        if info.enabled:
+            tdist.all_reduce(stats)
+            stats /= info.world_size
+        self.window_loss = stats[keys.index("loss")] + (0 if self.window_loss is None else self.window_loss)
+        scaler.unscale_(opt)  # clip the true gradients (no-op without fp16)
+        gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        scaler.step(opt)
+        scaler.update()
+        self.ema.update()
+        self.seen += cfg.batch_size
+        return keys, stats, gnorm
+
+    def _accumulate(self, loader, noise: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Forward and backward of each micro-batch; the metrics averaged over them (on the device)."""
+        cfg, info, device, amp_dtype = self.cfg, self.info, self.device, self.amp_dtype
+        totals: Dict[str, torch.Tensor] = {}
+        for a in range(cfg.grad_accum):
+            sl = local_slice(cfg.batch_size, info, cfg.grad_accum, a)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            # Pinned, so the copy does not wait for the device (no per-step host sync).
+            nz = {k: (v[sl].pin_memory() if self.pin else v[sl]).to(device, non_blocking=True) for k, v in noise.items()}
+            sync = contextlib.nullcontext()
+            if info.enabled and a < cfg.grad_accum - 1:
+                sync = self.model.no_sync()
+            amp = torch.autocast(self.dev_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with sync, amp:
+                loss, metrics = self.model(batch, nz)
+            self.scaler.scale(loss.float() / cfg.grad_accum).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                v = v.detach().float() / cfg.grad_accum
+                totals[k] = totals[k] + v if k in totals else v
+        return totals
+
+    def _host_check(self, keys: list, stats: torch.Tensor, step: int) -> Dict[str, float]:
+        values = dict(zip(keys, stats.tolist()))
+        if not math.isfinite(values["loss"]) or not math.isfinite(float(self.window_loss)):
+            if self.last_saved > 0:
+                kept = f"the last good checkpoint (step {self.last_saved}) is kept in {self.run}"
+                hint = "then --resume"
+            else:  # nothing was saved yet: there is nothing to resume from
+                kept = "no checkpoint had been written yet"
+                hint = "then start again"
+            raise TrainingDiverged(f"loss became {values['loss']} by step {step + 1}; {kept}. "
+                                   f"Lower --lr or raise --grad-clip, {hint}")
+        return values
+
+    def _log_record(self, step: int, values: Dict[str, float], gnorm) -> dict:
+        rate = self.seen / max(time.perf_counter() - self.t_start, 1e-9)
+        rec = {"step": step + 1, **{k: round(v, 6) for k, v in values.items()},
+               "grad_norm": round(float(gnorm), 6) if gnorm is not None else 0.0,
+               "lr": _lr_at(self.cfg, step), "images_per_s": round(rate, 2)}
+        if self.scaler.is_enabled():
+            rec["loss_scale"] = float(self.scaler.get_scale())
+        if self.dev_type == "cuda":
+            rec["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)
+        return rec
+
+    def end_step(self, step: int, keys: list, stats: torch.Tensor, gnorm, stop: _StopRequest,
+                 log: TrainLogger, summary: dict) -> bool:
+        """Log, checkpoint, stop on a signal, sample and validate as due after ``step``; True: stop."""
+        cfg, info, hooks = self.cfg, self.info, self.hooks
+        done = step + 1
+        is_log = done % cfg.log_every == 0 or done == 1 or done == cfg.steps
+        is_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+        signum = _agree_to_stop(stop, info, self.device) if (done % self.sync_every == 0 or is_log or is_ckpt
+                                                             or not info.enabled) else None
+        if is_log or is_ckpt or signum:
+            values = self._host_check(keys, stats, step)  # never checkpoint weights a NaN went through
+            self.window_loss = None
+            summary["last_loss"] = values["loss"]
+            self.t_synced, self.seen_synced = time.perf_counter(), self.seen  # the device is idle here
+            if self.t_first is None:
+                self.t_first, self.seen_first = self.t_synced, self.seen
+        if is_log:
+            log.record(self._log_record(step, values, gnorm))
+        log.advance(done)
+        if is_ckpt or signum:
+            if info.is_main:
+                scaler = self.scaler
+                state = {**(hooks["extra_state"] or {}), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
+                save_checkpoint(self.run, self.task, self.ema, self.opt, done, state)
+            self.last_saved = done
+        if signum:
+            _wait_for_the_save(info)
+            name = signal.Signals(signum).name
+            log.message(f"{name}: stopped after step {done}, checkpoint written to {self.run}; "
+                        f"continue with --resume")
+            summary.update(preempted=name, exit_code=128 + signum, stopped_at=done)
+            return True
+        on_sample, validate = hooks["on_sample"], hooks["validate"]
+        if on_sample is not None and info.is_main and cfg.sample_every and (
+                done % cfg.sample_every == 0 or done == cfg.steps):
+            log.image("samples", on_sample(self.ema.modules, done), done)
+            self.model.train()
+        if validate is not None and validate.due(done, cfg.steps):
+            validate.run(self.ema.modules, done, log)
+        return False
+
+    def finish(self, summary: dict) -> dict:
+        """Add the run's wall time and throughput to ``summary``."""
+        elapsed = time.perf_counter() - self.t_start
+        summary.update(seconds=round(elapsed, 2), images_per_s=round(self.seen / max(elapsed, 1e-9), 2))
+        if self.t_first is not None and self.t_synced > self.t_first:  # without start-up, compilation and the first step
+            summary["steady_images_per_s"] = round((self.seen_synced - self.seen_first) / (self.t_synced - self.t_first), 2)
+        return summary
+
+
 def fit(
     task: nn.Module,
     run: Path,
@@ -320,142 +477,29 @@ def fit(
     ``gflops``: training GFLOPs per example, for the TFLOP/s and MFU of the log.
     """
     run = Path(run)
-    _check_batch(cfg, info)
-    amp_dtype = amp_dtype_for(precision, device)
-    dev_type = torch.device(device).type
-    task.to(device)
-    params = [p for p in task.parameters() if p.requires_grad]
-    if not params:
-        raise InputError("nothing to train: every parameter is frozen")
-    opt = make_optimizer(task, params, cfg, dev_type)
-    scaler = torch.amp.GradScaler(dev_type, enabled=amp_dtype is torch.float16)
-    ema = EMA(task.saved_modules(), cfg.ema)
-    start = load_checkpoint(run, task, ema, opt, scaler) if resume else 0
-    if info.is_main:
-        _truncate_metrics(run / METRICS, start)
-    if compile:
-        for region in (task.compile_regions() if hasattr(task, "compile_regions") else [task]):
-            region.compile()  # in place: parameter names (and so checkpoints) do not change
-    model = task
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(task, **ddp_options(info, dev_type))
+    f = _Fit(task, run, cfg, device, info, resume, precision, compile,
+             hooks={"on_sample": on_sample, "validate": validate, "extra_state": extra_state})
     order = BatchOrder(task.num_examples(), cfg.batch_size, cfg.seed)
     if workers is None:
         workers = default_workers() if getattr(task, "reads_files", False) else 0
     source = task.example_source() if hasattr(task, "example_source") else task.load_examples
     with _workers_ignore_preemption():
-        loader = iter(step_loader(source, order, cfg, info, start, workers, pin=dev_type == "cuda"))
-    pin = dev_type == "cuda"
-    summary = {"start_step": start, "steps": cfg.steps, "last_loss": None, "workers": workers}
-    log = TrainLogger(run, enabled=info.is_main, start=start, total=cfg.steps, progress=progress,
+        loader = iter(step_loader(source, order, cfg, info, f.start, workers, pin=f.pin))
+    summary = {"start_step": f.start, "steps": cfg.steps, "last_loss": None, "workers": workers}
+    log = TrainLogger(run, enabled=info.is_main, start=f.start, total=cfg.steps, progress=progress,
                       tensorboard=tensorboard, wandb=wandb, config=config, gflops=gflops, device=device,
-                      amp_dtype=amp_dtype)
+                      amp_dtype=f.amp_dtype)
     if validate is not None and progress:
         log.message(validate.describe)
-    keys = None
-    window_loss = None  # summed over the steps since the last host read, on the device
-    t_start, seen = time.perf_counter(), 0
-    t_first = seen_first = t_synced = seen_synced = None  # steady-state rate: after the first synced step
-    last_saved = start
-    sync_every = max(1, min(cfg.log_every, 10))  # ranks agree on a stop request this often
-
-    def host_check(stats: torch.Tensor, step: int) -> Dict[str, float]:
-        values = dict(zip(keys, stats.tolist()))
-        if not math.isfinite(values["loss"]) or not math.isfinite(float(window_loss)):
-            if last_saved > 0:
-                kept = f"the last good checkpoint (step {last_saved}) is kept in {run}"
-                hint = "then --resume"
-            else:  # nothing was saved yet: there is nothing to resume from
-                kept = "no checkpoint had been written yet"
-                hint = "then start again"
-            raise TrainingDiverged(f"loss became {values['loss']} by step {step + 1}; {kept}. "
-                                   f"Lower --lr or raise --grad-clip, {hint}")
-        return values
-
+    f.start_clock()
     try:
         with _StopRequest() as stop:
-            model.train()
-            for step in range(start, cfg.steps):
-                g = step_generator(cfg.seed, step)
-                torch.manual_seed(rank_seed(cfg.seed, step, info.rank))
-                noise = task.draw_noise(cfg.batch_size, g)
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(cfg, step) * group.get("lr_scale", 1.0)
-                opt.zero_grad(set_to_none=True)
-                totals: Dict[str, torch.Tensor] = {}
-                for a in range(cfg.grad_accum):
-                    sl = local_slice(cfg.batch_size, info, cfg.grad_accum, a)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-                    # Pinned, so the copy does not wait for the device (no per-step host sync).
-                    nz = {k: (v[sl].pin_memory() if pin else v[sl]).to(device, non_blocking=True) for k, v in noise.items()}
-                    sync = contextlib.nullcontext()
-                    if info.enabled and a < cfg.grad_accum - 1:
-                        sync = model.no_sync()
-                    amp = torch.autocast(dev_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                    with sync, amp:
-                        loss, metrics = model(batch, nz)
-                    scaler.scale(loss.float() / cfg.grad_accum).backward()
-                    for k, v in {"loss": loss, **metrics}.items():
-                        v = v.detach().float() / cfg.grad_accum
-                        totals[k] = totals[k] + v if k in totals else v
-                keys = sorted(totals)
-                stats = torch.stack([totals[k].to(torch.float64) for k in keys])  # on the training device
-                if info.enabled:
-                    tdist.all_reduce(stats)
-                    stats /= info.world_size
-                window_loss = stats[keys.index("loss")] + (0 if window_loss is None else window_loss)
-                scaler.unscale_(opt)  # clip the true gradients (no-op without fp16)
-                gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-                scaler.step(opt)
-                scaler.update()
-                ema.update()
-                seen += cfg.batch_size
-                done = step + 1
-                is_log = done % cfg.log_every == 0 or done == 1 or done == cfg.steps
-                is_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
-                signum = _agree_to_stop(stop, info, device) if (done % sync_every == 0 or is_log or is_ckpt
-                                                                or not info.enabled) else None
-                if is_log or is_ckpt or signum:
-                    values = host_check(stats, step)  # never checkpoint weights a NaN went through
-                    window_loss = None
-                    summary["last_loss"] = values["loss"]
-                    t_synced, seen_synced = time.perf_counter(), seen  # the device is idle here
-                    if t_first is None:
-                        t_first, seen_first = t_synced, seen
-                if is_log:
-                    rate = seen / max(time.perf_counter() - t_start, 1e-9)
-                    rec = {"step": done, **{k: round(v, 6) for k, v in values.items()},
-                           "grad_norm": round(float(gnorm), 6) if gnorm is not None else 0.0,
-                           "lr": _lr_at(cfg, step), "images_per_s": round(rate, 2)}
-                    if scaler.is_enabled():
-                        rec["loss_scale"] = float(scaler.get_scale())
-                    if dev_type == "cuda":
-                        rec["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
-                    log.record(rec)
-                log.advance(done)
-                if is_ckpt or signum:
-                    if info.is_main:
-                        state = {**(extra_state or {}), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
-                        save_checkpoint(run, task, ema, opt, done, state)
-                    last_saved = done
-                if signum:
-                    _wait_for_the_save(info)
-                    name = signal.Signals(signum).name
-                    log.message(f"{name}: stopped after step {done}, checkpoint written to {run}; "
-                                f"continue with --resume")
-                    summary.update(preempted=name, exit_code=128 + signum, stopped_at=done)
+            f.model.train()
+            for step in range(f.start, cfg.steps):
+                keys, stats, gnorm = f.step(step, loader)
+                if f.end_step(step, keys, stats, gnorm, stop, log, summary):
                     break
-                if on_sample is not None and info.is_main and cfg.sample_every and (
-                        done % cfg.sample_every == 0 or done == cfg.steps):
-                    log.image("samples", on_sample(ema.modules, done), done)
-                    model.train()
-                if validate is not None and validate.due(done, cfg.steps):
-                    validate.run(ema.modules, done, log)
     finally:
         log.close()
         del loader  # shuts the workers down
-    elapsed = time.perf_counter() - t_start
-    summary.update(seconds=round(elapsed, 2), images_per_s=round(seen / max(elapsed, 1e-9), 2))
-    if t_first is not None and t_synced > t_first:  # without start-up, compilation and the first step
-        summary["steady_images_per_s"] = round((seen_synced - seen_first) / (t_synced - t_first), 2)
-    return summary
+    return f.finish(summary)

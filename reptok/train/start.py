@@ -11,30 +11,9 @@ from torch import nn
 from .. import run as rundir
 from ..config import PipelineConfig, with_encoder, with_vae
 from ..errors import InputError
+from ..outputs import check_run_output, has_checkpoint
 from ..presets import DEFAULT_PRESET
 from ..dist import DistInfo, barrier
-
-
-def has_checkpoint(out: Path) -> bool:
-    """A run directory holds a run once a checkpoint is written; a folder with only config.json
-    (a start that failed before its first checkpoint) counts as empty: a fresh start replaces it."""
-    out = Path(out)
-    return (out / rundir.TRAIN_STATE).exists() or (out / rundir.MODEL).exists()
-
-
-def check_out(out: Path, resume: bool) -> None:
-    """``--out`` checked before any work: a folder (or a path that can become one) that this
-    user can write; with ``resume`` a run with a checkpoint, without it no run yet."""
-    from ..outputs import check_writable_parent
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    check_writable_parent(out, folder=True)
-    if resume and not (out / rundir.TRAIN_STATE).exists():
-        raise InputError(f"{out}: nothing to resume (no {rundir.TRAIN_STATE}); drop --resume to start fresh")
-    if not resume and has_checkpoint(out):
-        raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
 def checkpoint_step(out: Path) -> Optional[int]:
@@ -240,7 +219,7 @@ def recon_run_config(out: Path, overrides: dict, *, preset: str = DEFAULT_PRESET
     from ..run import resolve_config
 
     check_init(init, resume, **{"--encoder": encoder, "--encoder-weights": encoder_weights, "--vae": vae})
-    check_out(out, resume)
+    check_run_output(out, resume)
     if resume and has_checkpoint(out):
         return resolve_config(ckpt=str(out), overrides=overrides)
     if init is not None:
