@@ -139,10 +139,13 @@ def interpolate(
     decoder_steps: int = typer.Option(None, "--decoder-steps"),
     seed: int = typer.Option(0, "--seed"),
     device: str = device_option(),
+    no_fast: bool = typer.Option(False, "--no-fast", help="Force torch eager fp32 (default on CUDA: bf16 + CUDA graphs)."),
     overwrite: bool = overwrite_option(),
     json_out: bool = json_option(),
+    quiet: bool = quiet_option(),
 ):
     """Spherical interpolation between two images' tokens, decoded with the same noise."""
+    from reptok.backends import describe_fast_path
     from reptok.pipeline import Pipeline
     from reptok.images import make_grid, save_png
 
@@ -158,7 +161,9 @@ def interpolate(
     _check_kind(ckpt, "interpolate")
     check_sampling(decoder_steps=decoder_steps)
 
-    pipe = Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae"))
+    pipe = Pipeline.from_run(ckpt, parse_device(device), components=("encoder", "decoder", "vae"), fast=not no_fast)
+    if not quiet:
+        err.print(f"interpolating with {describe_fast_path(pipe.fast_path)}", highlight=False)
     x = _load_images([a, b], pipe.cfg.image_size)
     kw = {"decoder_steps": decoder_steps} if decoder_steps is not None else {}
     imgs = pipe.interpolate(x[0], x[1], frames, seed, output="np", **kw)

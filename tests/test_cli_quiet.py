@@ -58,6 +58,8 @@ def _cases(r: Path, t: Path):
                      "--out", t / "gen.json"],
         "eval probe": ["--ckpt", r / "tok", "--data", r / "data"],
         "reconstruct": [t / "img.png", "--ckpt", r / "tok", "--out", t / "rec", "--decoder-steps", 1],
+        "interpolate": [t / "img.png", t / "img.png", "--ckpt", r / "tok", "--frames", 2, "--out", t / "ab.png",
+                        "--decoder-steps", 1],
         "convert official": [(OFFICIAL or t) / "official_tiny.ckpt", "--out", t / "conv", "--encoder-heads", 2,
                              "--vae-config", (OFFICIAL or t) / "tiny_vae"],
     }

@@ -120,9 +120,10 @@ def test_reconstruct_and_interpolate_write_images(work, tmp_path):
     out = last_json(res)
     assert len(out["images"]) == 2 and all(Path(r["out"]).exists() for r in out["images"])
     assert np.isfinite(out["mean_psnr"])
-    cli("interpolate", tmp_path / "img0.png", tmp_path / "img1.png", "--ckpt", work / "tok", "--frames", 4,
-        "--out", tmp_path / "ab.png", "--decoder-steps", 2)
+    res = cli("interpolate", tmp_path / "img0.png", tmp_path / "img1.png", "--ckpt", work / "tok", "--frames", 4,
+              "--out", tmp_path / "ab.png", "--decoder-steps", 2)
     assert Image.open(tmp_path / "ab.png").size[0] > 4 * 32
+    assert res.stderr.startswith("interpolating with torch fp32 eager on cpu"), res.stderr  # the fast path, as reconstruct
 
 
 def test_slerp_endpoints():
