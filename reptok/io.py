@@ -14,6 +14,7 @@ sampling, export and the run format all use it without pulling in each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -148,12 +149,15 @@ def load_tensors(path: Path, what: str = "weights file") -> Dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------- identity
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (read in 16 MiB pieces), as hex."""
-    import hashlib
-
-    h = hashlib.sha256()
+def hash_file(h, path: Path):
+    """Feed a file's bytes to the hash object ``h`` in 16 MiB pieces (never the whole file in
+    memory: weights files are GBs); returns ``h``."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, as hex."""
+    return hash_file(hashlib.sha256(), path).hexdigest()

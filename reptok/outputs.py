@@ -101,9 +101,7 @@ def weights_hash(run: Path) -> str:
             continue
         found = True
         h.update(name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        io.hash_file(h, p)
     return h.hexdigest() if found else ""
 
 

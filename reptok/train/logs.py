@@ -61,6 +61,7 @@ class TrainLogger:
         # Training GFLOPs per example (reptok.flops.train_gflops): adds tflops / mfu to each row.
         self.flops = gflops
         self.device_name, self.peak = flops.device_peak(device, amp_dtype) if gflops else ("", None)
+        self._said_no_mfu = False  # the reason for "no MFU" goes on the first train line only
         self.bar = self.tb = self.wandb = None
         self.plain = progress and not sys.stderr.isatty()
         self.t0 = time.perf_counter()
@@ -126,7 +127,7 @@ class TrainLogger:
     def _utilisation(self, rec: dict) -> str:
         """TFLOP/s and MFU; without a known peak the reason ("no MFU (unknown device: CPU)") is
         said on the first line only, later lines carry just the TFLOP/s."""
-        if self.peak is None and getattr(self, "_said_no_mfu", False):
+        if self.peak is None and self._said_no_mfu:
             return f"{rec['tflops']:.3g} TFLOP/s"
         self._said_no_mfu = True
         return flops.describe(rec, self.device_name, self.peak)
